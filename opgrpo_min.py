@@ -41,14 +41,14 @@ class Config:
     train_data: str = os.path.join(HERE, "data", "train.jsonl")  # our JSONL, the authors' CSV or ValueKaleidoscope JSON
     out: str = "runs/opgrpo"     # metrics, config, plot, checkpoints
     resume: str = None           # continue the run saved in this dir (model, optimizer, RNG, step)
-    seed: int = 0
+    seed: int = 0                # same seed, same metrics on CPU
     device: str = None           # None = cuda when present, else cpu
     preset: str = None           # 'cpu' or 'gpu' defaults below; None = by device
     trust_remote_code: bool = False  # only for hub models that need their own code
     # -- stage 0: SFT warm start (paper: 1 epoch, lr 1e-5, cosine, 10% warm-up, AdamW(0.9, 0.95), wd 0.01)
-    sft_steps: int = None        # None = one epoch; 0 skips SFT (e.g. --model is already an SFT checkpoint)
-    sft_batch: int = 8
-    sft_lr: float = None
+    sft_steps: int = None        # None = one epoch (gpu preset); 0 skips SFT (e.g. --model is an SFT checkpoint)
+    sft_batch: int = 4           # situations per SFT step
+    sft_lr: float = None         # paper 1e-5
     # -- stage 2: GRPO
     steps: int = None            # RL steps (paper about 150)
     prompts_per_step: int = None # paper 1024; what fits one machine is far fewer
@@ -58,12 +58,12 @@ class Config:
     temperature: float = 1.0     # sampling temperature; log-probs use the same one
     top_p: float = 1.0
     lr: float = None             # paper 1e-6 constant for a 3B model; a 135M model needs more to move in minutes
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    weight_decay: float = 0.01   # AdamW
+    grad_clip: float = 1.0       # max global grad norm
     clip_eps: float = 0.2        # PPO ratio clip
     dual_clip: float = 3.0       # cap of the loss for negative advantages (recipe: 3); 0 disables
     beta: float = 0.001          # weight of the k3 KL to the reference (DeepSeekMath used 0.04); 0 drops the reference
-    adv_eps: float = 1e-6
+    adv_eps: float = 1e-6        # eps in A = (r - mean) / (std + eps)
     updates_per_step: int = 4    # mini-batch updates per batch of rollouts (paper 4): ratio != 1 after the first
     micro_batch: int = None      # answers per forward/backward; gradients accumulate over a mini-batch
     # -- reward options (reward.py has the paper's defaults)
@@ -75,7 +75,8 @@ class Config:
 
 
 PRESETS = {  # knobs left at None above take these
-    "cpu": dict(sft_lr=1e-4, steps=24, prompts_per_step=2, group_size=4, max_new_tokens=160, lr=5e-6, micro_batch=8),
+    "cpu": dict(sft_steps=12, sft_lr=1e-4, steps=16, prompts_per_step=2, group_size=4, max_new_tokens=128, lr=5e-6,
+                micro_batch=8),  # sized to finish in ~15 min on 2 cores; one SFT epoch alone would take longer
     "gpu": dict(sft_lr=1e-5, steps=150, prompts_per_step=8, group_size=10, max_new_tokens=800, lr=1e-6, micro_batch=8),
 }
 

