@@ -1,0 +1,286 @@
+"""Stage 1 of OP-GRPO: a contrastive fine-tune of the similarity estimator, with a measured gain.
+
+The reward (reward.py) decides "this answer perspective covers that reference perspective" by a cosine >= 0.70 and
+"these two answer perspectives repeat each other" by a cosine >= 0.78. This script makes the Sentence Transformer
+better at telling "same perspective" from "different perspective", and measures by how much:
+
+    mine:      (anchor, positive, hard negative) per perspective, prefix 'In the perspective of X,' stripped
+    train:     MultipleNegativesRankingLoss (in-batch negatives + the hard negative), the paper's hyperparameters
+    measure:   triplet accuracy and matching quality at the reward's thresholds, before and after, on held-out
+               situations (no situation is in both splits)
+
+    python sim_train.py --out runs/sim_minilm                       # offline: positives = our paraphrases
+    python sim_train.py --judge Qwen/Qwen2.5-7B-Instruct --out ...  # the paper's way: an LLM judges pairs
+    python opgrpo_min.py --sim-model runs/sim_minilm                # then train the policy with it
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+import reward
+from opgrpo_min import load_policy, load_situations
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+JUDGE_THRESHOLD = 0.75   # paper: only pairs with base cosine >= 0.75 go to the judge
+EMBEDDED = "embedded"    # --judge with no model name: the embedded SmolLM2-135M (weak judge, see README)
+JUDGE_QUESTION = ("Do these two statements express the same meaning or perspective?\n\nA: {a}\nB: {b}\n\n"
+                  "Answer with Yes or No.")
+
+
+# ================================================================ data: triplets
+def embed(model, texts):
+    """{text: L2-normalised embedding}, so a dot product is the cosine (as in reward.py); one encode call for all."""
+    texts = list(dict.fromkeys(texts))
+    E = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                     show_progress_bar=len(texts) > 500)                      # [n_texts, dim]
+    return dict(zip(texts, E))
+
+
+def sentences(s):
+    """A situation's perspective sentences with the 'In the perspective of X,' prefix stripped: load_situations
+    already split every reference line into name and explanation (reward.parse_perspective), so this is the list
+    of explanations."""
+    return [p.explanation for p in s.perspectives]
+
+
+def mine_triplets(situations, model):
+    """Offline triplets, one per perspective i that has a paraphrase: anchor = explanation i, positive = its
+    paraphrase, negative = the explanation j != i of the same situation with the largest cos(i, j) under `model`.
+    Example: explanations [a, b, c] with cos(a, c) > cos(a, b) give (a, paraphrase of a, c)."""
+    vec, out = embed(model, [t for s in situations for t in sentences(s)]), []
+    for s in situations:
+        E = np.stack([vec[t] for t in sentences(s)])                          # [n, dim]
+        S = E @ E.T - 3 * np.eye(len(E))                                      # [n, n], self never the negative
+        for i, p in enumerate(s.perspectives):
+            if p.paraphrase and len(E) > 1:
+                out.append(dict(situation=s.id, anchor=p.explanation, positive=p.paraphrase,
+                                negative=s.perspectives[int(S[i].argmax())].explanation))
+    return out
+
+
+def judge_margins(model, tokenizer, pairs, batch_size=8):
+    """logit('Yes') - logit('No') of the next token after the judge question (in the model's chat template), one
+    forward per batch of pairs and no generation: > 0 means the model says Yes. 'Yes' / ' Yes' both count.
+    Left padding (load_policy's) puts every prompt's last token at position -1."""
+    ids = {w: sorted({tokenizer.encode(v, add_special_tokens=False)[0] for v in (w, " " + w)}) for w in ("Yes", "No")}
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": JUDGE_QUESTION.format(a=a, b=b)}],
+                                             add_generation_prompt=True, tokenize=False) for a, b in pairs]
+    tokenizer.padding_side, margins = "left", []
+    for k in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[k:k + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(model.device)
+        pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)           # [b, T]: padding does not shift RoPE
+        with torch.no_grad():
+            last = model(**enc, position_ids=pos).logits[:, -1].float()       # [b, vocab]
+        margins += (last[:, ids["Yes"]].max(-1).values - last[:, ids["No"]].max(-1).values).tolist()
+    return np.array(margins)
+
+
+def judge_triplets(situations, model, judge, threshold=JUDGE_THRESHOLD):
+    """The paper's triplets. Per situation the pool is every perspective sentence (explanations, and paraphrases
+    where the data has them); for each explanation (anchor) the pool sentences with base cosine >= threshold are
+    shown to `judge` (a list of (a, b) pairs -> list of bools, "same meaning or perspective?") most similar first:
+    the first Yes is the positive, the most similar No the negative; an anchor without both gives no triplet.
+    Example: candidates [x 0.9 No, y 0.8 Yes, z 0.76 No] give (anchor, y, x)."""
+    pools = [list(dict.fromkeys(sentences(s) + [p.paraphrase for p in s.perspectives if p.paraphrase]))
+             for s in situations]
+    vec, asks = embed(model, [t for pool in pools for t in pool]), []        # asks: (situation, anchor, candidates)
+    for s, pool in zip(situations, pools):
+        E = np.stack([vec[t] for t in pool])                                  # [n_pool, dim]
+        for a in sentences(s):
+            cos = E @ vec[a]                                                  # [n_pool]
+            order = [j for j in np.argsort(-cos) if pool[j] != a and cos[j] >= threshold]
+            asks.append((s.id, a, [pool[j] for j in order]))
+    pairs = [(a, c) for _, a, cands in asks for c in cands]
+    verdicts = iter(judge(pairs) if pairs else [])
+    out = []
+    for sid, a, cands in asks:
+        said = [bool(next(verdicts)) for _ in cands]
+        yes, no = [c for c, v in zip(cands, said) if v], [c for c, v in zip(cands, said) if not v]
+        if yes and no:
+            out.append(dict(situation=sid, anchor=a, positive=yes[0], negative=no[0]))
+    return out
+
+
+def split_by_situation(situations, held_out=0.1, seed=0):
+    """(train, eval) situations: a seeded shuffle, the last round(held_out x n) (at least 1) held out. Splitting
+    situations, not triplets, keeps a situation's sentences out of the training set when it is measured.
+    Example: 124 situations -> 112 train, 12 eval."""
+    order = random.Random(seed).sample(situations, len(situations))
+    k = max(1, round(held_out * len(situations)))
+    return order[:-k], order[-k:]
+
+
+# ================================================================ measure
+def evaluate(model, situations, triplets):
+    """Before/after figures on the held-out situations:
+    triplet_accuracy  share of triplets with cos(anchor, positive) > cos(anchor, negative) (the negatives were
+        mined under the base model, which favours any other model a little: see the matching figures too);
+    cos_positive / cos_negative  their means: where they sit against the thresholds 0.70 and 0.78;
+    match_precision / match_recall  per situation, reward.coverage_reward at 0.70 matches the paraphrases
+        (candidates) to the explanations (references); a match (i, j) is correct iff j is the paraphrase of i;
+    redundant_rate  share of the (all distinct) explanations that reward.redundant_flags flags at 0.78.
+    Example: 3 explanations, matches [(0, 0), (1, 2)] -> precision 1/2, recall 1/3."""
+    E = embed(model, [t for r in triplets for t in (r["anchor"], r["positive"], r["negative"])] +
+              [t for s in situations for p in s.perspectives for t in (p.explanation, p.paraphrase) if t])
+    cos = lambda a, b: float(E[a] @ E[b])
+    pos, neg = np.array([[cos(r["anchor"], r[k]) for r in triplets] for k in ("positive", "negative")])  # [n]
+    right = matched = n_ref = flagged = n_all = 0
+    for s in situations:
+        R = np.stack([E[t] for t in sentences(s)])                            # [n, dim]
+        flagged, n_all = flagged + int(reward.redundant_flags(R @ R.T).sum()), n_all + len(R)
+        ps = [p for p in s.perspectives if p.paraphrase]
+        if ps:
+            R, C = np.stack([E[p.explanation] for p in ps]), np.stack([E[p.paraphrase] for p in ps])
+            pairs = reward.coverage_reward(R @ C.T)[2]                        # R @ C.T: [n_ref, n_cand]
+            right, matched, n_ref = right + sum(i == j for i, j in pairs), matched + len(pairs), n_ref + len(ps)
+    return dict(triplet_accuracy=float(np.mean(pos > neg)) if triplets else None, n_triplets=len(triplets),
+                cos_positive=float(pos.mean()) if triplets else None, cos_negative=float(neg.mean()) if triplets else None,
+                match_precision=right / matched if matched else None, match_recall=right / n_ref if n_ref else None,
+                redundant_rate=flagged / n_all if n_all else None, n_situations=len(situations))
+
+
+# ================================================================ train
+def train(model, triplets, scale=64.0, batch_size=32, epochs=2, lr=2e-5, warmup=0.03, seed=0):
+    """MultipleNegativesRankingLoss: for anchor a_k of a batch, softmax cross-entropy over scale x cos(a_k, d) for
+    every positive and hard negative d of the batch, target its own positive. AdamW, linear warm-up then linear
+    decay, grad clip 1.0: the defaults of sentence-transformers' trainer, which needs the `datasets` package
+    (not installed by `pip install sentence-transformers`), hence this short loop. Returns the per-step losses."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.util import batch_to_device
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+    if len(triplets) < batch_size:
+        raise ValueError(f"only {len(triplets)} training triplets, fewer than one batch of {batch_size}: add "
+                         f"situations, lower --batch-size, or with --judge lower --judge-threshold")
+    torch.manual_seed(seed)
+    loss_fn = MultipleNegativesRankingLoss(model, scale=scale)
+    n = len(triplets)
+    batches = [order[b:b + batch_size] for e in range(epochs)             # a fresh shuffle per epoch; an epoch's
+               for order in [random.Random(seed + e).sample(range(n), n)]  # last batch may be short, never empty
+               for b in range(0, n, batch_size)]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = get_linear_schedule_with_warmup(opt, math.ceil(warmup * len(batches)), len(batches))
+    model.train()
+    losses, bar = [], tqdm(batches, desc="sim train", dynamic_ncols=True)
+    for batch in bar:
+        rows = [triplets[i] for i in batch]
+        feats = [batch_to_device(model.preprocess([r[c] for r in rows]), model.device)
+                 for c in ("anchor", "positive", "negative")]                # 3 x {input_ids: [b, T], ...}
+        loss = loss_fn(feats, None)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+# ================================================================ main
+def load_triplets(args, model, device, named):
+    """The triplets of every split: read from --triplets when that file exists (the user may have edited it), else
+    mined by the chosen rule and written there. A triplet's split is its situation's, so a held-out situation is
+    never trained on, even in a reused file."""
+    path = args.triplets or os.path.join(args.out, "triplets.jsonl")
+    reuse = bool(args.triplets) and os.path.isfile(path)
+    if reuse:
+        rows = [json.loads(line) for line in open(path) if line.strip()]
+        print(f"reusing {len(rows)} triplets from {path}")
+    else:
+        judge = None
+        if args.judge:
+            lm, tok = load_policy(None if args.judge == EMBEDDED else args.judge, device)
+            judge = lambda pairs: judge_margins(lm, tok, pairs) > 0
+        rows = []
+        for ss, where in ((named["train"] + named["eval"], args.data), (named["extra"], args.eval_data)):
+            if ss and judge:
+                rows += judge_triplets(ss, model, judge, args.judge_threshold)
+            elif ss and not any(p.paraphrase for s in ss for p in s.perspectives):
+                raise ValueError(f"{where}: no perspective has a 'paraphrase', so there is no offline positive. "
+                                 f"Add a 'paraphrase' field to the perspectives, or pass --judge MODEL (the paper's "
+                                 f"way: an LLM picks the positives among similar sentences)")
+            elif ss:
+                rows += mine_triplets(ss, model)
+    split = {s.id: name for name, ss in named.items() for s in ss}
+    for r in rows:
+        if r["situation"] not in split:
+            raise ValueError(f"{path}: a triplet of situation {r['situation']!r}, which is in neither --data nor "
+                             f"--eval-data: pass the files it was mined from, or delete the file")
+        r["split"] = split[r["situation"]]
+    if not reuse:
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        print(f"wrote {len(rows)} triplets to {path}")
+    return {name: [r for r in rows if r["split"] == name] for name in named}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=os.path.join(HERE, "data", "train.jsonl"), help="situations to mine from")
+    p.add_argument("--eval-data", help="also report on every situation of this file (e.g. data/test.jsonl)")
+    p.add_argument("--base", help="Sentence Transformer to start from: hub id or dir (default: embedded MiniLM)")
+    p.add_argument("--out", default="runs/sim_minilm", help="where the model, triplets and results go")
+    p.add_argument("--triplets", help="triplets JSONL (default OUT/triplets.jsonl); an existing file is reused")
+    p.add_argument("--judge", nargs="?", const=EMBEDDED, help="mine with this causal LM as judge (no name: the "
+                   "embedded SmolLM2, which judges poorly); default: offline paraphrase triplets")
+    p.add_argument("--judge-threshold", type=float, default=JUDGE_THRESHOLD, help="base cosine to be judged")
+    p.add_argument("--scale", type=float, default=64.0, help="MNRL scale = 1 / temperature (paper ~60-70, ST 20)")
+    p.add_argument("--batch-size", type=int, default=32, help="paper 32; also the number of in-batch negatives")
+    p.add_argument("--epochs", type=int, default=2, help="paper 2")
+    p.add_argument("--lr", type=float, default=2e-5, help="paper about 2e-5")
+    p.add_argument("--warmup", type=float, default=0.03, help="share of the steps with linear warm-up (paper 3 %%)")
+    p.add_argument("--held-out", type=float, default=0.1, help="share of situations held out for evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads; on a busy shared CPU 1 can be several x faster")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    """Mine, measure, train, save, measure the saved model again; print the table, write OUT/sim_eval.json."""
+    args = parse_args(argv)
+    print("config:", json.dumps(vars(args)))
+    t0, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    named = dict(zip(("train", "eval"), split_by_situation(load_situations(args.data), args.held_out, args.seed)))
+    named["extra"] = load_situations(args.eval_data) if args.eval_data else []
+    if {s.id for s in named["extra"]} & {s.id for s in named["train"] + named["eval"]}:
+        raise ValueError(f"--eval-data {args.eval_data} shares situation ids with --data: use another set")
+    model = reward.load_embedder(args.base, device=device)
+    triplets = load_triplets(args, model, device, named)
+    sets = {name: (named[name], triplets[name]) for name in ("eval", "extra") if named[name]}
+
+    before = {k: evaluate(model, *v) for k, v in sets.items()}
+    losses = train(model, triplets["train"], args.scale, args.batch_size, args.epochs, args.lr, args.warmup, args.seed)
+    model.save(args.out)
+    saved = reward.load_embedder(args.out, device=device)                     # measure what reward.py will load
+    after = {k: evaluate(saved, *v) for k, v in sets.items()}
+    result = dict(config=vars(args), n_train_triplets=len(triplets["train"]), before=before, after=after,
+                  losses=losses, wall_s=round(time.time() - t0, 1))
+    with open(os.path.join(args.out, "sim_eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    for k in sets:
+        print(f"\n{'held-out' if k == 'eval' else args.eval_data}: {before[k]['n_situations']} situations, "
+              f"{before[k]['n_triplets']} triplets\n{'':18}{'before':>8}{'after':>8}")
+        for m in ("triplet_accuracy", "cos_positive", "cos_negative", "match_precision", "match_recall",
+                  "redundant_rate"):
+            print(f"{m:18}" + "".join(f"{'-' if d[k][m] is None else format(d[k][m], '.3f'):>8}" for d in (before, after)))
+    print(f"\nsaved to {args.out} (use it: opgrpo_min.py --sim-model {args.out}); wall time {result['wall_s']} s")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, ImportError) as e:
+        sys.exit(f"error: {e}")

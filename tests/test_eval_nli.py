@@ -1,0 +1,210 @@
+"""eval_nli.py as a specification: the NLI scoring math on a fake predictor with hand-computed numbers, the
+entailment label read from id2label, the offline coverage on the real MiniLM, and a full run on the tiny policy
+with a tiny NLI cross-encoder built here (random weights, so only the plumbing is checked, not the numbers)."""
+import csv
+import json
+import os
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import eval_nli
+import reward
+from eval_nli import (embedding_coverage, entailment_index, load_answers, load_nli, nli_scores, resolve_model,
+                      scored_text, situation_score, split_sentences, summarize)
+from opgrpo_min import Perspective, Situation, load_situations, reference_answer
+
+TEST_DATA = os.path.join(os.path.dirname(eval_nli.__file__), "data", "test.jsonl")
+
+
+def fake_entail(table):
+    """An entail() that looks each (premise, hypothesis) up in `table` (unknown pairs: 0) and records its calls."""
+    def entail(premises, hypotheses):
+        entail.calls.append(list(zip(premises, hypotheses)))
+        return [table.get(pair, 0.0) for pair in zip(premises, hypotheses)]
+    entail.calls = []
+    return entail
+
+
+def situation(sid, *explanations):
+    return Situation(sid, f"situation {sid}", [Perspective(f"P{i}", e) for i, e in enumerate(explanations)])
+
+
+@pytest.fixture(scope="module")
+def nli_dir(tmp_path_factory):
+    """A tiny random BERT cross-encoder with the MiniLM tokenizer, its labels in an unusual order."""
+    return build_nli(tmp_path_factory.mktemp("nli"), {0: "contradiction", 1: "entailment", 2: "neutral"})
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """Six test situations, two with each of 3, 4 and 5 reference perspectives: three strata, quick to run."""
+    lines, per = [], {}
+    for line in open(TEST_DATA):
+        k = len(json.loads(line)["perspectives"])
+        if k in (3, 4, 5) and per.setdefault(k, 0) < 2:
+            per[k] += 1
+            lines.append(line)
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    path.write_text("".join(lines))
+    return str(path)
+
+
+def build_nli(path, id2label):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    tok = AutoTokenizer.from_pretrained(reward.default_embedder_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, num_labels=3, id2label=id2label,
+                        label2id={v: k for k, v in id2label.items()})
+    BertForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+# ================================================================ sentences and the scored text
+def test_sentences_end_at_end_marks_and_line_breaks_and_tags_are_not_sentences():
+    text = "<core perspectives>\nIn the perspective of A, a. It is b!\n</core perspectives>\n<summary>Why? 1. ok</summary>"
+    assert split_sentences(text) == ["In the perspective of A, a.", "It is b!", "Why?", "ok"]
+    assert split_sentences("  \n- \n---") == []
+
+
+def test_scored_text_is_the_block_asked_for_or_the_whole_answer_without_it():
+    answer = "<core perspectives>\ncore\n</core perspectives>\n<summary>\nsum\n</summary>"
+    assert scored_text(answer) == answer
+    assert scored_text(answer, "core").strip() == "core" and scored_text(answer, "summary").strip() == "sum"
+    assert scored_text("untagged prose", "summary") == "untagged prose"
+
+
+# ================================================================ the NLI score
+def test_situation_score_is_the_mean_over_perspectives_of_the_max_over_sentences():
+    entail = fake_entail({("ea", "s1."): 0.9, ("ea", "s2."): 0.2, ("eb", "s1."): 0.1, ("eb", "s2."): 0.5,
+                          ("ec", "s3."): 0.4})
+    scores = nli_scores(["s1. s2.", "s3."], [situation("x", "ea", "eb"), situation("y", "ec")], entail)
+    assert scores == pytest.approx([(0.9 + 0.5) / 2, 0.4])
+    assert len(entail.calls) == 1 and len(entail.calls[0]) == 4 + 1     # every pair of the batch in one call
+
+
+def test_an_empty_answer_scores_zero_and_sends_no_pair_to_the_nli_model():
+    entail = fake_entail({("ea", "s1."): 0.8})
+    assert nli_scores(["", " \n- ", "s1."], [situation("x", "ea")] * 3, entail) == pytest.approx([0, 0, 0.8])
+    assert entail.calls == [[("ea", "s1.")]]
+    assert situation_score(np.zeros((3, 0))) == 0.0
+
+
+def test_summary_uses_the_sample_std_and_accuracy_counts_scores_strictly_above_0_33():
+    s = summarize([0.33, 0.34, 0.2, 1.0])
+    assert s["n"] == 4 and s["mean"] == pytest.approx(0.4675)
+    assert s["std"] == pytest.approx(np.sqrt(0.390275 / 3)) and s["se"] == pytest.approx(s["std"] / 2)
+    assert s["accuracy"] == 0.5                                         # 0.34 and 1.0; 0.33 itself does not count
+    assert summarize([0.33])["accuracy"] == 0.0 and np.isnan(summarize([0.5])["std"])
+
+
+# ================================================================ the entailment label
+@pytest.mark.parametrize("id2label, index", [({0: "contradiction", 1: "entailment", 2: "neutral"}, 1),
+                                             ({0: "ENTAILMENT", 1: "NEUTRAL", 2: "CONTRADICTION"}, 0),
+                                             ({"0": "not_entail", "1": " Entail "}, 1)])
+def test_entailment_index_is_read_from_id2label_in_any_order_and_case(id2label, index):
+    assert entailment_index(SimpleNamespace(id2label=id2label)) == index
+
+
+def test_nli_model_without_an_entailment_label_is_a_clear_error(tmp_path):
+    path = build_nli(tmp_path, {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"})
+    with pytest.raises(ValueError, match="no 'entailment' label.*id2label"):
+        load_nli(path)
+
+
+def test_nli_predictor_returns_the_probability_of_the_entailment_class(nli_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    premises, hypotheses = ["Lying hurts trust.", "Rules matter."], ["Trust suffers from lies.", "x"]
+    got = load_nli(nli_dir, batch_size=1)(premises, hypotheses)
+    tok, model = AutoTokenizer.from_pretrained(nli_dir), AutoModelForSequenceClassification.from_pretrained(nli_dir)
+    with torch.no_grad():
+        probs = model(**tok(premises, hypotheses, padding=True, return_tensors="pt")).logits.softmax(-1)
+    assert got == pytest.approx(probs[:, 1].numpy(), abs=1e-5)         # column 1: 'entailment' in this model
+    assert not np.allclose(got, probs[:, 0].numpy())
+
+
+# ================================================================ the offline metric
+def test_embedding_coverage_counts_reference_perspectives_matched_by_sentences(minilm):
+    items = load_situations(TEST_DATA)[:3]
+    full = [reference_answer(s) for s in items]
+    assert embedding_coverage(full, items, minilm) == [1.0, 1.0, 1.0]   # the reference covers itself
+    first = [reward.perspective_line(s.perspectives[0].name, s.perspectives[0].explanation) for s in items]             # one perspective of n
+    assert embedding_coverage(first, items, minilm) == pytest.approx([1 / len(s.perspectives) for s in items])
+    assert embedding_coverage(["", "", ""], items, minilm) == [0.0, 0.0, 0.0]
+
+
+# ================================================================ answers and models
+def test_answers_are_matched_to_the_test_set_by_id_not_by_row_order(tmp_path):
+    items = [situation("a", "e"), situation("b", "e")]
+    rows = [dict(id=i, model="m", prompt="implicit", answer=f"answer {i}") for i in ("b", "a")]
+    path = write_jsonl(tmp_path / "answers.jsonl", rows)
+    assert load_answers(path, items) == {("m", "implicit"): ["answer a", "answer b"]}
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([dict(id="a", model="m", prompt="implicit", answer=""), dict(id="zz", model="m", prompt="implicit", answer="")],
+     r"line 2: id 'zz' is not in the test set"),
+    ([dict(id="a", model="m", prompt="implicit", answer="")], r"no answer for 1 test situation\(s\), e.g. 'b'"),
+    ([dict(id="a", model="m", prompt="p", answer="")] * 2, "line 2: a second answer"),
+    ([dict(id="a", model="m", answer="")], "line 1: expected a JSON object with id, model, prompt, answer")])
+def test_an_answers_file_that_does_not_match_the_test_set_is_a_clear_error(tmp_path, rows, match):
+    with pytest.raises(ValueError, match=match):
+        load_answers(write_jsonl(tmp_path / "answers.jsonl", rows), [situation("a", "e"), situation("b", "e")])
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_a_checkpoint_that_does_not_exist_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        eval_nli.main(["--model", str(tmp_path / "runs" / "default" / "checkpoint"), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "answers.jsonl").exists()
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model(str(run))
+    (run / "checkpoint").mkdir()
+    (run / "checkpoint" / "trainer_state.pt").touch()                   # an opgrpo_min.py run dir -> its checkpoint
+    assert resolve_model(str(run)) == str(run / "checkpoint")
+    assert resolve_model("default") is None and resolve_model("owner/hub-model") == "owner/hub-model"
+
+
+# ================================================================ end to end
+def test_full_run_generates_scores_and_rescores_the_same_numbers(tiny_model_dir, nli_dir, small_data, tmp_path):
+    out = tmp_path / "run"
+    eval_nli.main(["--model", tiny_model_dir, "--prompt", "both", "--nli", nli_dir, "--max-new-tokens", "8",
+                   "--data", small_data, "--out", str(out)])
+    answers = [json.loads(line) for line in open(out / "answers.jsonl")]
+    assert len(answers) == 2 * 6 and {a["prompt"] for a in answers} == {"implicit", "explicit"}
+    assert set(answers[0]) == {"id", "model", "prompt", "answer", "situation"}
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 * 2 * (1 + 3)                                 # prompts x metrics x (all + 3 strata)
+    assert {r["metric"] for r in rows} == {"coverage all-MiniLM-L6-v2", f"NLI {os.path.basename(nli_dir)}"}
+    assert [r["stratum"] for r in rows[:4]] == ["all", "3", "4", "5"] and rows[1]["n"] == "2"
+    assert all(0 <= float(r["accuracy"]) <= 1 for r in rows)
+    assert "Scored text: whole answer" in (out / "results.md").read_text()
+    assert (out / "accuracy.png").exists() and (out / "config.json").exists()
+
+    random.Random(0).shuffle(answers)                                   # re-score without generating
+    shuffled = write_jsonl(tmp_path / "shuffled.jsonl", answers)
+    eval_nli.main(["--answers", shuffled, "--data", small_data, "--nli", nli_dir, "--out", str(tmp_path / "again")])
+    again = list(csv.DictReader(open(tmp_path / "again" / "results.csv")))
+    assert [(r["metric"], r["stratum"], float(r["mean"])) for r in again] == pytest.approx(
+        [(r["metric"], r["stratum"], float(r["mean"])) for r in rows])
+
+
+def test_an_unavailable_nli_model_is_reported_and_coverage_is_still_computed(small_data, tmp_path, capsys):
+    rows = [dict(id=s.id, model="m", prompt="implicit", answer=reference_answer(s)) for s in load_situations(small_data)]
+    eval_nli.main(["--answers", write_jsonl(tmp_path / "a.jsonl", rows), "--data", small_data,
+                   "--nli", str(tmp_path / "no-such-nli"), "--out", str(tmp_path / "out")])
+    assert "is not available here" in capsys.readouterr().err
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "not available here (offline), no NLI rows" in table
+    assert "| m | implicit | coverage all-MiniLM-L6-v2 | 6 | 1.000 |" in table

@@ -1,0 +1,156 @@
+"""sim_train.py as a specification: triplet mining, the situation split, the judge's mechanics, and a training
+run that measurably helps. The real MiniLM is used throughout; every training run is a handful of steps."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import sim_train
+from opgrpo_min import Perspective, Situation
+
+
+@pytest.fixture
+def one_thread():
+    """Training on a CPU shared with other jobs: 1 thread is several times faster than 2 (no spin-waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def situation(sid, *perspectives):
+    return Situation(sid, f"situation {sid}", [Perspective(f"P{k}", e, paraphrase=para)
+                                               for k, (e, para) in enumerate(perspectives)])
+
+
+# Explanations b and c both talk about money, a about honesty: under any sensible model c is b's closest.
+HONESTY = ("Telling the truth to a friend matters even when it hurts.", "Being candid with a friend is important.")
+COST = ("The trip costs more money than the family can spare this year.", "The family budget cannot cover it.")
+DEBT = ("Borrowing money for a holiday can leave the family in debt.", "A loan for the vacation may sink them.")
+
+
+def test_mine_triplets_pairs_each_explanation_with_its_paraphrase_and_most_similar_sibling(minilm):
+    rows = sim_train.mine_triplets([situation("s1", HONESTY, COST, DEBT)], minilm)
+    assert [(r["anchor"], r["positive"]) for r in rows] == [HONESTY, COST, DEBT]
+    by_anchor = {r["anchor"]: r["negative"] for r in rows}
+    assert by_anchor[COST[0]] == DEBT[0] and by_anchor[DEBT[0]] == COST[0]
+    assert all(r["situation"] == "s1" and r["negative"] != r["anchor"] for r in rows)
+
+
+def test_mine_triplets_skips_perspectives_without_paraphrase_or_sibling(minilm):
+    rows = sim_train.mine_triplets([situation("s1", HONESTY, (COST[0], None)), situation("s2", DEBT)], minilm)
+    assert [(r["anchor"], r["negative"]) for r in rows] == [(HONESTY[0], COST[0])]
+
+
+def test_judge_triplets_take_first_yes_as_positive_and_most_similar_no_as_negative(minilm):
+    s = situation("s1", HONESTY, COST, DEBT)
+    same = {(e, p) for e, p in (HONESTY, COST, DEBT)}
+    asked = []
+
+    def judge(pairs):                       # says Yes exactly to (explanation, its own paraphrase)
+        asked.extend(pairs)
+        return [pair in same for pair in pairs]
+    rows = sim_train.judge_triplets([s], minilm, judge, threshold=-1.0)  # -1: every pair is a candidate
+    assert len(asked) == 3 * 5              # each explanation against the other 5 sentences of the pool
+    assert [(r["anchor"], r["positive"]) for r in rows] == [HONESTY, COST, DEBT]
+    E = sim_train.embed(minilm, [t for pair in (HONESTY, COST, DEBT) for t in pair])
+    for r in rows:                          # the negative is the most anchor-similar sentence judged No
+        nos = [t for t in E if t != r["anchor"] and (r["anchor"], t) not in same]
+        assert r["negative"] == max(nos, key=lambda t: E[r["anchor"]] @ E[t])
+
+
+def test_judge_triplets_ask_nothing_below_the_threshold(minilm):
+    rows = sim_train.judge_triplets([situation("s1", HONESTY, COST)], minilm, lambda p: 1 / 0, threshold=1.01)
+    assert rows == []
+
+
+def test_judge_margins_are_one_number_per_pair_and_do_not_depend_on_padding(tiny_policy):
+    model, tok = tiny_policy
+    pairs = [("a", "b"), (HONESTY[0], COST[1]), (DEBT[0], "a much longer sentence " * 8)]
+    batched = sim_train.judge_margins(model, tok, pairs, batch_size=3)
+    alone = np.concatenate([sim_train.judge_margins(model, tok, [p], batch_size=1) for p in pairs])
+    assert batched.shape == (3,) and np.isfinite(batched).all()
+    np.testing.assert_allclose(batched, alone, atol=1e-4)
+
+
+def test_split_by_situation_holds_out_a_tenth_of_the_situations_disjointly():
+    items = [situation(f"s{k}", HONESTY) for k in range(124)]
+    train, held = sim_train.split_by_situation(items, 0.1, seed=0)
+    assert len(held) == 12 and len(train) == 112
+    assert {s.id for s in train}.isdisjoint(s.id for s in held) and len(train) + len(held) == len(items)
+    assert [s.id for s in held] == [s.id for s in sim_train.split_by_situation(items, 0.1, seed=0)[1]]
+
+
+def test_evaluate_counts_matches_and_redundant_flags(minilm):
+    s = situation("s1", HONESTY, COST, DEBT)
+    m = sim_train.evaluate(minilm, [s], [dict(anchor=HONESTY[0], positive=HONESTY[1], negative=COST[0])])
+    assert m["triplet_accuracy"] == 1.0 and m["n_situations"] == 1 and m["redundant_rate"] == 0.0
+    assert 0 <= m["match_recall"] <= 1 and (m["match_precision"] is None or 0 <= m["match_precision"] <= 1)
+
+
+# Lexical traps: the negative repeats the anchor's words with the meaning flipped, the positive says the same in
+# other words. A bag-of-words-ish model prefers the negative; training must teach it otherwise.
+TRAPS = [
+    ("The dog bit the man.", "A man was attacked by a canine.", "The man bit the dog."),
+    ("She paid him before he finished the work.", "He got his money in advance.",
+     "He paid her before she finished the work."),
+    ("The company fired the workers after the strike.", "Staff lost their jobs once the walkout ended.",
+     "The workers fired the company after the strike."),
+    ("Parents should listen to their children.", "Kids deserve to be heard by mum and dad.",
+     "Children should listen to their parents."),
+    ("The tenant sued the landlord over the repairs.", "A renter took the property owner to court.",
+     "The landlord sued the tenant over the repairs."),
+    ("The student taught the teacher a lesson.", "The pupil showed the instructor something new.",
+     "The teacher taught the student a lesson."),
+    ("The government must protect the press.", "Journalism needs shielding by the state.",
+     "The press must protect the government."),
+    ("Doctors should trust their patients.", "Physicians ought to believe the people they treat.",
+     "Patients should trust their doctors."),
+]
+
+
+def test_a_short_training_run_raises_triplet_accuracy_where_the_base_model_is_wrong(one_thread):
+    import reward
+    model = reward.load_embedder(device="cpu")
+    rows = [dict(anchor=a, positive=p, negative=n) for a, p, n in TRAPS]
+    before = sim_train.evaluate(model, [], rows)["triplet_accuracy"]
+    losses = sim_train.train(model, rows, scale=20.0, batch_size=5, epochs=4, lr=3e-4, warmup=0.0)
+    after = sim_train.evaluate(model, [], rows)["triplet_accuracy"]
+    assert before == 0.0 and after >= 0.5, (before, after)     # 0.75 when written
+    assert len(losses) == 4 * 2 and losses[-1] < losses[0]     # 8 triplets in batches of 5: 5 + 3 per epoch
+
+
+def test_fewer_triplets_than_a_batch_is_an_error(minilm):
+    with pytest.raises(ValueError, match="fewer than one batch of 32"):
+        sim_train.train(minilm, [dict(anchor="a", positive="b", negative="c")] * 5)
+
+
+def write(path, items, paraphrase=True):
+    with open(path, "w") as f:
+        for s in items:
+            f.write(json.dumps(dict(id=s.id, situation=s.situation, perspectives=[
+                dict(name=p.name, explanation=p.explanation, **({"paraphrase": p.paraphrase} if paraphrase else {}))
+                for p in s.perspectives])) + "\n")
+
+
+def test_data_without_paraphrases_and_without_judge_says_how_to_get_triplets(tmp_path):
+    write(tmp_path / "d.jsonl", [situation(f"s{k}", HONESTY, COST) for k in range(3)], paraphrase=False)
+    with pytest.raises(ValueError, match="--judge MODEL"):
+        sim_train.main(["--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "out")])
+
+
+def test_the_cli_trains_on_no_held_out_situation_and_saves_a_model_reward_can_load(tmp_path, one_thread):
+    import reward
+    items = [situation(f"s{k}", (a, p), (n, p + " Indeed.")) for k, (a, p, n) in enumerate(TRAPS * 2)]
+    items = [type(s)(f"{s.id}-{k}", s.situation, s.perspectives) for k, s in enumerate(items)]
+    write(tmp_path / "d.jsonl", items)
+    out = tmp_path / "out"
+    result = sim_train.main(["--data", str(tmp_path / "d.jsonl"), "--out", str(out), "--batch-size", "8",
+                             "--epochs", "1", "--held-out", "0.25", "--threads", "1"])
+    rows = [json.loads(line) for line in open(out / "triplets.jsonl")]
+    held = {r["situation"] for r in rows if r["split"] == "eval"}
+    assert len(held) == 4 and held.isdisjoint(r["situation"] for r in rows if r["split"] == "train")
+    assert result["n_train_triplets"] == 24 and result["before"]["eval"]["n_triplets"] == 8
+    assert set(json.load(open(out / "sim_eval.json"))["after"]["eval"]) >= {"triplet_accuracy", "match_recall"}
+    assert reward.load_embedder(str(out)).encode(["x"]).shape == (1, 384)
