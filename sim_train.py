@@ -72,8 +72,9 @@ def judge_margins(model, tokenizer, pairs, batch_size=8):
     ids = {w: sorted({tokenizer.encode(v, add_special_tokens=False)[0] for v in (w, " " + w)}) for w in ("Yes", "No")}
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": JUDGE_QUESTION.format(a=a, b=b)}],
                                              add_generation_prompt=True, tokenize=False) for a, b in pairs]
+    from tqdm.auto import tqdm
     tokenizer.padding_side, margins = "left", []
-    for k in range(0, len(prompts), batch_size):
+    for k in tqdm(range(0, len(prompts), batch_size), desc="judge", disable=len(prompts) <= batch_size):
         enc = tokenizer(prompts[k:k + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(model.device)
         pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)           # [b, T]: padding does not shift RoPE
@@ -99,6 +100,7 @@ def judge_triplets(situations, model, judge, threshold=JUDGE_THRESHOLD):
             order = [j for j in np.argsort(-cos) if pool[j] != a and cos[j] >= threshold]
             asks.append((s.id, a, [pool[j] for j in order]))
     pairs = [(a, c) for _, a, cands in asks for c in cands]
+    print(f"judging {len(pairs)} pairs with base cosine >= {threshold} ({len(situations)} situations)")
     verdicts = iter(judge(pairs) if pairs else [])
     out = []
     for sid, a, cands in asks:
