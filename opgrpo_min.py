@@ -399,14 +399,14 @@ def sample_groups(model, tokenizer, prompts, group_size, max_new_tokens, tempera
                          f"over --max-prompt-len {max_prompt_len}; raise it or shorten the situation")
     ids = enc.input_ids.repeat_interleave(group_size, 0).to(model.device)                 # [P*G, L]
     attn = enc.attention_mask.repeat_interleave(group_size, 0).to(model.device)           # [P*G, L]
-    vocab = len(tokenizer)
+    vocab, eos = len(tokenizer), _eos_ids(model, tokenizer)
     extra = model.get_output_embeddings().weight.shape[0] - vocab  # Qwen pads its output layer
     out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature,
                          top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=_eos_ids(model, tokenizer),
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
                          suppress_tokens=list(range(vocab, vocab + extra)) if extra > 0 else None)
     answers = out[:, ids.shape[1]:]                                                       # [P*G, T]
-    is_eos = torch.isin(answers, torch.tensor(_eos_ids(model, tokenizer), device=answers.device))
+    is_eos = torch.isin(answers, torch.tensor(eos, device=answers.device))
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
     answer_mask = (~after_eos).long()                                                     # [P*G, T]
     group_ids = torch.arange(len(prompts)).repeat_interleave(group_size)
