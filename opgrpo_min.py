@@ -54,6 +54,7 @@ class Config:
     prompts_per_step: int = None # paper 1024; what fits one machine is far fewer
     group_size: int = None       # G answers per prompt (paper 10)
     max_new_tokens: int = None   # paper 800
+    min_new_tokens: int = 0      # force at least this many answer tokens (bench.py: the same work every step)
     max_prompt_len: int = 512    # longer prompts are rejected with an error (the situation would be cut)
     temperature: float = 1.0     # sampling temperature; log-probs use the same one
     top_p: float = 1.0
@@ -487,16 +488,19 @@ def grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab):
     """The batch of one step in `updates_per_step` mini-batch updates (the paper splits its 1024
     prompts into 4), so from the second update on the policy differs from the sampler and the
     ratio/clip matter. Gradients accumulate over micro-batches; the loss is a token-mean over the
-    whole mini-batch. Returns per-update stats; a non-finite loss skips that optimizer step."""
+    whole mini-batch. Returns per-update stats (t_forward: seconds in the policy forward so far); a non-finite
+    loss skips that optimizer step."""
     T = roll.answer_mask.shape[1]
-    stats = []
+    stats, t_forward = [], 0.0
     for mb in torch.randperm(len(adv)).chunk(cfg.updates_per_step):
         num_tokens = roll.answer_mask[mb].sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
         total, parts = 0.0, []
         for micro in mb.split(cfg.micro_batch):
+            t0 = clock(model)
             logp = token_logprobs(model, roll.input_ids[micro], roll.attention_mask[micro], T,
                                   cfg.temperature, cfg.micro_batch, vocab)                # [mb, T]
+            t_forward += clock(model) - t0
             old = logp.detach() if old_logp is None else old_logp[micro]  # one update: ratio = 1, no extra forward
             ref = None if ref_logp is None else ref_logp[micro]
             loss, s = grpo_loss(logp, old, ref, adv[micro].to(logp.device), roll.answer_mask[micro],
@@ -508,12 +512,19 @@ def grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab):
         s = {k: sum(p[k] * w for p, w in parts) / n for k in parts[0][0]}
         if not math.isfinite(total):
             optimizer.zero_grad(set_to_none=True)
-            stats.append(dict(s, loss=total, grad_norm=float("nan"), skipped=1))
+            stats.append(dict(s, loss=total, grad_norm=float("nan"), skipped=1, t_forward=t_forward))
             continue
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         optimizer.step()
-        stats.append(dict(s, loss=total, grad_norm=grad_norm, skipped=0))
+        stats.append(dict(s, loss=total, grad_norm=grad_norm, skipped=0, t_forward=t_forward))
     return stats
+
+
+def clock(model):
+    """time.perf_counter() after the GPU has finished its queued work, so phase timings are true."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter()
 
 
 def op_reward_fn(embedder, cfg):
@@ -549,26 +560,28 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
     bar = tqdm(range(start_step, cfg.steps), desc="GRPO", dynamic_ncols=True, initial=start_step, total=cfg.steps)
     with StopAfterStep() as stop:
         for step in bar:
-            t0 = time.perf_counter()
+            t0 = clock(model)
             # ---- rollout: G answers per prompt
             batch = [items[i] for i in prompts_for_step(len(items), step, cfg.prompts_per_step, cfg.seed)]
             model.eval()
             roll = sample_groups(model, tokenizer, [chat_prompt(tokenizer, s.situation) for s in batch], G,
-                                 cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_len)
+                                 cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_len,
+                                 cfg.min_new_tokens)
             assert roll.group_ids.tolist() == [i // G for i in range(len(batch) * G)], "answers left their group"
-            t1 = time.perf_counter()
+            t1 = clock(model)
             # ---- reward and group-normalised advantages
             rewards, means = reward_fn(roll, [batch[g] for g in roll.group_ids.tolist()])
             adv = group_advantages(rewards, G, cfg.adv_eps)                                # [P*G]
-            t2 = time.perf_counter()
+            t2 = clock(model)
             # ---- log-probs of the sampler (only needed when several updates share one batch) and reference
             T = roll.answer_mask.shape[1]
             with torch.no_grad():
                 old_logp = None if cfg.updates_per_step == 1 else token_logprobs(
                     model, roll.input_ids, roll.attention_mask, T, cfg.temperature, cfg.micro_batch, vocab)
+                t_old = clock(model)
                 ref_logp = None if ref_model is None or not cfg.beta else token_logprobs(
                     ref_model, roll.input_ids, roll.attention_mask, T, cfg.temperature, cfg.micro_batch, vocab)
-            t3 = time.perf_counter()
+            t3 = clock(model)
             # ---- update (gradient checkpointing on the GPU: memory for activations, off for generation)
             model.train()
             if on_gpu:
@@ -576,7 +589,7 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
             upd = grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab)
             if on_gpu:
                 model.gradient_checkpointing_disable()
-            t4 = time.perf_counter()
+            t4 = clock(model)
             # ---- log
             skipped = sum(u["skipped"] for u in upd)
             bad_steps = bad_steps + 1 if skipped == len(upd) else 0
@@ -584,7 +597,9 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
                        **{k: float(np.nanmean([u[k] for u in upd])) for k in ("kl", "clip_frac", "ratio", "loss",
                                                                                "grad_norm")},
                        skipped_updates=skipped, answer_len=float(roll.answer_mask.sum(1).float().mean()),
-                       t_generate=t1 - t0, t_reward=t2 - t1, t_logprob=t3 - t2, t_update=t4 - t3, t_step=t4 - t0)
+                       t_generate=t1 - t0, t_reward=t2 - t1, t_logprob=t3 - t2, t_logprob_old=t_old - t2,
+                       t_logprob_ref=t3 - t_old, t_update=t4 - t3, t_update_forward=upd[-1]["t_forward"],
+                       t_step=t4 - t0)
             rows.append(row)
             bar.set_postfix(R=f"{row['reward']:.2f}", cov=f"{row['coverage']:.2f}" if "coverage" in row else "-",
                             uniq=f"{row['uniqueness']:.2f}" if "uniqueness" in row else "-", kl=f"{row['kl']:.4f}",

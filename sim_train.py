@@ -15,7 +15,6 @@ better at telling "same perspective" from "different perspective", and measures 
 """
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -151,39 +150,29 @@ def evaluate(model, situations, triplets):
 
 # ================================================================ train
 def train(model, triplets, scale=64.0, batch_size=32, epochs=2, lr=2e-5, warmup=0.03, seed=0):
-    """MultipleNegativesRankingLoss: for anchor a_k of a batch, softmax cross-entropy over scale x cos(a_k, d) for
-    every positive and hard negative d of the batch, target its own positive. AdamW, linear warm-up then linear
-    decay, grad clip 1.0: the defaults of sentence-transformers' trainer, which needs the `datasets` package
-    (not installed by `pip install sentence-transformers`), hence this short loop. Returns the per-step losses."""
+    """MultipleNegativesRankingLoss through sentence-transformers' own trainer: for anchor a_k of a batch, softmax
+    cross-entropy over scale x cos(a_k, d) for every positive and hard negative d of the batch, target its own
+    positive. Batches hold no text twice (a copy of the positive elsewhere in the batch would be a false
+    negative). AdamW, linear warm-up then linear decay, grad clip 1.0. Returns the per-step losses."""
+    import tempfile
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    from sentence_transformers.util import batch_to_device
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
     if len(triplets) < batch_size:
         raise ValueError(f"only {len(triplets)} training triplets, fewer than one batch of {batch_size}: add "
                          f"situations, lower --batch-size, or with --judge lower --judge-threshold")
-    torch.manual_seed(seed)
-    loss_fn = MultipleNegativesRankingLoss(model, scale=scale)
-    n = len(triplets)
-    batches = [order[b:b + batch_size] for e in range(epochs)             # a fresh shuffle per epoch; an epoch's
-               for order in [random.Random(seed + e).sample(range(n), n)]  # last batch may be short, never empty
-               for b in range(0, n, batch_size)]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = get_linear_schedule_with_warmup(opt, math.ceil(warmup * len(batches)), len(batches))
-    model.train()
-    losses, bar = [], tqdm(batches, desc="sim train", dynamic_ncols=True)
-    for batch in bar:
-        rows = [triplets[i] for i in batch]
-        feats = [batch_to_device(model.preprocess([r[c] for r in rows]), model.device)
-                 for c in ("anchor", "positive", "negative")]                # 3 x {input_ids: [b, T], ...}
-        loss = loss_fn(feats, None)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    data = Dataset.from_dict({c: [r[c] for r in triplets] for c in ("anchor", "positive", "negative")})
+    with tempfile.TemporaryDirectory() as tmp:  # the trainer wants an output_dir; we save the model ourselves
+        args = SentenceTransformerTrainingArguments(
+            output_dir=tmp, num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=lr,
+            warmup_steps=warmup, weight_decay=0.0, max_grad_norm=1.0, seed=seed, data_seed=seed,
+            batch_sampler="no_duplicates", save_strategy="no", report_to="none", logging_steps=1,
+            use_cpu=model.device.type == "cpu")
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
+                                             loss=MultipleNegativesRankingLoss(model, scale=scale))
+        trainer.train()
     model.eval()
-    return losses
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
 # ================================================================ main

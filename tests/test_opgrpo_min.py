@@ -253,8 +253,7 @@ def test_resume_gives_the_same_metrics_as_a_straight_run(tiny_model_dir, tmp_pat
     again = om.Config(resume=str(tmp_path / "b"), steps=4)
     again._set = {"steps"}
     resumed = om.train(again)
-    drop = ("t_generate", "t_reward", "t_logprob", "t_update", "t_step")
-    clean = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]
+    clean = lambda rows: [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows]  # timings differ
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert clean(resumed) == clean(straight)
     from transformers import AutoModelForCausalLM
