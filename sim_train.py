@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+from transformers.trainer_callback import ProgressCallback
 
 import reward
 from opgrpo_min import load_policy, load_situations
@@ -149,11 +150,19 @@ def evaluate(model, situations, triplets):
 
 
 # ================================================================ train
-def train(model, triplets, scale=64.0, batch_size=32, epochs=2, lr=2e-5, warmup=0.03, seed=0):
+class LossOnBar(ProgressCallback):
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.training_bar is not None and "loss" in (logs or {}):
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+
+def train(model, triplets, scale=64.0, batch_size=32, epochs=2, lr=2e-5, warmup=0.03, seed=0, no_duplicates=False):
     """MultipleNegativesRankingLoss through sentence-transformers' own trainer: for anchor a_k of a batch, softmax
     cross-entropy over scale x cos(a_k, d) for every positive and hard negative d of the batch, target its own
-    positive. Batches hold no text twice (a copy of the positive elsewhere in the batch would be a false
-    negative). AdamW, linear warm-up then linear decay, grad clip 1.0. Returns the per-step losses."""
+    positive. AdamW, linear warm-up then linear decay, grad clip 1.0. Returns the per-step losses.
+    Our hard negatives are other triplets' anchors, so a plain batch can hold a text twice: anchor b then meets
+    its own text as someone's negative, which it can never beat, and the loss pulls its positive up hard.
+    `no_duplicates` keeps such pairs apart (the textbook setting); see the README for what each does here."""
     import tempfile
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -166,10 +175,12 @@ def train(model, triplets, scale=64.0, batch_size=32, epochs=2, lr=2e-5, warmup=
         args = SentenceTransformerTrainingArguments(
             output_dir=tmp, num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=lr,
             warmup_steps=warmup, weight_decay=0.0, max_grad_norm=1.0, seed=seed, data_seed=seed,
-            batch_sampler="no_duplicates", save_strategy="no", report_to="none", logging_steps=1,
-            use_cpu=model.device.type == "cpu")
+            batch_sampler="no_duplicates" if no_duplicates else "batch_sampler", save_strategy="no",
+            report_to="none", logging_steps=1, use_cpu=model.device.type == "cpu")
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
                                              loss=MultipleNegativesRankingLoss(model, scale=scale))
+        trainer.remove_callback(ProgressCallback)   # it prints every logged step; show the loss on the bar instead
+        trainer.add_callback(LossOnBar)
         trainer.train()
     model.eval()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -228,6 +239,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=2, help="paper 2")
     p.add_argument("--lr", type=float, default=2e-5, help="paper about 2e-5")
     p.add_argument("--warmup", type=float, default=0.03, help="share of the steps with linear warm-up (paper 3 %%)")
+    p.add_argument("--no-duplicates", action="store_true", help="batches never hold a text twice (sentence-"
+                   "transformers' NO_DUPLICATES sampler); default: its plain sampler")
     p.add_argument("--held-out", type=float, default=0.1, help="share of situations held out for evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads; on a busy shared CPU 1 can be several x faster")
@@ -252,7 +265,8 @@ def main(argv=None):
     sets = {name: (named[name], triplets[name]) for name in ("eval", "extra") if named[name]}
 
     before = {k: evaluate(model, *v) for k, v in sets.items()}
-    losses = train(model, triplets["train"], args.scale, args.batch_size, args.epochs, args.lr, args.warmup, args.seed)
+    losses = train(model, triplets["train"], args.scale, args.batch_size, args.epochs, args.lr, args.warmup, args.seed,
+                   args.no_duplicates)
     model.save(args.out)
     saved = reward.load_embedder(args.out, device=device)                     # measure what reward.py will load
     after = {k: evaluate(saved, *v) for k, v in sets.items()}
