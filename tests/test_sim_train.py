@@ -121,6 +121,27 @@ def test_a_short_training_run_raises_triplet_accuracy_where_the_base_model_is_wr
     assert len(losses) == 4 * 2 and losses[-1] < losses[0]     # 8 triplets in batches of 5: 5 + 3 per epoch
 
 
+@pytest.mark.parametrize("no_duplicates", [False, True])
+def test_no_duplicates_keeps_a_text_out_of_a_batch_that_already_holds_it(monkeypatch, one_thread, no_duplicates):
+    """Each triplet's negative is the next triplet's anchor, as in mined data: a plain batch of all 6 holds 5 texts
+    twice; with no_duplicates no batch holds any text twice."""
+    import reward
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    seen, forward = [], MultipleNegativesRankingLoss.forward
+
+    def spy(self, features, labels):
+        seen.append([tuple(row.tolist()) for f in features for row, m in zip(f["input_ids"], f["attention_mask"])
+                     for row in [row[m.bool()]]])                      # every text of the batch, padding removed
+        return forward(self, features, labels)
+    monkeypatch.setattr(MultipleNegativesRankingLoss, "forward", spy)
+    words = "alpha beta gamma delta epsilon zeta eta".split()
+    rows = [dict(anchor=f"the {words[k]} view", positive=f"a {words[k]} opinion", negative=f"the {words[k + 1]} view")
+            for k in range(6)]
+    sim_train.train(reward.load_embedder(device="cpu"), rows, batch_size=6, epochs=1, no_duplicates=no_duplicates)
+    repeats = sum(len(b) - len(set(b)) for b in seen)
+    assert seen and ((repeats == 0) if no_duplicates else (len(seen) == 1 and repeats == 5))
+
+
 def test_fewer_triplets_than_a_batch_is_an_error(minilm):
     with pytest.raises(ValueError, match="fewer than one batch of 32"):
         sim_train.train(minilm, [dict(anchor="a", positive="b", negative="c")] * 5)
