@@ -142,15 +142,18 @@ def run_trl(make_model, tok, items, embedder, args):
         raise SystemExit("--vs-trl compares one update per batch: use --updates-per-step 1")
     P, G, T, n = args.prompts, args.group_size, args.max_new_tokens, args.warmup + args.steps
     order = [i for step in range(n) for i in om.prompts_for_step(len(items), step, P, 0)]  # ours' prompt order
-    data = Dataset.from_dict(dict(prompt=[om.chat_prompt(tok, items[i].situation) for i in order], idx=order))
+    data = Dataset.from_dict(dict(prompt=[om.chat_prompt(tok, items[i].situation) for i in order],
+                                  reference=[om.reference_answer(items[i]) for i in order],
+                                  situation=[items[i].situation for i in order]))
     clock = dict(generate=0.0, reward=0.0, logprob=0.0, forward=0.0)
+    ours = bench_config(args, n)
+    score = reward.OPReward(embedder, ours.mask_keywords, ours.min_perspectives)  # ours' reward, TRL's interface
 
-    def op_reward(prompts, completions, idx, **kw):
+    def op_reward(**kw):
         t0 = time.perf_counter()
-        parts = reward.score_answers(completions, [om.reference_answer(items[i]) for i in idx], embedder,
-                                     situations=[items[i].situation for i in idx])
+        out = score(**kw)
         clock["reward"] += time.perf_counter() - t0
-        return [p.total for p in parts]
+        return out
 
     class Timed(GRPOTrainer):
         def _get_per_token_logps_and_entropies(self, *a, **kw):
@@ -326,11 +329,10 @@ def main(argv=None):
         if g:
             a.group_size, a.max_new_tokens = g, t
         for r in range(args.rounds):
-            record(f"ours G={a.group_size} T={a.max_new_tokens}" + (f" round {r + 1}" if args.rounds > 1 else ""),
-                   run_ours(make_model, tok, items, embedder, a), a)
+            tag = f" G={a.group_size} T={a.max_new_tokens}" + (f" round {r + 1}" if args.rounds > 1 else "")
+            record("ours" + tag, run_ours(make_model, tok, items, embedder, a), a)
             if args.vs_trl:
-                record(f"TRL G={a.group_size} T={a.max_new_tokens}" + (f" round {r + 1}" if args.rounds > 1 else ""),
-                       run_trl(make_model, tok, items, embedder, a), a)
+                record("TRL" + tag, run_trl(make_model, tok, items, embedder, a), a)
     if args.vs_trl:
         med = lambda who, k: statistics.median(x[k] for r in result["runs"] if r["name"].startswith(who)
                                                for x in r["rows"])

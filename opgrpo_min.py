@@ -494,14 +494,14 @@ def grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab):
     """The batch of one step in `updates_per_step` mini-batch updates (the paper splits its 1024
     prompts into 4), so from the second update on the policy differs from the sampler and the
     ratio/clip matter. Gradients accumulate over micro-batches; the loss is a token-mean over the
-    whole mini-batch. Returns per-update stats (t_forward: seconds in the policy forward so far); a non-finite
-    loss skips that optimizer step."""
+    whole mini-batch. Returns per-update stats (t_forward: seconds of that update in the policy forward); a
+    non-finite loss skips that optimizer step."""
     T = roll.answer_mask.shape[1]
-    stats, t_forward = [], 0.0
+    stats = []
     for mb in torch.randperm(len(adv)).chunk(cfg.updates_per_step):
         num_tokens = roll.answer_mask[mb].sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
-        total, parts = 0.0, []
+        total, parts, t_forward = 0.0, [], 0.0
         for micro in mb.split(cfg.micro_batch):
             t0 = clock(model)
             logp = token_logprobs(model, roll.input_ids[micro], roll.attention_mask[micro], T,
@@ -604,7 +604,7 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
                                                                                "grad_norm")},
                        skipped_updates=skipped, answer_len=float(roll.answer_mask.sum(1).float().mean()),
                        t_generate=t1 - t0, t_reward=t2 - t1, t_logprob=t3 - t2, t_logprob_old=t_old - t2,
-                       t_logprob_ref=t3 - t_old, t_update=t4 - t3, t_update_forward=upd[-1]["t_forward"],
+                       t_logprob_ref=t3 - t_old, t_update=t4 - t3, t_update_forward=sum(u["t_forward"] for u in upd),
                        t_step=t4 - t0)
             rows.append(row)
             bar.set_postfix(R=f"{row['reward']:.2f}", cov=f"{row['coverage']:.2f}" if "coverage" in row else "-",
