@@ -67,6 +67,7 @@ class Config:
     adv_eps: float = 1e-6        # eps in A = (r - mean) / (std + eps)
     updates_per_step: int = 4    # mini-batch updates per batch of rollouts (paper 4): ratio != 1 after the first
     micro_batch: int = None      # answers per forward/backward; gradients accumulate over a mini-batch
+    gradient_checkpointing: int = None  # 1: recompute activations in the backward: less memory, one more forward
     # -- reward options (reward.py has the paper's defaults)
     mask_keywords: str = "answer"  # 'answer' (paper), 'both' or 'none'
     min_perspectives: int = 0    # uniqueness is 0 below this many perspectives (paper: 0, i.e. off)
@@ -77,8 +78,9 @@ class Config:
 
 PRESETS = {  # knobs left at None above take these
     "cpu": dict(sft_steps=12, sft_lr=1e-4, steps=16, prompts_per_step=2, group_size=4, max_new_tokens=128, lr=5e-6,
-                micro_batch=8),  # sized to finish in ~15 min on 2 cores; one SFT epoch alone would take longer
-    "gpu": dict(sft_lr=1e-5, steps=150, prompts_per_step=8, group_size=10, max_new_tokens=800, lr=1e-6, micro_batch=8),
+                micro_batch=8, gradient_checkpointing=0),  # ~15 min on 2 cores; one SFT epoch alone takes longer
+    "gpu": dict(sft_lr=1e-5, steps=150, prompts_per_step=8, group_size=10, max_new_tokens=800, lr=1e-6, micro_batch=8,
+                gradient_checkpointing=1),
 }
 
 
@@ -526,6 +528,12 @@ def grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab):
     return stats
 
 
+def set_checkpointing(model, on):
+    """Gradient (activation) checkpointing on or off; transformers 5.23 renamed gradient_* to activation_*."""
+    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{kind}_checkpointing_{'enable' if on else 'disable'}")()
+
+
 def clock(model):
     """time.perf_counter() after the GPU has finished its queued work, so phase timings are true."""
     if model.device.type == "cuda":
@@ -561,7 +569,7 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
     Returns the list of per-step metric rows (also appended to out/metrics.jsonl when `out` is set)."""
     from tqdm.auto import tqdm
     optimizer = optimizer or adamw(model, cfg.lr, weight_decay=cfg.weight_decay)
-    vocab, G, on_gpu = len(tokenizer), cfg.group_size, str(model.device).startswith("cuda")
+    vocab, G = len(tokenizer), cfg.group_size
     rows, bad_steps = [], 0
     bar = tqdm(range(start_step, cfg.steps), desc="GRPO", dynamic_ncols=True, initial=start_step, total=cfg.steps)
     with StopAfterStep() as stop:
@@ -588,13 +596,13 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
                 ref_logp = None if ref_model is None or not cfg.beta else token_logprobs(
                     ref_model, roll.input_ids, roll.attention_mask, T, cfg.temperature, cfg.micro_batch, vocab)
             t3 = clock(model)
-            # ---- update (gradient checkpointing on the GPU: memory for activations, off for generation)
+            # ---- update (gradient checkpointing, when on, only here: generation needs its KV cache)
             model.train()
-            if on_gpu:
-                model.gradient_checkpointing_enable()
+            if cfg.gradient_checkpointing:
+                set_checkpointing(model, True)
             upd = grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab)
-            if on_gpu:
-                model.gradient_checkpointing_disable()
+            if cfg.gradient_checkpointing:
+                set_checkpointing(model, False)
             t4 = clock(model)
             # ---- log
             skipped = sum(u["skipped"] for u in upd)

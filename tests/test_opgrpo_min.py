@@ -238,6 +238,40 @@ def test_toy_reward_falls_with_the_advantage_sign_flipped(tiny_policy, monkeypat
     assert sum(r[-6:]) / 6 < 0.02
 
 
+def test_gradient_checkpointing_recomputes_but_gives_the_same_update(tiny_model_dir, monkeypatch):
+    """The GPU preset's gradient checkpointing, run on the CPU: the layers run again in the backward, and the
+    metrics and the weights after two steps are those of the plain run."""
+    items = [om.Situation(str(i), f"situation number {i}", [om.Perspective("A", "b")]) for i in range(4)]
+
+    def even_share(roll, _items):  # any reward that differs within a group, so the advantages are not 0
+        ans = roll.input_ids[:, -roll.answer_mask.shape[1]:]
+        return (((ans % 2 == 0) * roll.answer_mask).sum(1) / roll.answer_mask.sum(1)).tolist(), {}
+    calls, runs = [], []
+    mlp = type(om.load_policy(tiny_model_dir, device="cpu")[0].model.layers[0].mlp)
+    forward = mlp.forward
+    monkeypatch.setattr(mlp, "forward", lambda self, x: calls.append(1) or forward(self, x))  # hooks miss recomputes
+    for ckpt in (0, 1):
+        model, tok = om.load_policy(tiny_model_dir, device="cpu")
+        ref = om.load_policy(tiny_model_dir, device="cpu")[0].requires_grad_(False)
+        calls.clear()
+        torch.manual_seed(0)
+        cfg = om.resolve_config(om.Config(device="cpu", steps=2, prompts_per_step=2, group_size=4, max_new_tokens=6,
+                                          lr=1e-2, micro_batch=4, updates_per_step=2, sample_every=0, save_every=0,
+                                          gradient_checkpointing=ckpt))
+        rows = om.grpo_train(model, tok, items, even_share, cfg, ref)
+        runs.append(([{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows], model, len(calls)))
+    (plain, m0, n0), (ckpt, m1, n1) = runs
+    assert plain[0]["reward_std"] > 0
+    assert n1 - n0 == 2 * 2 * 2   # 2 steps x 2 updates (1 micro-batch each) x 2 layers: each layer runs again
+    calls.clear()
+    m1(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
+    assert len(calls) == 2        # and after the update it is off again (generation needs its KV cache)
+    for a, b in zip(plain, ckpt):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a)
+    for p0, p1 in zip(m0.parameters(), m1.parameters()):
+        assert torch.allclose(p0, p1, atol=1e-6)
+
+
 # ---------------------------------------------------------------- checkpoints
 def _cfg(tiny_model_dir, out, steps, **kw):
     cfg = om.Config(model=tiny_model_dir, out=str(out), device="cpu", sft_steps=1, sft_batch=2, steps=steps,
