@@ -329,8 +329,47 @@ def load_policy(name=None, device="cpu", dtype=None, trust_remote_code=False):
 
 def adamw(model, lr, **kw):
     """AdamW with its fused kernel: one pass over the weights per step instead of several (on a 2-core CPU
-    0.07 s instead of 0.61 s per step for 135M parameters; the same update up to float rounding)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, fused=True, **kw)
+    0.07 s instead of 0.61 s per step for 135M parameters; the same update up to float rounding).
+    bfloat16 weights (the GPU path) get float32 master copies: see MasterAdamW."""
+    params = list(model.parameters())
+    if all(p.dtype == torch.float32 for p in params):
+        return torch.optim.AdamW(params, lr=lr, fused=True, **kw)
+    return MasterAdamW(params, lr=lr, fused=True, **kw)
+
+
+class MasterAdamW(torch.optim.AdamW):
+    """AdamW on float32 master copies of low-precision weights. bfloat16 keeps 8 significant bits, so near 0.02 its
+    spacing is 1.2e-4 and a step of lr 1e-6 rounds back to the same weight: plain AdamW at the paper's lr leaves 98 %
+    of N(0, 0.02) bf16 weights unchanged after 10 steps. The masters add up the small steps; the bf16 weights that
+    generate and run the forward are rounded from them after every step. Cost: 4 more bytes per parameter."""
+    def __init__(self, params, **kw):
+        self.low = list(params)
+        super().__init__([p.detach().float() for p in self.low], **kw)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        masters = self.param_groups[0]["params"]
+        for p, m in zip(self.low, masters):
+            m.grad, p.grad = (None if p.grad is None else p.grad.float()), None   # freed as they go: peak memory
+        loss = super().step(closure)
+        for p, m in zip(self.low, masters):
+            p.copy_(m)
+            m.grad = None
+        return loss
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.low:
+            p.grad = None
+        super().zero_grad(set_to_none)
+
+    def state_dict(self):  # the masters too: a resumed run continues from them, not from the rounded weights
+        return dict(super().state_dict(), master=list(self.param_groups[0]["params"]))
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            for m, saved in zip(self.param_groups[0]["params"], state["master"]):
+                m.copy_(saved)
+        super().load_state_dict({k: v for k, v in state.items() if k != "master"})
 
 
 def atomic_save(path, write):

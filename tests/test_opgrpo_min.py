@@ -1,4 +1,5 @@
 """opgrpo_min.py as a specification: data formats, models, and every GRPO formula by hand."""
+import io
 import json
 import math
 
@@ -270,6 +271,43 @@ def test_gradient_checkpointing_recomputes_but_gives_the_same_update(tiny_model_
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a)
     for p0, p1 in zip(m0.parameters(), m1.parameters()):
         assert torch.allclose(p0, p1, atol=1e-6)
+
+
+def test_bf16_weights_train_through_float32_master_copies():
+    """The GPU path keeps bf16 weights. Plain AdamW on them loses the paper's small steps to rounding; adamw()'s
+    master copies follow a float32 run exactly, the bf16 weights are those copies rounded, and a saved state
+    resumes exactly."""
+    torch.manual_seed(0)
+    w = (torch.randn(64, 64) * 0.02).to(torch.bfloat16)
+    g = torch.randn(64, 64).to(torch.bfloat16)             # the same gradient every step: the weights drift steadily
+    layer = lambda dtype: torch.nn.Linear(64, 64, bias=False).requires_grad_().to(dtype)
+    f32, bf16, naive = layer(torch.float32), layer(torch.bfloat16), layer(torch.bfloat16)
+    for m in (f32, bf16, naive):
+        m.weight.data.copy_(w)
+    opts = [om.adamw(m, 1e-6, weight_decay=0.01) for m in (f32, bf16)]
+    opts.append(torch.optim.AdamW(naive.parameters(), lr=1e-6, weight_decay=0.01))
+    assert isinstance(opts[1], om.MasterAdamW) and type(opts[0]) is torch.optim.AdamW
+
+    def steps(n, g):
+        for _ in range(n):
+            for m, opt in zip((f32, bf16, naive), opts):
+                m.weight.grad = g.to(m.weight.dtype)
+                opt.step(), opt.zero_grad()
+    steps(100, g)                                          # 100 x lr 1e-6 = 1e-4, about one bf16 spacing at 0.02
+    master = opts[1].param_groups[0]["params"][0]
+    assert (naive.weight == w).float().mean() > 0.9        # the bug this avoids: most weights never move
+    assert torch.equal(master, f32.weight.data)            # the master copy is the float32 run
+    assert torch.equal(bf16.weight.data, master.to(torch.bfloat16)) and (bf16.weight != w).float().mean() > 0.5
+    resumed = layer(torch.bfloat16)
+    resumed.weight.data.copy_(bf16.weight.data)
+    opt, saved = om.adamw(resumed, 1e-6, weight_decay=0.01), io.BytesIO()
+    torch.save(opts[1].state_dict(), saved)                # through a file, as save_checkpoint does
+    opt.load_state_dict(torch.load(io.BytesIO(saved.getvalue())))
+    h = torch.randn(64, 64).to(torch.bfloat16)
+    steps(1, h)
+    resumed.weight.grad = h
+    opt.step()
+    assert torch.equal(opt.param_groups[0]["params"][0], master) and torch.equal(resumed.weight, bf16.weight)
 
 
 # ---------------------------------------------------------------- checkpoints
