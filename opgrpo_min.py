@@ -12,6 +12,7 @@ GRPO as in DeepSeekMath (Shao et al. 2024, eq. 3-4). One step of RL reads as
     python opgrpo_min.py --model Qwen/Qwen2.5-3B-Instruct     # one CUDA GPU, paper-like preset
 """
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -407,6 +408,8 @@ def sft_warmup(model, tokenizer, items, cfg, log=print):
     sched = get_cosine_schedule_with_warmup(opt, max(1, round(0.1 * steps)), steps)
     order = np.random.default_rng(cfg.seed).permutation(len(examples))
     model.train()
+    if cfg.gradient_checkpointing:
+        set_checkpointing(model, True)
     bar = tqdm(range(steps), desc="SFT", dynamic_ncols=True)
     for step in bar:
         batch = [examples[order[(step * cfg.sft_batch + k) % len(examples)]] for k in range(cfg.sft_batch)]
@@ -421,6 +424,8 @@ def sft_warmup(model, tokenizer, items, cfg, log=print):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    if cfg.gradient_checkpointing:
+        set_checkpointing(model, False)
     model.eval()
     return model
 
@@ -782,7 +787,8 @@ def train(cfg):
     else:
         model, tok = load_policy(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code)
         if cfg.sft_steps != 0:  # ---- stage 0: SFT warm start, kept as its own checkpoint (the paper's SFT row)
-            sft_warmup(model, tok, items, cfg)
+            with oom_hint("--sft-batch"):
+                sft_warmup(model, tok, items, cfg)
             atomic_save(sft_dir, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
         ref = None
         if cfg.beta:  # reference = frozen copy of the policy at the start of RL
@@ -803,11 +809,8 @@ def train(cfg):
         open(os.path.join(cfg.out, "metrics.jsonl"), "w").close()
 
     # ---- stage 2: GRPO
-    try:
+    with oom_hint("--micro-batch first, then --group-size, --max-new-tokens or --prompts-per-step"):
         grpo_train(model, tok, items, op_reward_fn(embedder, cfg), cfg, ref, optimizer, start, cfg.out)
-    except torch.cuda.OutOfMemoryError:
-        raise SystemExit("CUDA out of memory: lower --micro-batch first, then --group-size, --max-new-tokens or "
-                         "--prompts-per-step") from None
     rows = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
     if rows:
         plot_rewards(cfg.out, rows)
@@ -815,6 +818,15 @@ def train(cfg):
         print(f"mean reward: first quarter {np.mean([r['reward'] for r in rows[:q]]):.3f}, "
               f"last quarter {np.mean([r['reward'] for r in rows[-q:]]):.3f}; outputs in {cfg.out}")
     return rows
+
+
+@contextlib.contextmanager
+def oom_hint(knobs):
+    """A CUDA out-of-memory error becomes one line that names the knobs to lower (checkpoints are kept)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit(f"CUDA out of memory: lower {knobs} (or keep --gradient-checkpointing 1)") from None
 
 
 def parse_args(argv=None):
