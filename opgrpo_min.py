@@ -366,9 +366,9 @@ class MasterAdamW(torch.optim.AdamW):
     def state_dict(self):  # the masters too: a resumed run continues from them, not from the rounded weights
         return dict(super().state_dict(), master=list(self.param_groups[0]["params"]))
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state):  # a float32 run's state has no masters: they stay the loaded weights
         with torch.no_grad():
-            for m, saved in zip(self.param_groups[0]["params"], state["master"]):
+            for m, saved in zip(self.param_groups[0]["params"], state.get("master", [])):
                 m.copy_(saved)
         super().load_state_dict({k: v for k, v in state.items() if k != "master"})
 
