@@ -115,7 +115,7 @@ def bench_config(args, steps):
         device=args.device, steps=steps, prompts_per_step=args.prompts, group_size=args.group_size,
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, beta=args.beta, lr=args.lr,
         updates_per_step=args.updates_per_step, micro_batch=args.micro_batch, max_prompt_len=10 ** 6,
-        sft_steps=0, sample_every=0, save_every=0, seed=0))
+        gradient_checkpointing=args.gradient_checkpointing, sft_steps=0, sample_every=0, save_every=0, seed=0))
 
 
 def run_ours(make_model, tok, items, embedder, args):
@@ -273,6 +273,8 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.001, help="KL weight; 0 drops the reference forward")
     p.add_argument("--updates-per-step", type=int, default=1, help="1: no old log-prob forward (TRL's default)")
     p.add_argument("--micro-batch", type=int, default=8, help="answers per forward/backward")
+    p.add_argument("--gradient-checkpointing", type=int, help="ours: 1 recomputes activations in the backward "
+                   "(default: preset, on for CUDA, off on CPU; TRL keeps its own default, on)")
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--steps", type=int, default=3, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run")
