@@ -346,14 +346,14 @@ class MasterAdamW(torch.optim.AdamW):
     def __init__(self, params, **kw):
         self.low = list(params)
         super().__init__([p.detach().float() for p in self.low], **kw)
+        self.master = self.param_groups[0]["params"]                 # the float32 copies AdamW steps on
 
     @torch.no_grad()
     def step(self, closure=None):
-        masters = self.param_groups[0]["params"]
-        for p, m in zip(self.low, masters):
+        for p, m in zip(self.low, self.master):
             m.grad, p.grad = (None if p.grad is None else p.grad.float()), None   # freed as they go: peak memory
         loss = super().step(closure)
-        for p, m in zip(self.low, masters):
+        for p, m in zip(self.low, self.master):
             p.copy_(m)
             m.grad = None
         return loss
@@ -364,11 +364,11 @@ class MasterAdamW(torch.optim.AdamW):
         super().zero_grad(set_to_none)
 
     def state_dict(self):  # the masters too: a resumed run continues from them, not from the rounded weights
-        return dict(super().state_dict(), master=list(self.param_groups[0]["params"]))
+        return dict(super().state_dict(), master=list(self.master))
 
     def load_state_dict(self, state):  # a float32 run's state has no masters: they stay the loaded weights
         with torch.no_grad():
-            for m, saved in zip(self.param_groups[0]["params"], state.get("master", [])):
+            for m, saved in zip(self.master, state.get("master", [])):
                 m.copy_(saved)
         super().load_state_dict({k: v for k, v in state.items() if k != "master"})
 
@@ -407,26 +407,21 @@ def sft_warmup(model, tokenizer, items, cfg, log=print):
     opt = adamw(model, cfg.sft_lr, betas=(0.9, 0.95), weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, max(1, round(0.1 * steps)), steps)
     order = np.random.default_rng(cfg.seed).permutation(len(examples))
-    model.train()
-    if cfg.gradient_checkpointing:
-        set_checkpointing(model, True)
     bar = tqdm(range(steps), desc="SFT", dynamic_ncols=True)
-    for step in bar:
-        batch = [examples[order[(step * cfg.sft_batch + k) % len(examples)]] for k in range(cfg.sft_batch)]
-        width = max(len(ids) for ids, _ in batch)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])      # [b, width]
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])        # [b, width]
-        attn = (torch.arange(width)[None] < torch.tensor([len(i) for i, _ in batch])[:, None]).long()
-        loss = model(input_ids=input_ids.to(model.device), attention_mask=attn.to(model.device),
-                     labels=labels.to(model.device)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    if cfg.gradient_checkpointing:
-        set_checkpointing(model, False)
-    model.eval()
+    with training(model, cfg.gradient_checkpointing):
+        for step in bar:
+            batch = [examples[order[(step * cfg.sft_batch + k) % len(examples)]] for k in range(cfg.sft_batch)]
+            width = max(len(ids) for ids, _ in batch)
+            pad = tokenizer.pad_token_id
+            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])      # [b, width]
+            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])        # [b, width]
+            attn = (torch.arange(width)[None] < torch.tensor([len(i) for i, _ in batch])[:, None]).long()
+            loss = model(input_ids=input_ids.to(model.device), attention_mask=attn.to(model.device),
+                         labels=labels.to(model.device)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     return model
 
 
@@ -572,10 +567,20 @@ def grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab):
     return stats
 
 
-def set_checkpointing(model, on):
-    """Gradient (activation) checkpointing on or off; transformers 5.23 renamed gradient_* to activation_*."""
+@contextlib.contextmanager
+def training(model, checkpointing):
+    """model.train() for a block of updates, with gradient checkpointing if asked; eval mode (and the KV cache that
+    generation needs) again after it. transformers 5.23 renamed gradient_checkpointing_* to activation_*."""
     kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    getattr(model, f"{kind}_checkpointing_{'enable' if on else 'disable'}")()
+    model.train()
+    if checkpointing:
+        getattr(model, f"{kind}_checkpointing_enable")()
+    try:
+        yield
+    finally:
+        if checkpointing:
+            getattr(model, f"{kind}_checkpointing_disable")()
+        model.eval()
 
 
 def clock(model):
@@ -641,12 +646,8 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
                     ref_model, roll.input_ids, roll.attention_mask, T, cfg.temperature, cfg.micro_batch, vocab)
             t3 = clock(model)
             # ---- update (gradient checkpointing, when on, only here: generation needs its KV cache)
-            model.train()
-            if cfg.gradient_checkpointing:
-                set_checkpointing(model, True)
-            upd = grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab)
-            if cfg.gradient_checkpointing:
-                set_checkpointing(model, False)
+            with training(model, cfg.gradient_checkpointing):
+                upd = grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab)
             t4 = clock(model)
             # ---- log
             skipped = sum(u["skipped"] for u in upd)

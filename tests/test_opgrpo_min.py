@@ -270,7 +270,7 @@ def test_gradient_checkpointing_recomputes_but_gives_the_same_update(tiny_model_
         ans = roll.input_ids[:, -roll.answer_mask.shape[1]:]
         return (((ans % 2 == 0) * roll.answer_mask).sum(1) / roll.answer_mask.sum(1)).tolist(), {}
     calls, runs = [], []
-    mlp = type(om.load_policy(tiny_model_dir, device="cpu")[0].model.layers[0].mlp)
+    from transformers.models.llama.modeling_llama import LlamaMLP as mlp  # the tiny model's MLP
     forward = mlp.forward
     monkeypatch.setattr(mlp, "forward", lambda self, x: calls.append(1) or forward(self, x))  # hooks miss recomputes
     for ckpt in (0, 1):
@@ -316,7 +316,7 @@ def test_bf16_weights_train_through_float32_master_copies():
                 m.weight.grad = g.to(m.weight.dtype)
                 opt.step(), opt.zero_grad()
     steps(100, g)                                          # 100 x lr 1e-6 = 1e-4, about one bf16 spacing at 0.02
-    master = opts[1].param_groups[0]["params"][0]
+    master = opts[1].master[0]
     assert (naive.weight == w).float().mean() > 0.9        # the bug this avoids: most weights never move
     assert torch.equal(master, f32.weight.data)            # the master copy is the float32 run
     assert torch.equal(bf16.weight.data, master.to(torch.bfloat16)) and (bf16.weight != w).float().mean() > 0.5
@@ -329,7 +329,7 @@ def test_bf16_weights_train_through_float32_master_copies():
     steps(1, h)
     resumed.weight.grad = h
     opt.step()
-    assert torch.equal(opt.param_groups[0]["params"][0], master) and torch.equal(resumed.weight, bf16.weight)
+    assert torch.equal(opt.master[0], master) and torch.equal(resumed.weight, bf16.weight)
 
 
 # ---------------------------------------------------------------- checkpoints
