@@ -310,12 +310,12 @@ def main(argv=None):
     embedder = reward.load_embedder(device=args.device)
     items = om.load_situations(os.path.join(om.HERE, "data", "train.jsonl"))
     result = dict(env=env, args=vars(args), bandwidth_GBps=bw / 1e9, matmul_TFLOPs=mm / 1e12, runs=[])
+    prompt_len = max(len(tok([om.chat_prompt(tok, items[i].situation)], add_special_tokens=False).input_ids[0])
+                     for step in range(args.warmup + args.steps)   # left padding: every prompt is the longest
+                     for i in om.prompts_for_step(len(items), step, args.prompts, 0))  # the same in every run
 
     def record(name, res, a):
         res["summary"] = summary(res["rows"])
-        prompt_len = max(len(tok([om.chat_prompt(tok, items[i].situation)], add_special_tokens=False).input_ids[0])
-                         for step in range(a.warmup + a.steps)   # left padding: every prompt is the longest
-                         for i in om.prompts_for_step(len(items), step, a.prompts, 0))
         n_fwd = (a.updates_per_step > 1) + (a.beta > 0)
         res["floor"] = floors(shape, a.prompts, a.group_size, prompt_len, a.max_new_tokens, bw, mm, n_fwd)
         res.update(name=name, prompts=a.prompts, group_size=a.group_size, max_new_tokens=a.max_new_tokens)
