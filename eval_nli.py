@@ -267,12 +267,9 @@ def markdown_table(rows, notes):
 def plot_accuracy(rows, path):
     """Bar chart of Accuracy per (model, prompt), one bar per metric, error bar = binomial standard error
     sqrt(p (1 - p) / n). matplotlib is optional: without it the chart is skipped with a note."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print("[plot] matplotlib is not installed: no accuracy.png (pip install matplotlib)", file=sys.stderr)
+    plt = opgrpo_min.pyplot(os.path.basename(path))
+    if plt is None:
+        return
     main = [r for r in rows if r["stratum"] == "all"]
     metrics = list(dict.fromkeys(r["metric"] for r in main))
     systems = list(dict.fromkeys((r["model"], r["prompt"]) for r in main))

@@ -742,14 +742,21 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def plot_rewards(out, rows):
-    """out/reward_curve.png: mean reward per step (matplotlib is optional)."""
+def pyplot(png):
+    """matplotlib.pyplot drawing to files, or None with a note that `png` is skipped (matplotlib is optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
-        print("[plot] matplotlib is not installed: no reward_curve.png (pip install matplotlib)", file=sys.stderr)
+        print(f"[plot] matplotlib is not installed: no {png} (pip install matplotlib)", file=sys.stderr)
+
+
+def plot_rewards(out, rows):
+    """out/reward_curve.png: mean reward per step."""
+    plt = pyplot("reward_curve.png")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [r["step"] for r in rows]
