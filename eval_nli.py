@@ -146,9 +146,7 @@ def embedding_coverage(texts, items, embedder):
     that guards the reward against echoing the prompt; here every model is measured on what it wrote."""
     refs = [[reward.perspective_line(p.name, p.explanation) for p in s.perspectives] for s in items]
     cands = [split_sentences(t) for t in texts]
-    unique = list(dict.fromkeys(x for group in refs + cands for x in group))
-    E = np.asarray(embedder.encode(unique), dtype=np.float32)                        # [n_unique, dim]
-    E = dict(zip(unique, E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)))
+    E = reward.unit_embeddings(embedder, [x for group in refs + cands for x in group])
     rates = []
     for r, c in zip(refs, cands):
         R = np.stack([E[x] for x in r])                                               # [n_ref, dim]

@@ -97,6 +97,14 @@ def load_embedder(name=None, device=None):
     return SentenceTransformer(name or default_embedder_path(), device=device)
 
 
+def unit_embeddings(embedder, texts):
+    """{text: L2-normalised float32 embedding} of the distinct texts, one encode call: a dot product is the cosine."""
+    texts = list(dict.fromkeys(texts))
+    E = embedder.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                        show_progress_bar=len(texts) > 500)                              # [n_texts, dim]
+    return dict(zip(texts, np.asarray(E, dtype=np.float32)))
+
+
 def _matrix(x):
     """A 2-D float numpy array from numpy or torch; float32 stays float32 (see greedy_matches)."""
     if hasattr(x, "detach"):                                      # torch; numpy has no bfloat16

@@ -35,14 +35,6 @@ JUDGE_QUESTION = ("Do these two statements express the same meaning or perspecti
 
 
 # ================================================================ data: triplets
-def embed(model, texts):
-    """{text: L2-normalised embedding}, so a dot product is the cosine (as in reward.py); one encode call for all."""
-    texts = list(dict.fromkeys(texts))
-    E = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                     show_progress_bar=len(texts) > 500)                      # [n_texts, dim]
-    return dict(zip(texts, E))
-
-
 def sentences(s):
     """A situation's perspective sentences with the 'In the perspective of X,' prefix stripped: load_situations
     already split every reference line into name and explanation (reward.parse_perspective), so this is the list
@@ -54,7 +46,7 @@ def mine_triplets(situations, model):
     """Offline triplets, one per perspective i that has a paraphrase: anchor = explanation i, positive = its
     paraphrase, negative = the explanation j != i of the same situation with the largest cos(i, j) under `model`.
     Example: explanations [a, b, c] with cos(a, c) > cos(a, b) give (a, paraphrase of a, c)."""
-    vec, out = embed(model, [t for s in situations for t in sentences(s)]), []
+    vec, out = reward.unit_embeddings(model, [t for s in situations for t in sentences(s)]), []
     for s in situations:
         E = np.stack([vec[t] for t in sentences(s)])                          # [n, dim]
         S = E @ E.T - 3 * np.eye(len(E))                                      # [n, n], self never the negative
@@ -92,7 +84,7 @@ def judge_triplets(situations, model, judge, threshold=JUDGE_THRESHOLD):
     Example: candidates [x 0.9 No, y 0.8 Yes, z 0.76 No] give (anchor, y, x)."""
     pools = [list(dict.fromkeys(sentences(s) + [p.paraphrase for p in s.perspectives if p.paraphrase]))
              for s in situations]
-    vec, asks = embed(model, [t for pool in pools for t in pool]), []        # asks: (situation, anchor, candidates)
+    vec, asks = reward.unit_embeddings(model, [t for pool in pools for t in pool]), []  # asks: (sid, anchor, cands)
     for s, pool in zip(situations, pools):
         E = np.stack([vec[t] for t in pool])                                  # [n_pool, dim]
         for a in sentences(s):
@@ -130,8 +122,9 @@ def evaluate(model, situations, triplets):
         (candidates) to the explanations (references); a match (i, j) is correct iff j is the paraphrase of i;
     redundant_rate  share of the (all distinct) explanations that reward.redundant_flags flags at 0.78.
     Example: 3 explanations, matches [(0, 0), (1, 2)] -> precision 1/2, recall 1/3."""
-    E = embed(model, [t for r in triplets for t in (r["anchor"], r["positive"], r["negative"])] +
-              [t for s in situations for p in s.perspectives for t in (p.explanation, p.paraphrase) if t])
+    texts = [t for r in triplets for t in (r["anchor"], r["positive"], r["negative"])]
+    E = reward.unit_embeddings(model, texts + [t for s in situations for p in s.perspectives
+                                               for t in (p.explanation, p.paraphrase) if t])
     cos = lambda a, b: float(E[a] @ E[b])
     pos, neg = np.array([[cos(r["anchor"], r[k]) for r in triplets] for k in ("positive", "negative")])  # [n]
     right = matched = n_ref = flagged = n_all = 0

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import reward
 import sim_train
 from opgrpo_min import Perspective, Situation
 
@@ -54,7 +55,7 @@ def test_judge_triplets_take_first_yes_as_positive_and_most_similar_no_as_negati
     rows = sim_train.judge_triplets([s], minilm, judge, threshold=-1.0)  # -1: every pair is a candidate
     assert len(asked) == 3 * 5              # each explanation against the other 5 sentences of the pool
     assert [(r["anchor"], r["positive"]) for r in rows] == [HONESTY, COST, DEBT]
-    E = sim_train.embed(minilm, [t for pair in (HONESTY, COST, DEBT) for t in pair])
+    E = reward.unit_embeddings(minilm, [t for pair in (HONESTY, COST, DEBT) for t in pair])
     for r in rows:                          # the negative is the most anchor-similar sentence judged No
         nos = [t for t in E if t != r["anchor"] and (r["anchor"], t) not in same]
         assert r["negative"] == max(nos, key=lambda t: E[r["anchor"]] @ E[t])
