@@ -14,6 +14,7 @@ matched by reward.coverage_reward (greedy one-to-one, cosine >= 0.70) with the s
 """
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -178,10 +179,7 @@ def resolve_model(name):
             return opgrpo_min.find_checkpoint(name)
         raise FileNotFoundError(f"--model {name}: the directory holds no model (no config.json); pass a "
                                 f"save_pretrained directory, e.g. runs/default/checkpoint or runs/default/sft")
-    looks_local = name.startswith((".", "/", "~")) or os.path.isdir(name.split("/")[0]) or name.count("/") > 1
-    if looks_local and not os.path.exists(name):  # a hub id is 'owner/name' and 'owner' is no folder here
-        raise FileNotFoundError(f"--model {name}: no such checkpoint directory. Train it first "
-                                f"(python opgrpo_min.py --out <run dir>), or fix the path, or pass a hub id")
+    opgrpo_min.check_model_path(name, "--model")
     return name
 
 
@@ -208,22 +206,18 @@ def load_answers(path, items):
     """{(model, prompt): answers in the order of `items`}, matched by id (never by row order). Every id must be in
     the test set, and every (model, prompt) must answer every test situation exactly once; a null answer is empty."""
     known, groups = {s.id for s in items}, {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                key, sid, answer = (row["model"], row["prompt"]), str(row["id"]), row["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}, line {n}: expected a JSON object with id, model, prompt, answer "
-                                 f"({type(e).__name__}: {e})") from None
-            if sid not in known:
-                raise ValueError(f"{path}, line {n}: id {sid!r} is not in the test set; the answers were made for "
-                                 f"another data file: pass that file as --data")
-            if sid in groups.setdefault(key, {}):
-                raise ValueError(f"{path}, line {n}: a second answer of model {key[0]!r}, prompt {key[1]!r} to {sid!r}")
-            groups[key][sid] = answer if isinstance(answer, str) else ""
+    for n, row in opgrpo_min.read_jsonl(path, "answers"):
+        try:
+            key, sid, answer = (row["model"], row["prompt"]), str(row["id"]), row["answer"]
+        except KeyError as e:
+            raise ValueError(f"{path}, line {n}: expected a JSON object with id, model, prompt, answer "
+                             f"(missing {e})") from None
+        if sid not in known:
+            raise ValueError(f"{path}, line {n}: id {sid!r} is not in the test set; the answers were made for "
+                             f"another data file: pass that file as --data")
+        if sid in groups.setdefault(key, {}):
+            raise ValueError(f"{path}, line {n}: a second answer of model {key[0]!r}, prompt {key[1]!r} to {sid!r}")
+        groups[key][sid] = answer if isinstance(answer, str) else ""
     if not groups:
         raise ValueError(f"{path}: no answers in the file")
     for (model, prompt), answers in groups.items():
@@ -279,12 +273,15 @@ def plot_accuracy(rows, path):
                yerr=[math.sqrt(a["accuracy"] * (1 - a["accuracy"]) / a["n"]) for a in acc])
     ax.set_xticks(np.arange(len(systems)) + 0.4 - width / 2, [f"{m}\n{p}" for m, p in systems], fontsize=7)
     ax.set_ylabel(f"Accuracy (score > {ACCURACY_THRESHOLD})"), ax.set_ylim(0, 1), ax.legend(fontsize=7)
-    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
+    fig.tight_layout()
+    with opgrpo_min.replaced(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
 
 
 # ================================================================ main
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = opgrpo_min.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="policy: hub id, local dir, opgrpo_min.py run dir or "
                    "checkpoint; 'default' = embedded SmolLM2-135M. Repeat for several (default: default)")
     p.add_argument("--prompt", choices=("implicit", "explicit", "both"), default="both",
@@ -307,22 +304,28 @@ def main(argv=None):
     if args.answers and args.model:
         p.error("give --model (generate answers) or --answers (re-score a file), not both")
     args.model, args.nli = args.model or (None if args.answers else ["default"]), args.nli or [PAPER_NLI]
+    for k in ("max_new_tokens", "batch_size", "nli_batch_size"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: must be >= 1")
+    if not (args.temperature > 0 and 0 < args.top_p <= 1):
+        p.error(f"--temperature {args.temperature} / --top-p {args.top_p}: need temperature > 0, top_p in (0, 1]")
+    items, t0 = opgrpo_min.load_situations(args.data), time.perf_counter()   # inputs first, then any output
+    groups = load_answers(args.answers, items) if args.answers else None
+    for name in args.model or []:
+        resolve_model(name)                                      # a bad path fails before any generation
+    opgrpo_min.check_model_path(args.sim_model, "--sim-model")
+    opgrpo_min.check_out_dir(args.out)
     print("config:", json.dumps(vars(args)))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    items, t0 = opgrpo_min.load_situations(args.data), time.perf_counter()
+    opgrpo_min.write_text(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=1))
 
     if not args.answers:  # ---- generate (then read back from the file, so both paths score the same way)
-        for name in args.model:
-            resolve_model(name)                                      # a bad path fails before any generation
         styles = ["implicit", "explicit"] if args.prompt == "both" else [args.prompt]
         rows = [r for name in args.model for r in generate_answers(name, items, styles, args)]
         args.answers = os.path.join(args.out, "answers.jsonl")
-        with open(args.answers, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        opgrpo_min.write_text(args.answers, "".join(json.dumps(r) + "\n" for r in rows))
         print(f"[generate] {len(rows)} answers in {time.perf_counter() - t0:.0f} s -> {args.answers}")
-    groups, t1 = load_answers(args.answers, items), time.perf_counter()
+        groups = load_answers(args.answers, items)
+    t1 = time.perf_counter()
     texts = {key: [scored_text(a, args.score) for a in answers] for key, answers in groups.items()}
 
     # ---- offline metric, then each NLI backbone that can be loaded
@@ -342,19 +345,16 @@ def main(argv=None):
         for (m, pr), t in texts.items():
             results[(m, pr, f"NLI {os.path.basename(name.rstrip('/'))}")] = nli_scores(t, items, entail)
     rows = report_rows(results, items)
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader(), w.writerows(rows)
+    csv_text = io.StringIO()
+    w = csv.DictWriter(csv_text, fieldnames=list(rows[0]))
+    w.writeheader(), w.writerows(rows)
+    opgrpo_min.write_text(os.path.join(args.out, "results.csv"), csv_text.getvalue())
     table = markdown_table(rows, notes)
     print(table)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table + "\n")
+    opgrpo_min.write_text(os.path.join(args.out, "results.md"), table + "\n")
     plot_accuracy(rows, os.path.join(args.out, "accuracy.png"))
     print(f"[time] generation {t1 - t0:.0f} s, scoring {time.perf_counter() - t1:.0f} s; results in {args.out}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (opgrpo_min.DataError, ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    opgrpo_min.run_cli(main)

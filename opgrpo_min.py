@@ -18,9 +18,11 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -58,7 +60,7 @@ class Config:
     min_new_tokens: int = 0      # force at least this many answer tokens (bench.py: the same work every step)
     max_prompt_len: int = 512    # longer prompts are rejected with an error (the situation would be cut)
     temperature: float = 1.0     # sampling temperature; log-probs use the same one
-    top_p: float = 1.0
+    top_p: float = 1.0           # nucleus sampling during training (paper 1.0); top_k is always off
     lr: float = None             # paper 1e-6 constant for a 3B model; a 135M model needs more to move in minutes
     weight_decay: float = 0.01   # AdamW
     grad_clip: float = 1.0       # max global grad norm
@@ -69,6 +71,7 @@ class Config:
     updates_per_step: int = 4    # mini-batch updates per batch of rollouts (paper 4): ratio != 1 after the first
     micro_batch: int = None      # answers per forward/backward; gradients accumulate over a mini-batch
     gradient_checkpointing: int = None  # 1: recompute activations in the backward: less memory, one more forward
+    lora_rank: int = 0           # > 0: train a LoRA adapter of this rank (pip install peft); reference = adapter off
     # -- reward options (reward.py has the paper's defaults)
     mask_keywords: str = "answer"  # 'answer' (paper), 'both' or 'none'
     min_perspectives: int = 0    # uniqueness is 0 below this many perspectives (paper: 0, i.e. off)
@@ -85,23 +88,44 @@ PRESETS = {  # knobs left at None above take these
 }
 
 
+VALID = {  # knob: (test, the range in words); --help shows the range, and a value outside it is one clear error
+    "steps": (lambda v: v >= 1, ">= 1"), "prompts_per_step": (lambda v: v >= 1, ">= 1"),
+    "group_size": (lambda v: v >= 2, ">= 2: one answer has no spread, so no advantage"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"), "min_new_tokens": (lambda v: v >= 0, ">= 0"),
+    "max_prompt_len": (lambda v: v >= 1, ">= 1"), "sft_batch": (lambda v: v >= 1, ">= 1"),
+    "sft_steps": (lambda v: v >= 0, ">= 0"), "sft_lr": (lambda v: v > 0, "> 0"), "lr": (lambda v: v > 0, "> 0"),
+    "temperature": (lambda v: v > 0, "> 0"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"), "grad_clip": (lambda v: v > 0, "> 0"),
+    "clip_eps": (lambda v: 0 < v < 1, "in (0, 1)"), "dual_clip": (lambda v: v == 0 or v > 1, "0 (off) or > 1"),
+    "beta": (lambda v: v >= 0, ">= 0"), "adv_eps": (lambda v: v > 0, "> 0"),
+    "updates_per_step": (lambda v: v >= 1, ">= 1"), "micro_batch": (lambda v: v >= 1, ">= 1"),
+    "gradient_checkpointing": (lambda v: v in (0, 1), "0 or 1"), "lora_rank": (lambda v: v >= 0, ">= 0"),
+    "mask_keywords": (lambda v: v in reward.MASK_MODES, " or ".join(reward.MASK_MODES)),
+    "min_perspectives": (lambda v: v >= 0, ">= 0"), "sample_every": (lambda v: v >= 0, ">= 0 (0: never)"),
+    "save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"), "preset": (lambda v: v in PRESETS, "cpu or gpu"),
+}
+
+
 def resolve_config(cfg):
-    """Fill the device, preset and the knobs the preset owns; check the values that would fail later."""
+    """Fill the device, preset and the knobs the preset owns; refuse a value outside its range (NaN included)."""
     cfg = dataclasses.replace(cfg)
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {cfg.device}: use cpu, cuda or cuda:N")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: torch sees no CUDA GPU on this machine: use --device cpu")
     cfg.preset = cfg.preset or ("gpu" if cfg.device.startswith("cuda") else "cpu")
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}")
-    for k, v in PRESETS[cfg.preset].items():
+    for k, v in PRESETS.get(cfg.preset, {}).items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    if cfg.group_size < 2:
-        raise ValueError("--group-size must be at least 2: a group of one answer has no spread, so no advantage")
-    for k in ("steps", "prompts_per_step", "max_new_tokens", "updates_per_step", "micro_batch", "sft_batch"):
-        if getattr(cfg, k) < (0 if k == "steps" else 1):
-            raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(cfg, k)}")
+    for k, (ok, words) in VALID.items():
+        v = getattr(cfg, k)
+        if v is not None and not ok(v):
+            raise ValueError(f"--{k.replace('_', '-')} {v}: must be {words}")
     if cfg.updates_per_step > cfg.prompts_per_step * cfg.group_size:
         raise ValueError("--updates-per-step cannot exceed the number of answers per step")
+    if cfg.min_new_tokens > cfg.max_new_tokens:
+        raise ValueError("--min-new-tokens cannot exceed --max-new-tokens")
     return cfg
 
 
@@ -145,7 +169,10 @@ def load_situations(path):
     readers = {".jsonl": _read_jsonl, ".csv": _read_csv, ".json": _read_kaleido}
     if ext not in readers:
         raise DataError(f"{path}: unknown data format {ext!r}; use .jsonl (ours), .csv (prompt, answer) or .json")
-    items = readers[ext](path)
+    try:
+        items = readers[ext](path)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     if not items:
         raise DataError(f"{path}: the file holds no situations")
     ids = [s.id for s in items]
@@ -155,45 +182,68 @@ def load_situations(path):
     return items
 
 
+def not_utf8(path):
+    """The DataError for a file that is not UTF-8, naming the line of its first bad byte (a decoder reading the file
+    in chunks reports an offset within its chunk, so the file is decoded again whole)."""
+    raw = open(path, "rb").read()
+    try:
+        raw.decode("utf-8")
+        return DataError(f"{path}: not UTF-8 text")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        return DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8")
+
+
 def _situation(where, sid, text, perspectives):
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"{where}: missing or empty 'situation'")
     if not perspectives:
         raise DataError(f"{where}: empty perspective list")
     for p in perspectives:
-        if not p.name or not p.explanation:
-            raise DataError(f"{where}: a perspective has an empty name or explanation")
+        if not all(isinstance(x, str) and x.strip() for x in (p.name, p.explanation)):
+            raise DataError(f"{where}: a perspective has an empty (or non-text) name or explanation")
         if p.kind is not None and p.kind not in KINDS:
             raise DataError(f"{where}: perspective kind {p.kind!r} is not one of {KINDS}")
     return Situation(id=str(sid), situation=text.strip(), perspectives=perspectives)
 
 
-def _read_jsonl(path):
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {n}"
+def read_jsonl(path, what="data"):
+    """(line number, object) for each non-blank line of a JSONL file. A missing file, bytes that are not UTF-8 and a
+    line that is not a JSON object are DataErrors that name the file and line (every JSONL reader here uses this)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such {what} file")
+    try:
+        lines = open(path, encoding="utf-8").read().split("\n")
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    for n, line in enumerate(lines, 1):
+        if line.strip():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not JSON ({e.msg})") from None
+                raise DataError(f"{path}, line {n}: not JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            for key in ("id", "situation", "perspectives"):
-                if key not in row:
-                    raise DataError(f"{where}: missing field {key!r}")
-            if not isinstance(row["perspectives"], list):
-                raise DataError(f"{where}: 'perspectives' must be a list")
-            ps = []
-            for p in row["perspectives"]:
-                if not isinstance(p, dict) or "name" not in p or "explanation" not in p:
-                    raise DataError(f"{where}: each perspective needs 'name' and 'explanation'")
-                ps.append(Perspective(p["name"], p["explanation"], p.get("kind"), p.get("paraphrase")))
-            s = _situation(where, row["id"], row["situation"], ps)
-            s.domain = row.get("domain")
-            items.append(s)
+                raise DataError(f"{path}, line {n}: expected a JSON object")
+            yield n, row
+
+
+def _read_jsonl(path):
+    items = []
+    for n, row in read_jsonl(path):
+        where = f"{path}, line {n}"
+        for key in ("id", "situation", "perspectives"):
+            if key not in row:
+                raise DataError(f"{where}: missing field {key!r}")
+        if not isinstance(row["perspectives"], list):
+            raise DataError(f"{where}: 'perspectives' must be a list")
+        ps = []
+        for p in row["perspectives"]:
+            if not isinstance(p, dict) or "name" not in p or "explanation" not in p:
+                raise DataError(f"{where}: each perspective needs 'name' and 'explanation'")
+            ps.append(Perspective(p["name"], p["explanation"], p.get("kind"), p.get("paraphrase")))
+        s = _situation(where, row["id"], row["situation"], ps)
+        s.domain = row.get("domain")
+        items.append(s)
     return items
 
 
@@ -204,7 +254,7 @@ def _read_csv(path):
         missing = {"prompt", "answer"} - set(rows.fieldnames or [])
         if missing:
             raise DataError(f"{path}: missing column(s) {sorted(missing)}; the authors' CSV has 'prompt' and 'answer'")
-        for n, row in enumerate(rows, 1):
+        for n, row in enumerate(_csv_rows(rows, path), 1):
             where = f"{path}, row {n}"
             ps = []
             for piece in reward.split_perspectives(row["answer"] or ""):
@@ -218,6 +268,14 @@ def _read_csv(path):
                 text = text[len(head):]
             items.append(_situation(where, row.get("id") or f"row-{n}", text, ps))
     return items
+
+
+def _csv_rows(rows, path):
+    """The rows of a csv.DictReader, with a broken row (a stray quote, a NUL byte) as a DataError that names its line."""
+    try:
+        yield from rows
+    except csv.Error as e:
+        raise DataError(f"{path}, line {rows.line_num}: not valid CSV ({e})") from None
 
 
 def _read_kaleido(path):
@@ -328,11 +386,20 @@ def load_policy(name=None, device="cpu", dtype=None, trust_remote_code=False):
     return model, tok
 
 
+def lora_config(rank):
+    """The LoRA adapter of --lora-rank: every linear layer of the blocks, alpha = 2 x rank, no dropout (dropout
+    would make the sampler and the learner differ). peft keeps the adapter in float32 on a bf16 model."""
+    from peft import LoraConfig
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+
+
 def adamw(model, lr, **kw):
     """AdamW with its fused kernel: one pass over the weights per step instead of several (on a 2-core CPU
     0.07 s instead of 0.61 s per step for 135M parameters; the same update up to float rounding).
-    bfloat16 weights (the GPU path) get float32 master copies: see MasterAdamW."""
-    params = list(model.parameters())
+    Only trainable weights (a LoRA adapter, or all). bfloat16 weights (the GPU path) get float32 master copies:
+    see MasterAdamW."""
+    params = [p for p in model.parameters() if p.requires_grad]
     if all(p.dtype == torch.float32 for p in params):
         return torch.optim.AdamW(params, lr=lr, fused=True, **kw)
     return MasterAdamW(params, lr=lr, fused=True, **kw)
@@ -449,10 +516,10 @@ def sample_groups(model, tokenizer, prompts, group_size, max_new_tokens, tempera
     attn = enc.attention_mask.repeat_interleave(group_size, 0).to(model.device)           # [P*G, L]
     vocab, eos = len(tokenizer), _eos_ids(model, tokenizer)
     extra = model.get_output_embeddings().weight.shape[0] - vocab  # Qwen pads its output layer
-    out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature,
-                         top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                         suppress_tokens=list(range(vocab, vocab + extra)) if extra > 0 else None)
+    gen = sampling_config(temperature, top_p, max_new_tokens, min_new_tokens, tokenizer.pad_token_id, eos,
+                          suppress=list(range(vocab, vocab + extra)) if extra > 0 else None)
+    with own_sampling_only(model):
+        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)
     answers = out[:, ids.shape[1]:]                                                       # [P*G, T]
     is_eos = torch.isin(answers, torch.tensor(eos, device=answers.device))
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
@@ -461,6 +528,29 @@ def sample_groups(model, tokenizer, prompts, group_size, max_new_tokens, tempera
     texts = tokenizer.batch_decode(answers * answer_mask + tokenizer.pad_token_id * (1 - answer_mask),
                                    skip_special_tokens=True)
     return Rollout(out, torch.cat([attn, answer_mask], 1), answer_mask, texts, group_ids)
+
+
+def sampling_config(temperature, top_p, max_new_tokens, min_new_tokens, pad_id, eos_ids, suppress=None):
+    """The sampler is pi(. | q, a_<t) at `temperature`, cut to its top_p nucleus, and nothing else: that is the
+    distribution token_logprobs scores (top_p = 1: exactly). top_k 0 is off."""
+    from transformers import GenerationConfig
+    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, pad_token_id=pad_id,
+                            eos_token_id=eos_ids, suppress_tokens=suppress)
+
+
+@contextlib.contextmanager
+def own_sampling_only(model):
+    """generate() fills every field our config leaves unset from the model's generation_config.json, e.g.
+    Qwen2.5-Instruct's repetition_penalty 1.05, which would make the samples come from another distribution than
+    the one the learner scores. For the call, the model's own generation config is a blank one."""
+    from transformers import GenerationConfig
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model   # a peft model generates with it
+    saved, base.generation_config = base.generation_config, GenerationConfig()
+    try:
+        yield
+    finally:
+        base.generation_config = saved
 
 
 def _eos_ids(model, tokenizer):
@@ -711,12 +801,16 @@ def _main_thread():
 
 
 def save_checkpoint(out, model, tokenizer, optimizer, step, cfg):
-    """out/checkpoint: the policy (save_pretrained) and tokenizer, plus optimizer, RNG states and step."""
+    """out/checkpoint: the policy (save_pretrained) and tokenizer; trainer_state.json (step, config, Python and numpy
+    RNG) and trainer_state.pt (optimizer and torch RNG, tensors only: it loads with weights_only=True, no pickle)."""
     def write(tmp):
         plain_model(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        torch.save(dict(step=step, optimizer=optimizer.state_dict(), rng=rng_state(), config=dataclasses.asdict(cfg)),
+        rng = rng_state()
+        torch.save(dict(optimizer=optimizer.state_dict(), torch_rng=rng.pop("torch"), cuda_rng=rng.pop("cuda")),
                    os.path.join(tmp, "trainer_state.pt"))
+        write_text(os.path.join(tmp, "trainer_state.json"),
+                   json.dumps(dict(step=step, config=dataclasses.asdict(cfg), rng=rng)))
     atomic_save(os.path.join(out, "checkpoint"), write)
 
 
@@ -724,22 +818,69 @@ def find_checkpoint(out):
     """out/checkpoint, or the previous one if a kill fell between atomic_save's two renames."""
     for name in ("checkpoint", "checkpoint.old"):
         path = os.path.join(out, name)
-        if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        if os.path.isfile(os.path.join(path, "trainer_state.json")):
             return path
-    raise FileNotFoundError(f"--resume {out}: no checkpoint in that directory (expected {out}/checkpoint)")
+    hint = (f"; its SFT warm start is saved: start a new run from it with --model {out}/sft --sft-steps 0 --out NEW"
+            if os.path.isdir(os.path.join(out, "sft")) else "")
+    raise FileNotFoundError(f"--resume {out}: no checkpoint in that directory (expected {out}/checkpoint){hint}")
+
+
+def load_trainer_state(ckpt):
+    """(plain data, tensors) of a checkpoint. The tensors load with weights_only=True: a file that holds any other
+    Python object is refused, because unpickling it could run code."""
+    path = os.path.join(ckpt, "trainer_state.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        config = Config(**data["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a trainer state of this version of opgrpo_min.py ({e})") from None
+    path = os.path.join(ckpt, "trainer_state.pt")
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(f"{path}: refused: it holds Python objects besides tensors, and loading them could run "
+                        f"code (opgrpo_min.py writes tensors only). Do not resume from files you do not trust") from None
+    return dict(data, config=config), tensors
 
 
 def rng_state():
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """Every RNG the run draws from, as plain data (Python, numpy) and tensors (torch, CUDA)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), numpy=[name, keys.tolist(), pos, has_gauss, gauss],
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 
-def set_rng_state(state):
-    random.setstate(state["python"]), np.random.set_state(state["numpy"]), torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(rng, tensors):
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_rng"])
+    if tensors["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["cuda_rng"])
+
+
+@contextlib.contextmanager
+def replaced(path):
+    """A temporary path beside `path` that replaces it (os.replace, atomic) when the block ends without error: a kill
+    or a failure leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    """Replace the file `path` with `text` atomically (see replaced)."""
+    with replaced(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def pyplot(png):
@@ -764,31 +905,55 @@ def plot_rewards(out, rows):
         if key in rows[0]:
             ax.plot(steps, [r[key] for r in rows], label=key)
     ax.set_xlabel("GRPO step"), ax.set_ylabel("mean over answers"), ax.legend(), fig.tight_layout()
-    fig.savefig(os.path.join(out, "reward_curve.png"), dpi=120)
+    with replaced(os.path.join(out, "reward_curve.png")) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 
 # ================================================================ main
+RESUMABLE = ("steps", "save_every", "sample_every")  # the knobs a resume may change: they extend or report a run
+
+
+def resumed_config(given, saved):
+    """The saved run's config. A knob given again must keep its saved value, unless it only extends or reports the run
+    (RESUMABLE): anything else (model, data, G, lengths, lr, reward options, seed, ...) would mix two runs."""
+    cfg = dataclasses.replace(saved, out=given.resume, resume=given.resume)
+    flags = ["--" + r.replace("_", "-") for r in RESUMABLE]
+    for k in sorted(given_knobs(given) - {"resume"}):
+        new, old = getattr(given, k), (given.resume if k == "out" else getattr(saved, k))
+        if k in RESUMABLE:
+            setattr(cfg, k, new)
+        elif (os.path.abspath(new) != os.path.abspath(old)) if k == "out" else new != old:
+            raise ValueError(f"--{k.replace('_', '-')} {new}: the run in {given.resume} has {old}, and a resume keeps "
+                             f"it; only {', '.join(flags[:-1])} and {flags[-1]} may change. "
+                             f"To change it, start a new run (another --out)")
+    return cfg
+
+
+def given_knobs(cfg):
+    """The knobs set on the command line (parse_args records them), or those that differ from the defaults."""
+    return getattr(cfg, "_set", None) or {f.name for f in dataclasses.fields(Config)
+                                          if getattr(cfg, f.name) != f.default}
+
+
 def train(cfg):
     """The whole job: load data and models, SFT warm start, frozen reference, GRPO; or resume it."""
-    given = cfg
-    if cfg.resume:  # the saved run's config, with the knobs given now on top (e.g. more --steps)
-        state = torch.load(os.path.join(find_checkpoint(cfg.resume), "trainer_state.pt"), weights_only=False)
-        cfg = dataclasses.replace(Config(**state["config"]), out=cfg.resume, resume=cfg.resume,
-                                  **{k: v for k, v in vars(given).items() if k in given._set})
+    if cfg.resume:
+        ckpt = find_checkpoint(cfg.resume)
+        state, tensors = load_trainer_state(ckpt)
+        cfg = resumed_config(cfg, state["config"])
     cfg = resolve_config(cfg)
+    items = load_situations(cfg.train_data)               # every input is checked before anything is written
+    check_model_path(cfg.model, "--model"), check_model_path(cfg.sim_model, "--sim-model")
+    check_out_dir(cfg.out)
     print("config:", json.dumps(dataclasses.asdict(cfg), indent=1))
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    write_text(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
 
     # ---- data and models
-    items = load_situations(cfg.train_data)
     embedder = reward.load_embedder(cfg.sim_model, device=cfg.device)
-    sft_dir = os.path.join(cfg.out, "sft")
+    sft_dir, metrics = os.path.join(cfg.out, "sft"), os.path.join(cfg.out, "metrics.jsonl")
     if cfg.resume:
-        ckpt = find_checkpoint(cfg.out)
         model, tok = load_policy(ckpt, cfg.device, trust_remote_code=cfg.trust_remote_code)
         ref_src = sft_dir if os.path.isdir(sft_dir) else cfg.model
         ref = load_policy(ref_src, cfg.device, trust_remote_code=cfg.trust_remote_code)[0] if cfg.beta else None
@@ -805,27 +970,58 @@ def train(cfg):
     optimizer = adamw(model, cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if cfg.resume:
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        optimizer.load_state_dict(tensors["optimizer"])
+        set_rng_state(state["rng"], tensors)
         start = state["step"]
-        keep = [line for line in open(os.path.join(cfg.out, "metrics.jsonl"))
-                if json.loads(line)["step"] <= start] if os.path.exists(os.path.join(cfg.out, "metrics.jsonl")) else []
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as f:
-            f.writelines(keep)  # rows past the checkpoint would be written again
+        # rows past the checkpoint are run again; a kill mid-append may have left half a row, which does not parse
+        keep = [line for line in open(metrics, encoding="utf-8") if _row_step(line) <= start] \
+            if os.path.exists(metrics) else []
+        write_text(metrics, "".join(keep))
         print(f"resumed from {cfg.out} at step {start}")
     else:
-        open(os.path.join(cfg.out, "metrics.jsonl"), "w").close()
+        write_text(metrics, "")
 
     # ---- stage 2: GRPO
     with oom_hint("--micro-batch first, then --group-size, --max-new-tokens or --prompts-per-step"):
         grpo_train(model, tok, items, op_reward_fn(embedder, cfg), cfg, ref, optimizer, start, cfg.out)
-    rows = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    rows = [json.loads(line) for line in open(metrics, encoding="utf-8")]
     if rows:
         plot_rewards(cfg.out, rows)
         q = max(1, len(rows) // 4)
         print(f"mean reward: first quarter {np.mean([r['reward'] for r in rows[:q]]):.3f}, "
               f"last quarter {np.mean([r['reward'] for r in rows[-q:]]):.3f}; outputs in {cfg.out}")
     return rows
+
+
+def _row_step(line):
+    """The step of a metrics row, or infinity for a line that is not a whole row (it is then dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def check_model_path(name, flag):
+    """A model argument that looks like a local path must exist: a clear error now, not a failed hub download later.
+    A hub id is 'owner/name' (or one word), and 'owner' is no folder here."""
+    if name is None:
+        return
+    looks_local = (name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
+                   or os.path.isdir(name.split("/")[0]))
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise FileNotFoundError(f"{flag} {name}: no such file or directory (a hub id looks like owner/name)")
+
+
+def check_out_dir(path, flag="--out"):
+    """Create the output directory, or one clear line if it is a file or cannot be written to."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{flag} {path}: is a file; pass a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise OSError(f"{flag} {path}: cannot write there ({e.strerror})") from None
 
 
 @contextlib.contextmanager
@@ -837,9 +1033,26 @@ def oom_hint(knobs):
         raise SystemExit(f"CUDA out of memory: lower {knobs} (or keep --gradient-checkpointing 1)") from None
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other bad input of these scripts."""
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def run_cli(main, argv=None):
+    """Run a script's main: a bad input (data, path, value, missing package) ends as one line 'error: ...' and exit
+    status 1, never a traceback; Ctrl-C exits with 130."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (ValueError, OSError, ImportError, RuntimeError) as e:
+        sys.exit("error: " + " ".join(str(e).split()))
+
+
 def parse_args(argv=None):
     """Config fields as --flags; only the flags given are recorded (cfg._set), so a resume keeps the rest."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = _field_help()
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -847,12 +1060,17 @@ def parse_args(argv=None):
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=helps.get(f.name))
         else:
             kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            valid = f"; valid: {VALID[f.name][1]}" if f.name in VALID else ""
             p.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                           help=f"{helps.get(f.name, '')} (default: {f.default})")
+                           help=f"{helps.get(f.name, '')} (default: {f.default}{valid})")
     given = vars(p.parse_args(argv))
     cfg = Config(**given)
     cfg._set = set(given)
     return cfg
+
+
+def main(argv=None):
+    return train(parse_args(argv))
 
 
 def _field_help():
@@ -864,9 +1082,4 @@ def _field_help():
 
 
 if __name__ == "__main__":
-    try:
-        train(parse_args())
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (DataError, ValueError, OSError, ImportError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

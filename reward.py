@@ -399,3 +399,45 @@ class OPReward:
                                                            if m.get("role", "assistant") == "assistant")
                  for c in completions]
         return op_reward(texts, reference, self.embedder, situations=situation, **self.options)
+
+
+# ---------------------------------------------------------------- command line: score a file of answers
+def main(argv=None):
+    """Score saved answers (JSONL rows with 'id' and 'answer', e.g. eval_nli.py's answers.jsonl) against the reference
+    perspectives of their situation; print the mean of each term, write OUT/scores.jsonl (one breakdown per row)."""
+    import argparse
+    import json
+    import os
+    import opgrpo_min as om                       # imported here: the library part of this file imports no script
+    p = om.ArgumentParser(description=main.__doc__)
+    p.add_argument("--answers", required=True, help="JSONL: one object with 'id' and 'answer' per line")
+    p.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "test.jsonl"),
+                   help="the situations the ids refer to (their references are scored against)")
+    p.add_argument("--sim-model", help="Sentence Transformer: hub id or local dir (default: embedded MiniLM)")
+    p.add_argument("--mask-keywords", choices=MASK_MODES, default="answer", help="see score_answers")
+    p.add_argument("--out", default="runs/reward", help="directory for scores.jsonl")
+    args = p.parse_args(argv)
+    items, rows = {s.id: s for s in om.load_situations(args.data)}, []
+    for n, row in om.read_jsonl(args.answers, "answers"):
+        if not isinstance(row.get("answer"), str) or str(row.get("id")) not in items:
+            raise om.DataError(f"{args.answers}, line {n}: needs a text 'answer' and the 'id' of a situation in "
+                               f"{args.data}")
+        rows.append(row)
+    if not rows:
+        raise om.DataError(f"{args.answers}: no answers in the file")
+    om.check_model_path(args.sim_model, "--sim-model")
+    om.check_out_dir(args.out)
+    ss = [items[str(r["id"])] for r in rows]
+    parts = score_answers([r["answer"] for r in rows], [om.reference_answer(s) for s in ss],
+                          load_embedder(args.sim_model), situations=[s.situation for s in ss],
+                          mask_keywords=args.mask_keywords)
+    om.write_text(os.path.join(args.out, "scores.jsonl"),
+                  "".join(json.dumps(dict(id=r["id"], **vars(b))) + "\n" for r, b in zip(rows, parts)))
+    means = {k: float(np.mean([getattr(b, k) for b in parts])) for k in vars(parts[0])}
+    print(f"{len(parts)} answers: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+    return means
+
+
+if __name__ == "__main__":
+    import opgrpo_min
+    opgrpo_min.run_cli(main)

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 
 import numpy as np
@@ -25,7 +24,8 @@ import torch
 from transformers.trainer_callback import ProgressCallback
 
 import reward
-from opgrpo_min import load_policy, load_situations
+from opgrpo_min import (ArgumentParser, DataError, check_model_path, check_out_dir, load_policy, load_situations,
+                        read_jsonl, run_cli, write_text)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JUDGE_THRESHOLD = 0.75   # paper: only pairs with base cosine >= 0.75 go to the judge
@@ -187,7 +187,12 @@ def load_triplets(args, model, device, named):
     path = args.triplets or os.path.join(args.out, "triplets.jsonl")
     reuse = bool(args.triplets) and os.path.isfile(path)
     if reuse:
-        rows = [json.loads(line) for line in open(path) if line.strip()]
+        rows = []
+        for n, row in read_jsonl(path, "triplets"):
+            if not all(isinstance(row.get(k), str) for k in ("situation", "anchor", "positive", "negative")):
+                raise DataError(f"{path}, line {n}: a triplet needs the text fields situation, anchor, positive, "
+                                f"negative")
+            rows.append(row)
         print(f"reusing {len(rows)} triplets from {path}")
     else:
         judge = None
@@ -211,14 +216,13 @@ def load_triplets(args, model, device, named):
                              f"--eval-data: pass the files it was mined from, or delete the file")
         r["split"] = split[r["situation"]]
     if not reuse:
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         print(f"wrote {len(rows)} triplets to {path}")
     return {name: [r for r in rows if r["split"] == name] for name in named}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=os.path.join(HERE, "data", "train.jsonl"), help="situations to mine from")
     p.add_argument("--eval-data", help="also report on every situation of this file (e.g. data/test.jsonl)")
     p.add_argument("--base", help="Sentence Transformer to start from: hub id or dir (default: embedded MiniLM)")
@@ -237,7 +241,15 @@ def parse_args(argv=None):
     p.add_argument("--held-out", type=float, default=0.1, help="share of situations held out for evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads; on a busy shared CPU 1 can be several x faster")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for k, ok, words in (("epochs", args.epochs >= 1, ">= 1"), ("batch_size", args.batch_size >= 2, ">= 2"),
+                         ("lr", args.lr > 0, "> 0"), ("scale", args.scale > 0, "> 0"),
+                         ("warmup", 0 <= args.warmup < 1, "in [0, 1)"), ("held_out", 0 < args.held_out < 1, "in (0, 1)"),
+                         ("judge_threshold", -1 <= args.judge_threshold <= 1, "a cosine in [-1, 1]"),
+                         ("threads", args.threads is None or args.threads >= 1, ">= 1")):
+        if not ok:  # NaN fails every comparison, so it lands here too
+            p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: must be {words}")
+    return args
 
 
 def main(argv=None):
@@ -248,11 +260,13 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     named = dict(zip(("train", "eval"), split_by_situation(load_situations(args.data), args.held_out, args.seed)))
     named["extra"] = load_situations(args.eval_data) if args.eval_data else []
     if {s.id for s in named["extra"]} & {s.id for s in named["train"] + named["eval"]}:
         raise ValueError(f"--eval-data {args.eval_data} shares situation ids with --data: use another set")
+    check_model_path(args.base, "--base")
+    check_model_path(None if args.judge == EMBEDDED else args.judge, "--judge")
+    check_out_dir(args.out)                                                   # inputs first, then any output
     model = reward.load_embedder(args.base, device=device)
     triplets = load_triplets(args, model, device, named)
     sets = {name: (named[name], triplets[name]) for name in ("eval", "extra") if named[name]}
@@ -265,8 +279,7 @@ def main(argv=None):
     after = {k: evaluate(saved, *v) for k, v in sets.items()}
     result = dict(config=vars(args), n_train_triplets=len(triplets["train"]), before=before, after=after,
                   losses=losses, wall_s=round(time.time() - t0, 1))
-    with open(os.path.join(args.out, "sim_eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_text(os.path.join(args.out, "sim_eval.json"), json.dumps(result, indent=1))
     for k in sets:
         print(f"\n{'held-out' if k == 'eval' else args.eval_data}: {before[k]['n_situations']} situations, "
               f"{before[k]['n_triplets']} triplets\n{'':18}{'before':>8}{'after':>8}")
@@ -278,7 +291,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

@@ -163,7 +163,7 @@ def write_jsonl(path, rows):
 
 
 def test_a_checkpoint_that_does_not_exist_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+    with pytest.raises(FileNotFoundError, match="--model .*checkpoint: no such file or directory"):
         eval_nli.main(["--model", str(tmp_path / "runs" / "default" / "checkpoint"), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o" / "answers.jsonl").exists()
     run = tmp_path / "run"
@@ -171,7 +171,7 @@ def test_a_checkpoint_that_does_not_exist_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_model(str(run))
     (run / "checkpoint").mkdir()
-    (run / "checkpoint" / "trainer_state.pt").touch()                   # an opgrpo_min.py run dir -> its checkpoint
+    (run / "checkpoint" / "trainer_state.json").touch()                 # an opgrpo_min.py run dir -> its checkpoint
     assert resolve_model(str(run)) == str(run / "checkpoint")
     assert resolve_model("default") is None and resolve_model("owner/hub-model") == "owner/hub-model"
 
@@ -196,8 +196,8 @@ def test_full_run_generates_scores_and_rescores_the_same_numbers(tiny_model_dir,
     shuffled = write_jsonl(tmp_path / "shuffled.jsonl", answers)
     eval_nli.main(["--answers", shuffled, "--data", small_data, "--nli", nli_dir, "--out", str(tmp_path / "again")])
     again = list(csv.DictReader(open(tmp_path / "again" / "results.csv")))
-    assert [(r["metric"], r["stratum"], float(r["mean"])) for r in again] == pytest.approx(
-        [(r["metric"], r["stratum"], float(r["mean"])) for r in rows])
+    assert [(r["metric"], r["stratum"]) for r in again] == [(r["metric"], r["stratum"]) for r in rows]
+    assert [float(r["mean"]) for r in again] == pytest.approx([float(r["mean"]) for r in rows])
 
 
 def test_an_unavailable_nli_model_is_reported_and_coverage_is_still_computed(small_data, tmp_path, capsys):

@@ -1,4 +1,5 @@
 """opgrpo_min.py as a specification: data formats, models, and every GRPO formula by hand."""
+import contextlib
 import io
 import json
 import math
@@ -186,6 +187,60 @@ def test_sample_groups_keeps_groups_and_masks_after_eos(tiny_policy):
         eos = (row == tok.eos_token_id).nonzero()
         if len(eos):  # EOS itself stays in the loss, what follows does not
             assert m[: eos[0] + 1].all() and not m[eos[0] + 1:].any()
+
+
+def nucleus(logp, top_p):
+    """The top-p cut by hand: drop the least likely tokens while the mass dropped stays <= 1 - top_p; renormalise."""
+    if top_p >= 1:
+        return logp
+    order = logp.argsort()                                              # least likely first
+    dropped = logp[order].exp().cumsum(0) <= 1 - top_p
+    out = logp.clone()
+    out[order[dropped]] = -math.inf
+    return out.log_softmax(0)
+
+
+@pytest.mark.parametrize("temperature, top_p, guard", [(0.9, 1.0, True),    # training (the paper's top_p 1)
+                                                       (0.7, 0.9, True),    # the evaluation protocol
+                                                       (0.9, 1.0, False)])  # the model's config let through
+def test_the_sampler_draws_from_exactly_what_the_learner_scores(tiny_qwen_dir, monkeypatch, temperature, top_p,
+                                                                  guard):
+    """The tiny Qwen carries Qwen2.5-Instruct's generation_config.json (top_k 20, top_p 0.8, repetition_penalty 1.05).
+    At every answer position and over the whole vocabulary, the next-token distribution generate samples from
+    (its processed scores) must be exp(token_logprobs) at the run's temperature, cut to top_p: nothing of the model's
+    own config may reach it. With that guard removed the two differ, so the test can see the defect."""
+    model, tok = om.load_policy(tiny_qwen_dir, "cpu")                   # float32 on the CPU: exact to rounding
+    assert model.generation_config.repetition_penalty == 1.05 and model.generation_config.top_k == 20
+    # and the other sampling fields a model's file may set (a random model's flat logits hide a small penalty)
+    model.generation_config.update(typical_p=0.5, no_repeat_ngram_size=1, epsilon_cutoff=3e-4, eta_cutoff=3e-4,
+                                   bad_words_ids=[[100]], min_p=0.01)
+    if not guard:
+        monkeypatch.setattr(om, "own_sampling_only", lambda m: contextlib.nullcontext())
+    scores, generate = [], model.generate
+    def spy(**kw):  # the same call, also returning the processed next-token scores
+        out = generate(**kw, output_scores=True, return_dict_in_generate=True)
+        scores.append(torch.stack(out.scores, 1))                        # [B, T, V']
+        return out.sequences
+    monkeypatch.setattr(model, "generate", spy)
+    torch.manual_seed(0)
+    roll = om.sample_groups(model, tok, [om.chat_prompt(tok, "Sharing a flat with a friend who never cleans")], 2,
+                            10, temperature, top_p)
+    sampler = scores[0].float().log_softmax(-1)                          # [B, T, V']
+    V, T = len(tok), roll.answer_mask.shape[1]
+    assert sampler.shape[-1] > V and sampler[..., V:].exp().sum() == 0   # padded ids of the output layer: never
+    L, worst = roll.input_ids.shape[1] - T, 0.0
+    for b in range(roll.input_ids.shape[0]):
+        for t in range(int(roll.answer_mask[b].sum())):
+            # token_logprobs of every vocabulary token as the next one: V copies of the prefix, one per candidate
+            ids = torch.cat([roll.input_ids[b, :L + t].expand(V, -1), torch.arange(V)[:, None]], 1)     # [V, L+t+1]
+            attn = torch.cat([roll.attention_mask[b, :L + t].expand(V, -1), torch.ones(V, 1, dtype=torch.long)], 1)
+            learner = om.token_logprobs(model, ids, attn, 1, temperature, micro_batch=V, vocab=V)[:, 0]  # [V]
+            tv = 0.5 * (nucleus(learner, top_p).exp() - sampler[b, t, :V].exp()).abs().sum().item()
+            worst = max(worst, tv)
+    if guard:
+        assert worst < 1e-4
+    else:
+        assert worst > 0.05
 
 
 def test_too_long_prompt_is_rejected(tiny_policy):

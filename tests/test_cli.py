@@ -1,0 +1,325 @@
+"""The command line as a specification: every bad input is one clear line and a non-zero exit, resuming works from the
+command line and survives SIGKILL at any moment, and nothing a run rewrites can be lost half-way."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import eval_nli
+import opgrpo_min as om
+import reward
+import sim_train
+
+REPO = os.path.dirname(om.HERE) if os.path.basename(om.HERE) == "tests" else om.HERE
+TRAIN, TEST = (os.path.join(REPO, "data", f"{k}.jsonl") for k in ("train", "test"))
+SCRIPTS = {"opgrpo_min": om.main, "sim_train": sim_train.main, "eval_nli": eval_nli.main, "reward": reward.main}
+GOOD = {"id": "1", "situation": "Lying to a friend", "perspectives": [{"name": "Honesty", "explanation": "Lies hurt."}]}
+
+
+# ================================================================ bad inputs, one table
+def read_only_dir(tmp):
+    """An existing directory nobody may write to. root writes through chmod, so for root it is sysfs' /sys/fs."""
+    d = tmp / "read-only"
+    d.mkdir()
+    d.chmod(0o555)
+    try:
+        (d / "probe").touch()
+    except PermissionError:
+        return str(d)
+    (d / "probe").unlink()
+    return "/sys/fs"
+
+
+def data_file(tmp, kind):
+    """A data file with one defect: (path, what the error line must say besides the path)."""
+    cases = {
+        "missing": ("gone.jsonl", None, "no such"),
+        "empty": ("empty.jsonl", b"", "no "),
+        "invalid JSON": ("bad.jsonl", b'{"id": "1", "situation": ', "line 1: not JSON"),
+        "missing field": ("nofield.jsonl", json.dumps({k: v for k, v in GOOD.items() if k != "situation"}).encode(),
+                          "line 1: missing field 'situation'"),
+        "not UTF-8": ("latin1.jsonl", json.dumps(GOOD).encode() + b"\n" + json.dumps(GOOD).replace(
+            "Lies", "Caf\xe9").encode("latin-1"), "line 2: not UTF-8"),
+        "malformed CSV row": ("authors.csv", b'prompt,answer\nx,"In the perspective of A, a."\ny,just some words\n',
+                              "row 2: answer line"),
+    }
+    name, content, says = cases[kind]
+    path = tmp / name
+    if content is not None:
+        path.write_bytes(content)
+    return str(path), says
+
+
+def answers_file(tmp, kind):
+    """An answers file (id, model, prompt, answer) with one defect, or a good one."""
+    ids = [json.loads(line)["id"] for line in open(TEST)]
+    good = "".join(json.dumps(dict(id=i, model="m", prompt="implicit", answer="In the perspective of A, a.")) + "\n"
+                   for i in ids)
+    if kind == "good":
+        path = tmp / "answers.jsonl"
+        path.write_text(good)
+        return str(path), None
+    path, says = data_file(tmp, kind)
+    if kind == "missing field":
+        open(path, "w").write(json.dumps(dict(id=ids[0], model="m", prompt="implicit")) + "\n")
+        says = "line 1:"
+    return path, says
+
+
+DATA_KINDS = ["missing", "empty", "invalid JSON", "missing field", "not UTF-8", "malformed CSV row"]
+CASES = (  # (script, what is wrong); see build() for the command line of each
+    [("opgrpo_min", f"--train-data {k}") for k in DATA_KINDS]
+    + [("opgrpo_min", c) for c in ("--steps 0", "--steps -3", "--lr nan", "--preset huge", "--model missing",
+                                   "--out is a file", "--out read-only", "--top-p 0", "--top-p 1.5", "--beta -1",
+                                   "--clip-eps 2", "--sft-steps -3", "--device cuda", "--resume changes --lr")]
+    + [("sim_train", f"--data {k}") for k in DATA_KINDS]
+    + [("sim_train", c) for c in ("--triplets invalid JSON", "--triplets not UTF-8", "--epochs 0", "--epochs -1",
+                                  "--lr nan", "--base missing", "--out is a file", "--out read-only")]
+    + [("eval_nli", f"--data {k}") for k in DATA_KINDS]
+    + [("eval_nli", f"--answers {k}") for k in DATA_KINDS[:5]]
+    + [("eval_nli", c) for c in ("--max-new-tokens 0", "--max-new-tokens -1", "--temperature nan", "--model missing",
+                                 "--sim-model missing", "--out is a file", "--out read-only")]
+    + [("reward", f"--data {k}") for k in DATA_KINDS]
+    + [("reward", f"--answers {k}") for k in DATA_KINDS[:5]]
+    + [("reward", c) for c in ("--sim-model missing", "--out is a file", "--out read-only")])
+
+
+def build(script, case, tmp, run_dir):
+    """(argv, the output dir, what the one error line must contain) of one case: good arguments with one bad one."""
+    flag, _, what = case.partition(" ")
+    good_answers = answers_file(tmp, "good")[0]
+    args = {"opgrpo_min": {"--train-data": TRAIN, "--device": "cpu"}, "sim_train": {"--data": TRAIN},
+            "eval_nli": {"--data": TEST, "--answers": good_answers},
+            "reward": {"--data": TEST, "--answers": good_answers}}[script]
+    args["--out"], says = str(tmp / "out"), [flag]
+    if flag in ("--train-data", "--data", "--triplets") and what in DATA_KINDS:
+        args[flag], why = data_file(tmp, what)
+        says = [args[flag], why]
+    elif flag == "--answers":
+        args[flag], why = answers_file(tmp, what)
+        says = [args[flag], why]
+    elif what == "missing":
+        args[flag], says = str(tmp / "no" / "such" / "model"), [flag, "no such file or directory"]
+        if flag == "--model" and script == "eval_nli":
+            del args["--answers"]                                     # --model generates; --answers re-scores
+    elif flag == "--out":
+        if what == "is a file":
+            (tmp / "afile").write_text("x")
+            args[flag], says = str(tmp / "afile"), ["--out", "is a file"]
+        else:
+            args[flag], says = read_only_dir(tmp), ["--out", "cannot write"]
+    elif flag == "--resume":
+        return ["--resume", run_dir, "--lr", "0.5"], str(tmp / "out"), ["--lr 0.5", "a resume keeps it"]
+    else:
+        args[flag] = what
+    return [x for kv in args.items() for x in kv], args["--out"], says
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    """A finished 2-step run of the tiny model, to resume from."""
+    out = tmp_path_factory.mktemp("run")
+    om.main(tiny_argv(tiny_model_dir, out, 2))
+    return str(out)
+
+
+def tiny_argv(model, out, steps, *extra):
+    return ["--model", str(model), "--out", str(out), "--device", "cpu", "--sft-steps", "1", "--sft-batch", "2",
+            "--steps", str(steps), "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6",
+            "--lr", "1e-3", "--micro-batch", "4", "--updates-per-step", "2", "--sample-every", "0",
+            "--save-every", "2", *extra]
+
+
+@pytest.mark.parametrize("script, case", CASES, ids=[f"{s}: {c}" for s, c in CASES])
+def test_a_bad_input_is_one_line_and_a_non_zero_exit(script, case, tmp_path, run_dir, capsys):
+    argv, out, says = build(script, case, tmp_path, run_dir)
+    with pytest.raises(SystemExit) as e:       # any other exception would be a traceback
+        om.run_cli(SCRIPTS[script], argv)
+    message = str(e.value.code) if not isinstance(e.value.code, int) else capsys.readouterr().err.strip()
+    assert e.value.code != 0 and message.startswith("error:") and "\n" not in message, message
+    for s in says:
+        assert s in message, f"{s!r} not in {message!r}"
+    if os.path.isdir(out) and not out.startswith("/sys"):
+        assert os.listdir(out) == [], "an input error must come before any output"
+
+
+def test_the_table_covers_every_script_and_the_readme_states_its_size():
+    assert {s for s, _ in CASES} == set(SCRIPTS)
+    assert f"{len(CASES)} bad inputs" in open(os.path.join(REPO, "README.md")).read()
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_a_bad_input_from_a_real_process_has_no_traceback(script, tmp_path):
+    path, _ = data_file(tmp_path, "not UTF-8")
+    flag = "--train-data" if script == "opgrpo_min" else "--data"
+    extra = ["--answers", answers_file(tmp_path, "good")[0]] if script in ("eval_nli", "reward") else []
+    p = subprocess.run([sys.executable, f"{script}.py", flag, path, *extra, "--out", str(tmp_path / "o")], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == f"error: {path}, line 2: not UTF-8 text (byte 0xe9); save the file " \
+                                                f"as UTF-8"
+
+
+# ================================================================ resume
+def test_resume_from_the_command_line_continues_the_run_exactly(tiny_model_dir, tmp_path, run_dir):
+    clean = lambda rows: [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows]
+    straight = om.main(tiny_argv(tiny_model_dir, tmp_path / "a", 4))
+    b = tmp_path / "b"
+    om.main(tiny_argv(tiny_model_dir, b, 2))
+    resumed = om.main(["--resume", str(b), "--steps", "4", "--save-every", "3", "--sample-every", "0"])
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4] and clean(resumed) == clean(straight)
+    assert json.load(open(b / "config.json"))["steps"] == 4
+
+
+@pytest.mark.parametrize("flag, value", [("--model", "other"), ("--train-data", TEST), ("--group-size", "4"),
+                                         ("--prompts-per-step", "3"), ("--max-new-tokens", "9"), ("--lr", "0.5"),
+                                         ("--mask-keywords", "none"), ("--seed", "7"), ("--out", "/tmp/elsewhere")])
+def test_a_resume_refuses_a_knob_that_would_mix_two_runs(run_dir, flag, value):
+    with pytest.raises(ValueError, match=f"{flag} {value}: the run in .* has .*only --steps, --save-every and "
+                                         f"--sample-every may change"):
+        om.main(["--resume", run_dir, flag, value])
+
+
+def test_a_resume_accepts_a_knob_given_again_with_its_saved_value(run_dir):
+    saved = json.load(open(os.path.join(run_dir, "checkpoint", "trainer_state.json")))["config"]
+    cfg = om.resumed_config(om.parse_args(["--resume", run_dir, "--lr", str(saved["lr"]), "--steps", "9"]),
+                            om.Config(**saved))
+    assert (cfg.lr, cfg.steps, cfg.out) == (saved["lr"], 9, run_dir)
+
+
+class Exploit:
+    """Unpickling this creates a file: what a shared run directory could do with weights_only=False."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_trainer_state_that_would_run_code_is_refused_and_nothing_runs(run_dir, tmp_path):
+    evil = tmp_path / "evil"
+    import shutil
+    shutil.copytree(run_dir, evil)
+    marker = tmp_path / "code-ran"
+    with open(evil / "checkpoint" / "trainer_state.pt", "wb") as f:
+        pickle.dump({"optimizer": Exploit(str(marker))}, f)
+    with pytest.raises(om.DataError, match="trainer_state.pt: refused: it holds Python objects besides tensors"):
+        om.main(["--resume", str(evil)])
+    assert not marker.exists()
+    with pytest.raises(SystemExit, match="error: .*refused"):
+        om.run_cli(om.main, ["--resume", str(evil)])
+    assert not marker.exists()
+    pickle.load(open(evil / "checkpoint" / "trainer_state.pt", "rb"))       # the file really does run code
+    assert marker.exists()
+
+
+def test_the_trainer_state_loads_without_pickle_and_restores_every_rng(run_dir):
+    import random
+    import numpy as np
+    data, tensors = om.load_trainer_state(os.path.join(run_dir, "checkpoint"))
+    assert data["step"] == 2 and isinstance(data["config"], om.Config)
+    draw = lambda: (random.random(), float(np.random.rand()), torch.rand(1).item())
+    om.set_rng_state(data["rng"], tensors)
+    rng, first = om.rng_state(), draw()
+    om.set_rng_state(data["rng"], tensors)
+    assert draw() == first
+    om.set_rng_state(dict(python=json.loads(json.dumps(rng["python"])), numpy=json.loads(json.dumps(rng["numpy"]))),
+                     dict(torch_rng=rng["torch"], cuda_rng=rng["cuda"]))    # through JSON, as it is saved
+    assert draw() == first
+
+
+def test_a_rewrite_that_fails_half_way_loses_no_row(run_dir, tmp_path, monkeypatch):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = (run / "metrics.jsonl").read_text()
+    assert len(before.splitlines()) == 2
+
+    real = os.fsync
+
+    def disk_full(fd):                           # metrics.jsonl's new copy is written, then fails before the rename
+        if "metrics.jsonl" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, "No space left on device")
+        real(fd)
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        om.main(["--resume", str(run), "--steps", "3"])
+    assert (run / "metrics.jsonl").read_text() == before
+    assert not [f for f in os.listdir(run) if ".tmp" in f]
+
+
+def test_write_text_replaces_a_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "f.txt"
+    om.write_text(str(path), "old\n")
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed before the rename")))
+    with pytest.raises(OSError):
+        om.write_text(str(path), "new\n" * 1000)
+    monkeypatch.setattr(os, "replace", real)
+    assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["f.txt"]
+
+
+# ================================================================ crash safety, end to end through the CLI
+KILLER = textwrap.dedent('''
+    """Run opgrpo_min's command line, and SIGKILL this process at the point named by $KILL_AT."""
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    import torch
+    import opgrpo_min as om
+
+    def kill_when(obj, name, test):
+        real = getattr(obj, name)
+        def wrapper(*a, **kw):
+            if test(*a, **kw):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*a, **kw)
+        setattr(obj, name, wrapper)
+
+    at = os.environ.get("KILL_AT", "")
+    calls = []
+    counting = lambda n: lambda *a, **kw: calls.append(1) or len(calls) == n
+    if at.startswith("update:"):            # in the middle of a step: rollout and reward done, no update yet
+        kill_when(om, "grpo_update", counting(int(at[7:])))
+    elif at == "checkpoint-write":          # the policy is written to checkpoint.tmp, its trainer state not yet
+        kill_when(torch, "save", counting(1))
+    elif at == "checkpoint-rename":         # between atomic_save's renames: only checkpoint.old and .tmp exist
+        kill_when(os, "replace", lambda src, dst: src.endswith("checkpoint.tmp"))
+    elif at == "metrics-rewrite":           # a resume has written metrics.jsonl's new copy, not yet renamed it
+        kill_when(os, "replace", lambda src, dst: dst.endswith("metrics.jsonl"))
+    elif at == "before-checkpoint":         # a step's row is in metrics.jsonl, its checkpoint is not written
+        kill_when(om, "save_checkpoint", counting(1))
+    om.run_cli(om.main, sys.argv[1:])
+''')
+
+
+def test_sigkill_at_any_point_then_resume_from_the_cli_gives_the_straight_run(tiny_model_dir, tmp_path):
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER.format(repo=REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+    def run(argv, kill_at=""):
+        p = subprocess.run([sys.executable, str(killer), *argv], env=dict(env, KILL_AT=kill_at), cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == (-signal.SIGKILL if kill_at else 0), p.stderr[-2000:]
+        return p
+    run(tiny_argv(tiny_model_dir, tmp_path / "straight", 6))
+    crash = tmp_path / "crash"
+    run(tiny_argv(tiny_model_dir, crash, 6), "update:4")                  # killed in step 4; checkpoint of step 2
+    run(["--resume", str(crash)], "checkpoint-write")                       # killed writing the step-4 checkpoint
+    assert (crash / "checkpoint.tmp").is_dir() and not (crash / "checkpoint.tmp" / "trainer_state.json").exists()
+    run(["--resume", str(crash)], "checkpoint-rename")                      # killed between the two renames
+    assert (crash / "checkpoint.old").is_dir() and not (crash / "checkpoint").exists()
+    run(["--resume", str(crash)], "metrics-rewrite")                        # killed rewriting metrics.jsonl
+    run(["--resume", str(crash)], "before-checkpoint")                      # step-4 row written, no checkpoint
+    assert [json.loads(line)["step"] for line in open(crash / "metrics.jsonl")] == [1, 2, 3, 4]
+    run(["--resume", str(crash)])
+    rows = lambda d: [json.loads(line) for line in open(d / "metrics.jsonl")]
+    clean = lambda rs: [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rs]
+    assert [r["step"] for r in rows(crash)] == [1, 2, 3, 4, 5, 6]          # every step exactly once
+    assert clean(rows(crash)) == clean(rows(tmp_path / "straight"))
