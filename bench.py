@@ -10,8 +10,10 @@ Every answer is forced to exactly --max-new-tokens tokens (min = max), so every 
 alternate run by run (--rounds), so drift of the machine hits both. All figures and the environment go to --out.
 """
 import argparse
+import contextlib
 import copy
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -19,10 +21,12 @@ import platform
 import statistics
 import threading
 import time
+import weakref
 import zlib
 from types import SimpleNamespace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import opgrpo_min as om
 import reward
@@ -30,7 +34,10 @@ import reward
 SHAPES = {"qwen2.5-3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
                              intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True,
                              max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-                             bos_token_id=151643, eos_token_id=151645)}
+                             bos_token_id=151643, eos_token_id=151645),
+          "small": dict(hidden_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                        intermediate_size=2816, vocab_size=32768, tie_word_embeddings=True,
+                        max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6)}  # --validate: a real run
 PHASES = ("t_generate", "t_reward", "t_logprob_old", "t_logprob_ref", "t_update", "t_step")
 
 
@@ -258,6 +265,241 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
+# ================================================================ simulated memory (--simulate): one step, no weights
+GB = 1e9
+CATEGORIES = ("weights", "gradients", "master copies", "AdamW moments", "reference model", "KV cache", "activations",
+              "logits")
+KNOBS = dict(lora_rank=(16,), micro_batch=(1, 2, 4), gradient_checkpointing=(0,), max_new_tokens=(200, 1200),
+             group_size=(4,))  # --simulate --sweep: each moved alone away from the gpu preset (G 10, T 800, mb 8, gc 1)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of live tensors as the dispatcher sees them: the storage of every op's output counts once (views share
+    it) from that op until Python frees it. Keeps the peak, the phase it fell in and what was alive by category:
+    `groups` ({category: function -> tensors}) names tensors; the rest are logits (last dim a vocabulary size) or
+    activations. Naming walks every group, so it runs only when the live total first passes 1.005 x the level it last
+    ran at: the breakdown is of a moment within 0.5 % of the peak (it runs in the dispatcher, never in a free, where
+    reading a .grad that is being replaced crashes). Fake tensors hold no values, so with fake=True .item() answers 1
+    (False for a bool): in a step only the loss check, the logged stats and transformers' skip-the-mask test read one."""
+    def __init__(self, fake, vocab_sizes):
+        super().__init__()
+        self.fake, self.vocab, self.groups, self.phase = fake, set(vocab_sizes), {}, "setup"
+        self.live, self.now, self.peak, self.named_at, self.at_peak, self.peaks = {}, 0, 0, 0, {}, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.fake and func is torch.ops.aten._local_scalar_dense.default:
+            return False if args[0].dtype == torch.bool else 1
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        if self.now > 1.005 * self.named_at:
+            self.at_peak, self.named_at = self.breakdown(), self.now
+        return out
+
+    def add(self, t):
+        s = t.untyped_storage()  # one Python object per storage while it lives, so id() names it
+        if id(s) not in self.live and s.nbytes():
+            logits = t.dim() > 0 and t.shape[-1] in self.vocab
+            self.live[id(s)] = (s.nbytes(), logits, weakref.ref(s, functools.partial(self.free, id(s))))
+            self.now += s.nbytes()
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self.now)
+            if self.now > self.peak:
+                self.peak, self.peak_phase = self.now, self.phase
+
+    def free(self, key, _):
+        self.now -= self.live.pop(key)[0]
+
+    def breakdown(self):
+        named = {id(t.untyped_storage()): c for c, tensors in self.groups.items() for t in tensors() if t is not None}
+        out = dict.fromkeys(CATEGORIES, 0)
+        for key, (n, logits, _) in self.live.items():
+            out[named.get(key, "logits" if logits else "activations")] += n
+        return out
+
+    def reset_peak(self, phase):
+        """Forget the peak of setup (building the model, warming the optimizer): a step starts here."""
+        self.phase, self.peak, self.peak_phase, self.peaks = phase, self.now, phase, {}
+        self.at_peak, self.named_at = self.breakdown(), self.now
+
+    def result(self):
+        return dict(peak_gb=self.peak / GB, phase=self.peak_phase, at_peak_gb={k: v / GB for k, v in self.at_peak.items()},
+                    phase_peaks_gb={k: v / GB for k, v in self.peaks.items()})
+
+
+@torch.no_grad()
+def decode_rollout(model, tracker, P, G, L, T, vocab, steps=0):
+    """The memory of sample_groups without model.generate, whose stopping checks read values fake tensors do not have:
+    P left-padded prompts repeated G times, a prefill that fills a DynamicCache and keeps the logits of the last
+    position only, then one-token steps that grow the cache, each sampling from float32 logits of the new position (as
+    generate's _sample). Not mirrored: generate's logits processors (min-new-tokens, suppress-tokens: one or two more
+    [B, V] float32 copies, 0.05 GB at the preset) and its stopping criteria. steps > 0 runs only the last `steps` of
+    the T - 1 decode forwards: the cache first grows in one piece to where they start, which leaves the tensors the
+    skipped steps leave (not their transients, smaller than the last steps'; test_skipped_decode_steps_...)."""
+    from transformers import DynamicCache
+    attn = torch.ones(P, L, dtype=torch.long)
+    attn[0, 0] = 0  # prompts of different lengths: transformers builds the 4D mask (it does with fake tensors anyway)
+    ids = torch.randint(0, vocab, (P, L)).repeat_interleave(G, 0)                         # [B, L]
+    attn = attn.repeat_interleave(G, 0)                                                   # [B, L]
+    cache, B = DynamicCache(config=model.config), P * G
+    alive = weakref.ref(cache)  # the tracker must not keep the cache alive after the rollout
+    tracker.groups["KV cache"] = lambda: [] if alive() is None else [x for layer in alive().layers
+                                                                      for x in (layer.keys, layer.values)]
+    pos = lambda: (attn.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos(), cache=cache, use_cache=True, logits_to_keep=1)
+    grow = max(T - 1 - steps, 0) if steps else 0
+    if grow:
+        c = model.config
+        kv = (B, c.num_key_value_heads, grow, c.hidden_size // c.num_attention_heads)
+        for i in range(c.num_hidden_layers):
+            cache.update(torch.empty(kv, dtype=model.dtype), torch.empty(kv, dtype=model.dtype), i)
+        ids, attn = torch.cat([ids, ids.new_zeros(B, grow)], 1), torch.cat([attn, attn.new_ones(B, grow)], 1)
+    for n in range(grow, T):
+        probs = out.logits[:, -1, :vocab].float().softmax(-1)  # ids past the tokenizer: suppressed    # [B, V]
+        del out
+        ids = torch.cat([ids, torch.multinomial(probs, 1)], 1)                            # [B, L + n + 1]
+        attn = torch.cat([attn, attn.new_ones(B, 1)], 1)                                  # [B, L + n + 1]
+        if n == T - 1:
+            break  # generate never feeds its last token back: the cache ends at L + T - 1 positions
+        out = model(input_ids=ids[:, -1:], attention_mask=attn, position_ids=pos()[:, -1:], cache=cache,
+                    use_cache=True)
+    answer_mask = attn[:, L:].clone()                                                     # [B, T]
+    return om.Rollout(ids, attn, answer_mask, [""] * B, torch.arange(P).repeat_interleave(G))
+
+
+def peft_model(model, rank):
+    import peft
+    return peft.get_peft_model(model, om.lora_config(rank))
+
+
+def materialize(model):
+    """A meta-device model with every parameter and buffer replaced by an empty tensor of the active mode (fake
+    tensors under FakeTensorMode); a tied parameter stays one tensor."""
+    new = {}
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in list(store.items()):
+                if t is not None:
+                    if id(t) not in new:
+                        e = torch.empty(t.shape, dtype=t.dtype)
+                        new[id(t)] = torch.nn.Parameter(e, t.requires_grad) if store is mod._parameters else e
+                    store[name] = new[id(t)]
+    return model
+
+
+def simulate_step(a, fake=True):
+    """One training step after the first (the AdamW moments exist) of the gpu preset with a's knobs, on the real
+    opgrpo_min functions: rollout (decode_rollout), old and reference log-probs (token_logprobs), mini-batch updates
+    (grpo_update inside training(): gradient checkpointing, adamw's optimizer). fake=True: under FakeTensorMode, so
+    nothing is allocated; fake=False runs it for real (tests check the tracker against the allocator there).
+    After the rollout, the log-probs and the updates repeat the same work per micro-batch, and what persists between
+    micro-batches (gradients, optimizer state, [B, T] log-probs) does not grow with their number, so by default only
+    updates_per_step x 2 x micro_batch answers go on: two micro-batches per mini-batch, the second one adding to the
+    gradients (a.two_micro_batches=False runs them all; test_two_micro_batches_per_update_give_the_full_peak).
+    Returns LiveBytes.result() with the seconds it took."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    t0 = time.perf_counter()
+    shape = dict(SHAPES[a.shape], **({"num_hidden_layers": a.layers} if a.layers else {}))
+    vocab = min(len(SyntheticTokenizer()), shape["vocab_size"])  # the tokenizer's (Qwen pads its output layer)
+    cfg = om.resolve_config(om.Config(
+        device="cpu", preset="gpu", prompts_per_step=a.prompts, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
+        micro_batch=a.micro_batch, gradient_checkpointing=a.gradient_checkpointing, beta=a.beta,
+        updates_per_step=a.updates_per_step))
+    tracker = LiveBytes(fake, {shape["vocab_size"], vocab})
+    build = lambda: AutoModelForCausalLM.from_config(Qwen2Config(**shape), dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa").eval()
+    if a.lora_rank:  # the reference is the same model with the adapter off: no copy
+        with torch.device("meta"):  # peft cannot add an adapter to fake tensors (its .to() swaps them): build it here
+            lora = peft_model(build(), a.lora_rank)
+    with FakeTensorMode() if fake else contextlib.nullcontext(), tracker:
+        model = materialize(lora) if a.lora_rank else build()
+        # train() deep-copies the policy; a fake tensor's deepcopy lands in another fake mode, a new model is as big
+        ref = build().requires_grad_(False) if cfg.beta and not a.lora_rank else None
+        opt = om.adamw(model, cfg.lr, weight_decay=cfg.weight_decay)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        opt.step(), opt.zero_grad(set_to_none=True)  # the moments of earlier steps
+        tracker.groups.update({
+            "weights": model.parameters, "reference model": lambda: ref.parameters() if ref else [],
+            "master copies": lambda: getattr(opt, "master", []),
+            "AdamW moments": lambda: [x for s in opt.state.values() for x in s.values()],
+            "gradients": lambda: [p.grad for g in opt.param_groups for p in g["params"]] +
+                                 [p.grad for p in getattr(opt, "low", [])]})
+        opt.register_step_pre_hook(lambda *_: setattr(tracker, "phase", "optimizer step"))
+        opt.register_step_post_hook(lambda *_: setattr(tracker, "phase", "update"))
+        P, G, T = cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens
+        tracker.reset_peak("rollout")
+        roll = decode_rollout(model, tracker, P, G, a.prompt_len, T, vocab, a.decode_steps)
+        adv = om.group_advantages([float(i % 2) for i in range(P * G)], G)                # [P*G]
+        if getattr(a, "two_micro_batches", True):  # what follows repeats per micro-batch: keep two per update
+            keep = torch.arange(min(P * G, cfg.updates_per_step * 2 * cfg.micro_batch))   # (the 2nd adds to grads)
+            roll = om.Rollout(roll.input_ids[keep], roll.attention_mask[keep], roll.answer_mask[keep], [],
+                              roll.group_ids[keep])
+            adv = adv[keep]
+        tracker.phase = "log-probs"
+        with torch.no_grad():
+            old = None if cfg.updates_per_step == 1 else om.token_logprobs(
+                model, roll.input_ids, roll.attention_mask, T, cfg.temperature, cfg.micro_batch, vocab)
+            ref_logp = None
+            if cfg.beta:
+                with model.disable_adapter() if a.lora_rank else contextlib.nullcontext():
+                    ref_logp = om.token_logprobs(ref or model, roll.input_ids, roll.attention_mask, T,
+                                                 cfg.temperature, cfg.micro_batch, vocab)
+        tracker.phase = "update"
+        with om.training(model, cfg.gradient_checkpointing):
+            om.grpo_update(model, opt, roll, adv, old, ref_logp, cfg, vocab)
+    return dict(tracker.result(), seconds=time.perf_counter() - t0)
+
+
+def simulate_runs(args, save=lambda rows: None):
+    """--simulate: the gpu preset's step (or the knobs given) under fake tensors, then with --sweep each knob of KNOBS
+    moved alone. Returns one row per run: the knobs, the peak, its phase and what was alive at it by category."""
+    base = dict(shape=args.shape, layers=args.layers, prompts=args.prompts, group_size=args.group_size,
+                max_new_tokens=args.max_new_tokens, micro_batch=args.micro_batch, beta=args.beta,
+                gradient_checkpointing=args.gradient_checkpointing, updates_per_step=args.updates_per_step,
+                lora_rank=args.lora_rank, prompt_len=args.prompt_len, decode_steps=args.decode_steps)
+    variants = [("preset", {})] + ([(f"{k} {v}", {k: v}) for k, vs in KNOBS.items() for v in vs] if args.sweep else [])
+    done = {}  # runs already in --out with the same knobs are not run again (a sweep interrupted goes on)
+    if os.path.isfile(args.out):
+        with open(args.out, encoding="utf-8") as f:
+            done = {json.dumps(r["knobs"], sort_keys=True): r for r in json.load(f).get("runs", [])}
+    rows = []
+    for name, change in variants:
+        a = argparse.Namespace(**dict(base, **change))
+        key = json.dumps(vars(a), sort_keys=True)
+        r = dict(done[key], name=name) if key in done else dict(name=name, knobs=vars(a), **simulate_step(a))
+        rows.append(r)
+        save(rows)  # after every run: a sweep takes a while
+        print(f"{name:>26}: peak {r['peak_gb']:6.1f} GB in {r['phase']:<15} " + ", ".join(
+            f"{k} {v:.1f}" for k, v in r["at_peak_gb"].items() if v >= 0.05) + f"  ({r['seconds']:.0f} s)", flush=True)
+    return rows
+
+
+CARDS = (80, 48, 24)  # GB of the usual cards
+HEADROOM = 0.9        # a peak fits a card when it is under 90 % of it: CUDA context, allocator fragmentation
+
+
+def fits_table(rows):
+    """{run name: {card GB: fits}} of the simulated peaks."""
+    return {r["name"]: {c: r["peak_gb"] <= HEADROOM * c for c in CARDS} for r in rows}
+
+
+def validate_tracker(a):
+    """The fake-tensor tracker against a real run of the same step on the CPU: the peak the tracker predicts without
+    allocating, and the rise of the process's resident memory during the real step (sampled every 5 ms)."""
+    fake = simulate_step(a, fake=True)
+    gc.collect()
+    mem = PeakMemory("cpu")
+    base = mem._rss()
+    with mem:
+        real = simulate_step(a, fake=False)
+    rss = mem.peak - base
+    return dict(fake_peak_gb=fake["peak_gb"], real_tracked_gb=real["peak_gb"], real_rss_rise_gb=rss,
+                fake_over_rss=fake["peak_gb"] / rss)
+
+
 # ================================================================ main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -271,7 +513,7 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, help="G (default: cpu 4, --shape 8)")
     p.add_argument("--max-new-tokens", type=int, help="forced answer length (default: cpu 64, --shape 800)")
     p.add_argument("--beta", type=float, default=0.001, help="KL weight; 0 drops the reference forward")
-    p.add_argument("--updates-per-step", type=int, default=1, help="1: no old log-prob forward (TRL's default)")
+    p.add_argument("--updates-per-step", type=int, help="1: no old log-prob forward (TRL's default; --simulate: 4)")
     p.add_argument("--micro-batch", type=int, default=8, help="answers per forward/backward")
     p.add_argument("--gradient-checkpointing", type=int, help="ours: 1 recomputes activations in the backward "
                    "(default: preset, on for CUDA, off on CPU; TRL keeps its own default, on)")
@@ -282,8 +524,26 @@ def parse_args(argv=None):
     p.add_argument("--vs-trl", action="store_true", help="also run TRL's GRPOTrainer (pip install trl)")
     p.add_argument("--sweep", action="store_true", help="G = 2, 4, 8 x answer length 32, 64, 128 (ours only)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--simulate", action="store_true", help="peak memory of one gpu-preset step of --shape (default "
+                   "qwen2.5-3b) under fake tensors: nothing is allocated, no GPU needed; with --sweep, each knob moved")
+    p.add_argument("--lora-rank", type=int, default=0, help="with --simulate: train a LoRA adapter of this rank")
+    p.add_argument("--decode-steps", type=int, default=4, help="with --simulate: decode forwards run (the last ones, "
+                   "where the KV cache is largest; 0: all)")
+    p.add_argument("--validate", action="store_true", help="with --simulate: check the tracker against a real CPU "
+                   "run of the 'small' shape (2 prompts x G 4 x 64 tokens, the step's other knobs as given)")
     p.add_argument("--out", default="runs/bench.json", help="JSON of every figure")
     args = p.parse_args(argv)
+    if args.simulate:  # the gpu preset unless a knob is given; the shape's weights are never allocated
+        args.shape = args.shape or "qwen2.5-3b"
+        gpu = om.PRESETS["gpu"]
+        args.prompts = args.prompts or gpu["prompts_per_step"]
+        args.group_size = args.group_size or gpu["group_size"]
+        args.max_new_tokens = args.max_new_tokens or gpu["max_new_tokens"]
+        args.updates_per_step = args.updates_per_step or om.Config.updates_per_step
+        args.gradient_checkpointing = (gpu["gradient_checkpointing"] if args.gradient_checkpointing is None
+                                       else args.gradient_checkpointing)
+        return args
+    args.updates_per_step = args.updates_per_step or 1
     if args.shape and not args.random_init:
         p.error("--shape builds a model with random weights: add --random-init to say so")
     big = bool(args.shape)
@@ -297,6 +557,22 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.simulate:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        result = dict(args=vars(args))
+        def save(rows):
+            result.update(runs=rows, fits=fits_table(rows))
+            om.write_text(args.out, json.dumps(result, indent=1))
+        simulate_runs(args, save)
+        if args.validate:
+            small = argparse.Namespace(**dict(vars(args), shape="small", layers=None, prompts=2, group_size=4,
+                                              max_new_tokens=64, prompt_len=64, micro_batch=4, decode_steps=0))
+            v = result["validation"] = validate_tracker(small)
+            print(f"tracker check, the 'small' shape run for real on the CPU: fake {v['fake_peak_gb']:.2f} GB, real run "
+                  f"{v['real_rss_rise_gb']:.2f} GB of resident memory: fake / real {v['fake_over_rss']:.3f}")
+        om.write_text(args.out, json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+        return result
     import transformers
     env = dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
                device=torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),

@@ -139,7 +139,7 @@ def nli_scores(texts, items, entail):
 
 
 # ================================================================ offline metric
-def embedding_coverage(texts, items, embedder):
+def embedding_coverage(texts, items, embedder, threshold=reward.COVERAGE_THRESHOLD):
     """Share of the reference perspective lines ('In the perspective of NAME, EXPLANATION') that the answer covers,
     by reward.coverage_reward (greedy one-to-one matching at cosine >= 0.70). The answer's pieces are its
     sentences, not reward.split_perspectives: an untrained model writes no 'In the perspective of' lines, so
@@ -152,7 +152,7 @@ def embedding_coverage(texts, items, embedder):
     for r, c in zip(refs, cands):
         R = np.stack([E[x] for x in r])                                               # [n_ref, dim]
         C = np.stack([E[x] for x in c]) if c else np.zeros((0, R.shape[1]), np.float32)  # [n_sent, dim]
-        rates.append(reward.coverage_reward(R @ C.T)[1])                              # R @ C.T: [n_ref, n_sent]
+        rates.append(reward.coverage_reward(R @ C.T, threshold)[1])                   # R @ C.T: [n_ref, n_sent]
     return rates
 
 
@@ -174,6 +174,8 @@ def resolve_model(name):
     that does not exist -> a clear error (instead of a failed hub download)."""
     if name in (None, "default"):
         return None
+    if os.path.isfile(os.path.join(name, "checkpoint", "trainer_state.json")):  # a run dir (its config.json is the
+        return opgrpo_min.find_checkpoint(name)                                   # run's, not a model's)
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
         if os.path.isdir(os.path.join(name, "checkpoint")):
             return opgrpo_min.find_checkpoint(name)
@@ -183,8 +185,8 @@ def resolve_model(name):
     return name
 
 
-def generate_answers(name, items, styles, args):
-    """One answer per situation and prompt style, sampled at test-time settings (sample_groups with G = 1).
+def generate_answers(name, items, styles, args, samples=1):
+    """`samples` answers per situation and prompt style, sampled at test-time settings (sample_groups, G = samples).
     Both styles share the batches: a CPU decode step costs about the same for 16 or 88 prompts (it is bound by
     reading the weights), so fewer, wider generate calls are the fast way."""
     model, tok = opgrpo_min.load_policy(resolve_model(name), args.device)
@@ -194,11 +196,12 @@ def generate_answers(name, items, styles, args):
     for b in range(0, len(todo), args.batch_size):
         batch = todo[b:b + args.batch_size]
         prompts = [opgrpo_min.chat_prompt(tok, s.situation, style) for s, style in batch]
-        texts = opgrpo_min.sample_groups(model, tok, prompts, 1, args.max_new_tokens, args.temperature,
-                                         args.top_p, MAX_PROMPT_LEN).texts
-        rows += [dict(id=s.id, model=name or "default", prompt=style, answer=t, situation=s.situation)
-                 for (s, style), t in zip(batch, texts)]
-        print(f"[generate] {name}: {len(rows)}/{len(todo)} answers", flush=True)
+        texts = opgrpo_min.sample_groups(model, tok, prompts, samples, args.max_new_tokens, args.temperature,
+                                         args.top_p, MAX_PROMPT_LEN).texts                 # answers of prompt i: i*G..
+        rows += [dict(id=s.id, model=name or "default", prompt=style, answer=texts[i * samples + k],
+                      situation=s.situation, **({"sample": k} if samples > 1 else {}))
+                 for i, (s, style) in enumerate(batch) for k in range(samples)]
+        print(f"[generate] {name}: {len(rows)}/{len(todo) * samples} answers", flush=True)
     return rows
 
 

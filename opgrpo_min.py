@@ -47,6 +47,7 @@ class Config:
     seed: int = 0                # same seed, same metrics on CPU
     device: str = None           # None = cuda when present, else cpu
     preset: str = None           # 'cpu' or 'gpu' defaults below; None = by device
+    dtype: str = None            # policy weights: bfloat16 or float32; None = bfloat16 on cuda, float32 on cpu
     trust_remote_code: bool = False  # only for hub models that need their own code
     # -- stage 0: SFT warm start (paper: 1 epoch, lr 1e-5, cosine, 10% warm-up, AdamW(0.9, 0.95), wd 0.01)
     sft_steps: int = None        # None = one epoch (gpu preset); 0 skips SFT (e.g. --model is an SFT checkpoint)
@@ -75,6 +76,7 @@ class Config:
     # -- reward options (reward.py has the paper's defaults)
     mask_keywords: str = "answer"  # 'answer' (paper), 'both' or 'none'
     min_perspectives: int = 0    # uniqueness is 0 below this many perspectives (paper: 0, i.e. off)
+    coverage_threshold: float = reward.COVERAGE_THRESHOLD  # cosine from which a perspective is covered (paper 0.70)
     # -- logging
     sample_every: int = 5        # print one sampled answer every N steps
     save_every: int = 10         # checkpoint every N steps (and at the end, and on Ctrl-C)
@@ -101,8 +103,11 @@ VALID = {  # knob: (test, the range in words); --help shows the range, and a val
     "updates_per_step": (lambda v: v >= 1, ">= 1"), "micro_batch": (lambda v: v >= 1, ">= 1"),
     "gradient_checkpointing": (lambda v: v in (0, 1), "0 or 1"), "lora_rank": (lambda v: v >= 0, ">= 0"),
     "mask_keywords": (lambda v: v in reward.MASK_MODES, " or ".join(reward.MASK_MODES)),
-    "min_perspectives": (lambda v: v >= 0, ">= 0"), "sample_every": (lambda v: v >= 0, ">= 0 (0: never)"),
+    "min_perspectives": (lambda v: v >= 0, ">= 0"),
+    "coverage_threshold": (lambda v: -1 <= v <= 1, "a cosine in [-1, 1]"),
+    "sample_every": (lambda v: v >= 0, ">= 0 (0: never)"),
     "save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"), "preset": (lambda v: v in PRESETS, "cpu or gpu"),
+    "dtype": (lambda v: v in ("bfloat16", "float32"), "bfloat16 or float32"),
 }
 
 
@@ -115,6 +120,7 @@ def resolve_config(cfg):
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: torch sees no CUDA GPU on this machine: use --device cpu")
     cfg.preset = cfg.preset or ("gpu" if cfg.device.startswith("cuda") else "cpu")
+    cfg.dtype = cfg.dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")
     for k, v in PRESETS.get(cfg.preset, {}).items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
@@ -394,6 +400,16 @@ def lora_config(rank):
                       task_type="CAUSAL_LM")
 
 
+def with_lora(model, rank):
+    """The model frozen, with a fresh LoRA adapter (peft) that trains instead: optimizer state for the adapter only,
+    and with the adapter off (model.disable_adapter()) the model is the base again, so the reference needs no copy."""
+    try:
+        from peft import get_peft_model
+    except ImportError:
+        raise ImportError("--lora-rank needs peft: pip install peft (or pip install -r requirements-extra.txt)") from None
+    return get_peft_model(model, lora_config(rank))
+
+
 def adamw(model, lr, **kw):
     """AdamW with its fused kernel: one pass over the weights per step instead of several (on a 2-core CPU
     0.07 s instead of 0.61 s per step for 135M parameters; the same update up to float rounding).
@@ -570,12 +586,14 @@ def group_advantages(rewards, group_size, eps=1e-6):
     return adv.view(-1)                                                                  # [P*G]
 
 
-def token_logprobs(model, input_ids, attention_mask, answer_len, temperature=1.0, micro_batch=8, vocab=None):
+def token_logprobs(model, input_ids, attention_mask, answer_len, temperature=1.0, micro_batch=8, vocab=None,
+                   entropy=False):
     """log pi(a_t | q, a_<t) of the answer tokens (the last `answer_len` columns), in float32,
     at the sampling temperature. Full-vocabulary logits are computed only for answer positions
-    (logits_to_keep) and turned to float32 one row at a time, never for the whole batch."""
+    (logits_to_keep) and turned to float32 one row at a time, never for the whole batch.
+    entropy=True also returns H_t = -sum_v pi(v) log pi(v) of each position's distribution (a diagnostic, no grad)."""
     pos = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens only
-    rows = []
+    rows, ents = [], []
     for i in range(0, input_ids.shape[0], micro_batch):
         sl = slice(i, i + micro_batch)
         logits = model(input_ids=input_ids[sl], attention_mask=attention_mask[sl], position_ids=pos[sl],
@@ -585,8 +603,12 @@ def token_logprobs(model, input_ids, attention_mask, answer_len, temperature=1.0
         targets = input_ids[sl, -answer_len:]                                            # [mb, T]
         for row, tgt in zip(logits, targets):
             row = row.float() / temperature                                               # [T, V]
-            rows.append(row.gather(1, tgt[:, None]).squeeze(1) - row.logsumexp(1))       # [T]
-    return torch.stack(rows)                                                              # [B, T]
+            lse = row.logsumexp(1)                                                        # [T]
+            rows.append(row.gather(1, tgt[:, None]).squeeze(1) - lse)                    # [T]
+            if entropy:  # H = logsumexp(z) - sum_v p_v z_v, 64 positions at a time: no [T, V] copy at the peak
+                with torch.no_grad():
+                    ents.append(torch.cat([c.logsumexp(1) - (c.softmax(1) * c).sum(1) for c in row.split(64)]))
+    return (torch.stack(rows), torch.stack(ents)) if entropy else torch.stack(rows)       # [B, T]
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.001, dual_clip=3.0,
@@ -635,8 +657,8 @@ def grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab):
         total, parts, t_forward = 0.0, [], 0.0
         for micro in mb.split(cfg.micro_batch):
             t0 = clock(model)
-            logp = token_logprobs(model, roll.input_ids[micro], roll.attention_mask[micro], T,
-                                  cfg.temperature, cfg.micro_batch, vocab)                # [mb, T]
+            logp, ent = token_logprobs(model, roll.input_ids[micro], roll.attention_mask[micro], T,
+                                       cfg.temperature, cfg.micro_batch, vocab, entropy=True)  # [mb, T] each
             t_forward += clock(model) - t0
             old = logp.detach() if old_logp is None else old_logp[micro]  # one update: ratio = 1, no extra forward
             ref = None if ref_logp is None else ref_logp[micro]
@@ -644,7 +666,8 @@ def grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab):
                                 cfg.clip_eps, cfg.beta, cfg.dual_clip, num_tokens)
             loss.backward()
             total += loss.item()
-            parts.append((s, int(roll.answer_mask[micro].sum())))
+            m = roll.answer_mask[micro]
+            parts.append((dict(s, entropy=((ent * m).sum() / m.sum().clamp(min=1)).item()), int(m.sum())))
         n = sum(w for _, w in parts) or 1
         s = {k: sum(p[k] * w for p, w in parts) / n for k in parts[0][0]}
         if not math.isfinite(total):
@@ -685,7 +708,7 @@ def op_reward_fn(embedder, cfg):
     def fn(roll, items):
         parts = reward.score_answers(roll.texts, [reference_answer(s) for s in items], embedder,
                                      situations=[s.situation for s in items], mask_keywords=cfg.mask_keywords,
-                                     min_perspectives=cfg.min_perspectives)
+                                     min_perspectives=cfg.min_perspectives, coverage_threshold=cfg.coverage_threshold)
         means = {k: float(np.mean([getattr(p, k) for p in parts])) for k in ("coverage", "rate", "uniqueness",
                                                                                  "format", "tag")}
         return [p.total for p in parts], means
@@ -725,6 +748,8 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
             # ---- reward and group-normalised advantages
             rewards, means = reward_fn(roll, [batch[g] for g in roll.group_ids.tolist()])
             adv = group_advantages(rewards, G, cfg.adv_eps)                                # [P*G]
+            r = torch.tensor(rewards).view(-1, G)                                          # [P, G]
+            zero_spread = float((r.max(1).values == r.min(1).values).float().mean())  # groups with no signal
             t2 = clock(model)
             # ---- log-probs of the sampler (only needed when several updates share one batch) and reference
             T = roll.answer_mask.shape[1]
@@ -732,8 +757,9 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
                 old_logp = None if cfg.updates_per_step == 1 else token_logprobs(
                     model, roll.input_ids, roll.attention_mask, T, cfg.temperature, cfg.micro_batch, vocab)
                 t_old = clock(model)
-                ref_logp = None if ref_model is None or not cfg.beta else token_logprobs(
-                    ref_model, roll.input_ids, roll.attention_mask, T, cfg.temperature, cfg.micro_batch, vocab)
+                with ref_model.disable_adapter() if ref_model is model else contextlib.nullcontext():
+                    ref_logp = None if ref_model is None or not cfg.beta else token_logprobs(  # LoRA: adapter off
+                        ref_model, roll.input_ids, roll.attention_mask, T, cfg.temperature, cfg.micro_batch, vocab)
             t3 = clock(model)
             # ---- update (gradient checkpointing, when on, only here: generation needs its KV cache)
             with training(model, cfg.gradient_checkpointing):
@@ -743,6 +769,7 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
             skipped = sum(u["skipped"] for u in upd)
             bad_steps = bad_steps + 1 if skipped == len(upd) else 0
             row = dict(step=step + 1, reward=float(np.mean(rewards)), reward_std=float(np.std(rewards)), **means,
+                       zero_spread=zero_spread, entropy=upd[0]["entropy"],  # first update: the sampler's policy
                        **{k: float(np.nanmean([u[k] for u in upd])) for k in ("kl", "clip_frac", "ratio", "loss",
                                                                                "grad_norm")},
                        skipped_updates=skipped, answer_len=float(roll.answer_mask.sum(1).float().mean()),
@@ -752,6 +779,7 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
             rows.append(row)
             bar.set_postfix(R=f"{row['reward']:.2f}", cov=f"{row['coverage']:.2f}" if "coverage" in row else "-",
                             uniq=f"{row['uniqueness']:.2f}" if "uniqueness" in row else "-", kl=f"{row['kl']:.4f}",
+                            zero=f"{zero_spread:.2f}", H=f"{row['entropy']:.2f}",
                             clip=f"{row['clip_frac']:.2f}", len=f"{row['answer_len']:.0f}", s=f"{row['t_step']:.1f}")
             if out:
                 with open(os.path.join(out, "metrics.jsonl"), "a") as f:
@@ -895,16 +923,21 @@ def pyplot(png):
 
 
 def plot_rewards(out, rows):
-    """out/reward_curve.png: mean reward per step."""
+    """out/reward_curve.png: the mean reward and each term per step; below, the learning signal: the share of groups
+    whose G rewards are all equal (no advantage, no gradient) and the mean entropy of the sampled tokens."""
     plt = pyplot("reward_curve.png")
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True)
     steps = [r["step"] for r in rows]
-    for key in ("reward", "coverage", "uniqueness"):
+    for key in ("reward", "coverage", "uniqueness", "format", "tag"):
         if key in rows[0]:
             ax.plot(steps, [r[key] for r in rows], label=key)
-    ax.set_xlabel("GRPO step"), ax.set_ylabel("mean over answers"), ax.legend(), fig.tight_layout()
+    ax.set_ylabel("mean over answers"), ax.legend(fontsize=7, ncol=3)
+    for key, label in (("zero_spread", "share of zero-spread groups"), ("entropy", "entropy of sampled tokens (nats)")):
+        if key in rows[0]:
+            bx.plot(steps, [r[key] for r in rows], label=label)
+    bx.set_xlabel("GRPO step"), bx.legend(fontsize=7), fig.tight_layout()
     with replaced(os.path.join(out, "reward_curve.png")) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
@@ -953,18 +986,29 @@ def train(cfg):
     # ---- data and models
     embedder = reward.load_embedder(cfg.sim_model, device=cfg.device)
     sft_dir, metrics = os.path.join(cfg.out, "sft"), os.path.join(cfg.out, "metrics.jsonl")
-    if cfg.resume:
-        model, tok = load_policy(ckpt, cfg.device, trust_remote_code=cfg.trust_remote_code)
-        ref_src = sft_dir if os.path.isdir(sft_dir) else cfg.model
-        ref = load_policy(ref_src, cfg.device, trust_remote_code=cfg.trust_remote_code)[0] if cfg.beta else None
+    start_src = sft_dir if os.path.isdir(sft_dir) else cfg.model       # the policy at the start of RL
+    if cfg.resume and cfg.lora_rank:  # the checkpoint holds the adapter; the frozen base is the start of RL
+        from peft import PeftModel
+        base, tok = load_policy(start_src, cfg.device, getattr(torch, cfg.dtype), cfg.trust_remote_code)
+        model = PeftModel.from_pretrained(base, ckpt, is_trainable=True)
+    elif cfg.resume:
+        model, tok = load_policy(ckpt, cfg.device, getattr(torch, cfg.dtype), cfg.trust_remote_code)
     else:
-        model, tok = load_policy(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code)
+        model, tok = load_policy(cfg.model, cfg.device, getattr(torch, cfg.dtype), cfg.trust_remote_code)
         if cfg.sft_steps != 0:  # ---- stage 0: SFT warm start, kept as its own checkpoint (the paper's SFT row)
+            model = with_lora(model, cfg.lora_rank) if cfg.lora_rank else model
             with oom_hint("--sft-batch"):
                 sft_warmup(model, tok, items, cfg)
+            model = model.merge_and_unload() if cfg.lora_rank else model  # sft/ is a plain model either way
             atomic_save(sft_dir, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
-        ref = None
-        if cfg.beta:  # reference = frozen copy of the policy at the start of RL
+        model = with_lora(model, cfg.lora_rank) if cfg.lora_rank else model
+    ref = None
+    if cfg.beta:  # reference = the frozen policy at the start of RL; with LoRA, the policy with its adapter off
+        if cfg.lora_rank:
+            ref = model
+        elif cfg.resume:
+            ref = load_policy(start_src, cfg.device, getattr(torch, cfg.dtype), cfg.trust_remote_code)[0]
+        else:
             import copy
             ref = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = adamw(model, cfg.lr, weight_decay=cfg.weight_decay)

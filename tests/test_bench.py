@@ -1,3 +1,4 @@
+import argparse
 import json
 from types import SimpleNamespace
 
@@ -51,3 +52,50 @@ def test_a_step_does_no_forward_it_does_not_need(monkeypatch, tmp_path, beta, up
     assert [r["answer_len"] for r in run["rows"]] == [4.0, 4.0]         # length forced: the same work every step
     assert set(run["summary"]) >= set(bench.PHASES) and run["floor"]["t_step"] > 0 and run["peak_gb"] > 0
     assert res["env"]["torch"] == torch.__version__
+
+
+# ---------------------------------------------------------------- --simulate: peak memory under fake tensors
+def sim_args(**kw):
+    base = dict(shape="small", layers=1, prompts=1, group_size=2, max_new_tokens=4, micro_batch=2, beta=0.001,
+                gradient_checkpointing=1, updates_per_step=2, lora_rank=0, prompt_len=8, decode_steps=0)
+    return argparse.Namespace(**dict(base, **kw))
+
+
+def test_the_fake_step_counts_what_the_real_step_allocates_and_names_it():
+    """The same step under fake tensors and for real (bf16, CPU): the tracker sees the same peak, and its categories
+    are the sizes they must be: bf16 weights 2 bytes per parameter, float32 masters 4, AdamW's two moments 8."""
+    fake, real = bench.simulate_step(sim_args(), fake=True), bench.simulate_step(sim_args(), fake=False)
+    assert fake["peak_gb"] == pytest.approx(real["peak_gb"], rel=1e-6)
+    shape = dict(bench.SHAPES["small"], num_hidden_layers=1)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Qwen2ForCausalLM(Qwen2Config(**shape)).parameters())
+    at = fake["at_peak_gb"]
+    assert at["weights"] == pytest.approx(2 * n / 1e9) and at["reference model"] == pytest.approx(2 * n / 1e9)
+    assert at["master copies"] == pytest.approx(4 * n / 1e9) and at["AdamW moments"] == pytest.approx(8 * n / 1e9)
+    assert sum(at.values()) <= fake["peak_gb"] + 1e-9 and sum(at.values()) >= fake["peak_gb"] / 1.005 - 1e-9
+
+
+def test_lora_needs_no_reference_copy_and_few_moments():
+    peft = pytest.importorskip("peft")
+    at = bench.simulate_step(sim_args(lora_rank=4), fake=True)["at_peak_gb"]
+    assert at["reference model"] == 0 and at["master copies"] == 0
+    assert 0 < at["AdamW moments"] < at["weights"] / 20
+
+
+def test_simulate_from_the_command_line_writes_the_runs_and_which_card_they_fit(tmp_path):
+    out = tmp_path / "sim.json"
+    r = bench.main(["--simulate", "--shape", "small", "--layers", "1", "--prompts", "1", "--group-size", "2",
+                    "--max-new-tokens", "4", "--micro-batch", "2", "--prompt-len", "8", "--out", str(out)])
+    saved = json.load(open(out))
+    assert [x["name"] for x in saved["runs"]] == ["preset"] and saved["runs"][0]["knobs"]["gradient_checkpointing"] == 1
+    assert saved["fits"]["preset"] == {str(c): True for c in bench.CARDS}   # well under 1 GB
+    assert r["runs"][0]["peak_gb"] == saved["runs"][0]["peak_gb"]
+
+
+def test_two_micro_batches_per_update_give_the_full_peak():
+    """--simulate keeps two micro-batches per mini-batch update after the rollout; all of them give the same peak."""
+    kw = dict(prompts=2, group_size=4, micro_batch=1, updates_per_step=2)
+    short = bench.simulate_step(sim_args(**kw), fake=True)
+    full = bench.simulate_step(sim_args(two_micro_batches=False, **kw), fake=True)
+    assert short["peak_gb"] == pytest.approx(full["peak_gb"], abs=4 * 2 * 8 * 4 / 1e9)  # but for [B, T] log-probs

@@ -256,6 +256,8 @@ def test_token_logprobs_match_a_plain_forward_and_ignore_left_padding(tiny_polic
     want = full[torch.arange(4), ids[0, 1:]][-2:]                         # the last 2 tokens are the answer
     got = om.token_logprobs(model, ids, torch.ones_like(ids), 2, temperature=0.7)
     assert torch.allclose(got[0], want, atol=1e-5)
+    _, ent = om.token_logprobs(model, ids, torch.ones_like(ids), 2, temperature=0.7, entropy=True)
+    assert torch.allclose(ent[0], -(full.exp() * full).sum(1)[-2:], atol=1e-5)   # H = -sum p log p, by hand
     padded = torch.tensor([[tok.pad_token_id, tok.pad_token_id, 5, 6, 7, 8, 9]])
     got_pad = om.token_logprobs(model, padded, torch.tensor([[0, 0, 1, 1, 1, 1, 1]]), 2, temperature=0.7)
     assert torch.allclose(got_pad[0], want, atol=1e-4)
@@ -292,6 +294,18 @@ def test_toy_reward_rises_under_grpo(tiny_policy, monkeypatch):
 def test_toy_reward_falls_with_the_advantage_sign_flipped(tiny_policy, monkeypatch):
     r = _toy_run(tiny_policy, monkeypatch, flip=True)
     assert sum(r[-6:]) / 6 < 0.02
+
+
+def test_each_step_logs_the_share_of_groups_without_signal_and_the_sampling_entropy(tiny_policy):
+    """Group 1's rewards are all equal (no advantage: no learning signal), group 2's are not: share 0.5."""
+    model, tok = tiny_policy
+    items = [om.Situation(str(i), f"situation number {i}", [om.Perspective("A", "b")]) for i in range(2)]
+    cfg = om.resolve_config(om.Config(device="cpu", steps=1, prompts_per_step=2, group_size=3, max_new_tokens=5,
+                                      lr=1e-3, micro_batch=8, updates_per_step=1, sample_every=0, save_every=0))
+    torch.manual_seed(0)
+    row = om.grpo_train(model, tok, items, lambda roll, _: ([0.5, 0.5, 0.5, 0.0, 1.0, 0.0], {}), cfg)[0]
+    assert row["zero_spread"] == 0.5
+    assert 0 < row["entropy"] <= math.log(len(tok)) + 1e-4   # a random model: near the uniform maximum log V
 
 
 def test_sft_warmup_fits_the_reference_answers_with_or_without_checkpointing(tiny_model_dir):

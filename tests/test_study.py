@@ -1,0 +1,54 @@
+"""study.py: its statistics by hand, and the whole pipeline at smoke settings (the full study is not a test)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import opgrpo_min as om
+import study
+
+
+def test_paired_differences_by_hand():
+    r = study.paired([1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0])
+    assert (r["mean"], r["lo"], r["hi"]) == (1.0, 1.0, 1.0)
+    assert r["p"] == 2 / 16             # of the 16 sign patterns only all-plus and all-minus reach |mean| 1
+    r = study.paired([1.0, -1.0, 2.0, -2.0], [0.0] * 4)
+    assert r["mean"] == 0.0 and r["p"] == 1.0 and r["lo"] < 0 < r["hi"]
+
+
+def test_answer_stats_count_distinct_perspectives_format_and_repeats(minilm):
+    good = ("<core perspectives>\nIn the perspective of Safety, the bridge must be inspected before it opens.\n"
+            "In the perspective of Cost, the town cannot pay for a second crossing this decade.\n"
+            "</core perspectives>\n<summary>Safety and Cost pull apart.</summary>")
+    s = study.answer_stats(good, minilm)
+    assert s == dict(distinct=2, in_format=1.0, words=len(good.split()), repeats=0.0)
+    twice = good.replace("Cost, the town cannot pay for a second crossing this decade",
+                         "Safety, the bridge must be inspected before it opens")
+    s = study.answer_stats(twice, minilm)
+    assert s["distinct"] == 1 and s["repeats"] == 1.0
+    s = study.answer_stats("Bridges are nice. Bridges are nice.", minilm)
+    assert s == dict(distinct=0, in_format=0.0, words=6, repeats=1.0)
+
+
+def test_the_threshold_is_calibrated_on_training_pairs(minilm):
+    items = om.load_situations(om.Config.train_data)[:10]
+    t, bal, n_pos, n_neg = study.calibrated_threshold(minilm, items)
+    assert 0 < t < 1 and bal > 0.5 and n_pos == sum(1 for s in items for p in s.perspectives if p.paraphrase)
+
+
+def test_the_smoke_study_runs_end_to_end(tiny_model_dir, tmp_path):
+    out = tmp_path / "study"
+    r = study.main(["--smoke", "--model", tiny_model_dir, "--out", str(out)])
+    rows = {"base implicit", "base explicit", "SFT", "OP-GRPO seed 0", "OP-GRPO seed 1", "OP-GRPO (seed mean)"}
+    assert set(r["means"]) == rows
+    assert all(len(v) == 4 for v in r["per_situation"]["SFT"].values())           # 4 situations
+    answers = [json.loads(line) for line in open(out / "answers.jsonl")]
+    assert len(answers) == 5 * 4 * 2                                                 # 5 models x 4 x 2 samples
+    for g in ("OP-GRPO seed 0", "OP-GRPO seed 1"):
+        assert [row["step"] for row in r["training"][g]] == [1, 2]
+        assert all({"zero_spread", "entropy", "coverage", "format"} <= set(row) for row in r["training"][g])
+    assert os.path.isfile(out / "report.md") and "sign-flip" in open(out / "report.md").read()
+    assert os.path.isfile(out / "training.png")
+    again = study.main(["--smoke", "--model", tiny_model_dir, "--out", str(out)])    # every stage is reused
+    assert again["means"] == r["means"]
