@@ -51,6 +51,19 @@ def calibrated_threshold(embedder, items):
     return float(cands[best]), float(bal[best]), len(pos), len(neg)
 
 
+def best_cosines(rows, items, embedder):
+    """For each answer, the highest cosine between one of its sentences and one of its situation's reference
+    perspective lines: how close the answers come to a coverage match at all."""
+    refs = {s.id: [reward.perspective_line(p.name, p.explanation) for p in s.perspectives] for s in items}
+    sents = [eval_nli.split_sentences(r["answer"]) for r in rows]
+    E = reward.unit_embeddings(embedder, [x for r in rows for x in refs[r["id"]]] + [x for ss in sents for x in ss])
+    out = []
+    for r, ss in zip(rows, sents):
+        R = np.stack([E[x] for x in refs[r["id"]]])                                        # [n_ref, dim]
+        out.append(float((R @ np.stack([E[x] for x in ss]).T).max()) if ss else 0.0)      # R @ C.T: [n_ref, n_sent]
+    return out
+
+
 def answer_stats(text, embedder):
     """Distinct perspectives (the answer's own, minus those reward.redundant_flags marks at 0.78), whether it has
     the required form (>= 2 perspectives, >= 70 % of its pieces carry one, a <summary> block), its length in words,
@@ -169,9 +182,18 @@ def run(args):
     seed_spread = {m: float(np.std([np.mean(table[g][m]) for g in grpo], ddof=1)) if len(grpo) > 1 else None
                    for m in METRICS}
     training = {g: [json.loads(line) for line in open(os.path.join(r, "metrics.jsonl"))] for g, r in zip(grpo, runs)}
+    # why coverage moves or not: how near the answers come to a match, and the Stage-1 threshold the training
+    # pairs would pick (both measured, neither used)
+    t1 = calibrated_threshold(stage1, train_items)
+    near = {name: np.quantile(best_cosines(done[name], test_items, stage1), [0.5, 0.9, 1.0]).tolist()
+            for name, _, _ in models}
+    why = dict(stage1_calibrated_threshold=t1[0], stage1_balanced_accuracy=t1[1], best_cosine_q50_q90_max=near,
+               share_of_steps_with_coverage={g: float(np.mean([r["coverage"] > 0 for r in rows]))
+                                            for g, rows in training.items()},
+               zero_spread_mean={g: float(np.mean([r["zero_spread"] for r in rows])) for g, rows in training.items()})
     result = dict(settings=S, threshold=dict(minilm=threshold, balanced_accuracy=bal, pairs=n_pos, non_pairs=n_neg),
                   means={name: {m: float(np.mean(v)) for m, v in t.items()} for name, t in table.items()},
-                  seed_spread=seed_spread, paired=diffs, per_situation=table, training=training,
+                  seed_spread=seed_spread, paired=diffs, why=why, per_situation=table, training=training,
                   wall_s=round(time.time() - t0))
     om.write_text(os.path.join(out, "study.json"), json.dumps(result, indent=1))
     plot_training(os.path.join(out, "training.png"), training)
@@ -216,6 +238,7 @@ def report(r, items, answers):
     for name, d in r["paired"].items():
         text += f"| {name} | " + " | ".join(f"{x['mean']:+.3f} [{x['lo']:+.3f}, {x['hi']:+.3f}] p={x['p']:.3f}"
                                              for x in d.values()) + " |\n"
+    text += f"\nWhy: {json.dumps(r['why'])}\n"
     sid = items[0].id
     text += f"\nAnswers to the held-out situation {items[0].situation!r}\n"
     for name in ("base implicit", "SFT", "OP-GRPO seed 0"):
