@@ -651,14 +651,15 @@ def grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab):
     non-finite loss skips that optimizer step."""
     T = roll.answer_mask.shape[1]
     stats = []
-    for mb in torch.randperm(len(adv)).chunk(cfg.updates_per_step):
+    for u, mb in enumerate(torch.randperm(len(adv)).chunk(cfg.updates_per_step)):
         num_tokens = roll.answer_mask[mb].sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
         total, parts, t_forward = 0.0, [], 0.0
         for micro in mb.split(cfg.micro_batch):
             t0 = clock(model)
-            logp, ent = token_logprobs(model, roll.input_ids[micro], roll.attention_mask[micro], T,
-                                       cfg.temperature, cfg.micro_batch, vocab, entropy=True)  # [mb, T] each
+            out = token_logprobs(model, roll.input_ids[micro], roll.attention_mask[micro], T, cfg.temperature,
+                                 cfg.micro_batch, vocab, entropy=u == 0)  # entropy: of the sampler's policy only
+            logp, ent = out if u == 0 else (out, None)                                    # [mb, T] each
             t_forward += clock(model) - t0
             old = logp.detach() if old_logp is None else old_logp[micro]  # one update: ratio = 1, no extra forward
             ref = None if ref_logp is None else ref_logp[micro]
@@ -667,7 +668,9 @@ def grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab):
             loss.backward()
             total += loss.item()
             m = roll.answer_mask[micro]
-            parts.append((dict(s, entropy=((ent * m).sum() / m.sum().clamp(min=1)).item()), int(m.sum())))
+            if ent is not None:
+                s = dict(s, entropy=((ent * m).sum() / m.sum().clamp(min=1)).item())
+            parts.append((s, int(m.sum())))
         n = sum(w for _, w in parts) or 1
         s = {k: sum(p[k] * w for p, w in parts) / n for k in parts[0][0]}
         if not math.isfinite(total):
