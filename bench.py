@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import opgrpo_min as om
 import reward
+import support
 
 SHAPES = {"qwen2.5-3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
                              intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True,
@@ -69,9 +70,9 @@ class SyntheticTokenizer:
 
 
 def build_policy(args):
-    """(model, tokenizer): opgrpo_min.load_policy, or random weights of a named shape (bf16 on a GPU)."""
+    """(model, tokenizer): support.load_policy, or random weights of a named shape (bf16 on a GPU)."""
     if not args.shape:
-        return om.load_policy(args.model, args.device)
+        return support.load_policy(args.model, args.device)
     from transformers import AutoModelForCausalLM, Qwen2Config
     shape = dict(SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {}))
     torch.manual_seed(0)
@@ -145,6 +146,7 @@ def run_trl(make_model, tok, items, embedder, args):
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+    from scale.trl_opgrpo import OPReward
     if args.updates_per_step != 1:
         raise SystemExit("--vs-trl compares one update per batch: use --updates-per-step 1")
     P, G, T, n = args.prompts, args.group_size, args.max_new_tokens, args.warmup + args.steps
@@ -154,7 +156,7 @@ def run_trl(make_model, tok, items, embedder, args):
                                   situation=[items[i].situation for i in order]))
     clock = dict(generate=0.0, reward=0.0, logprob=0.0, forward=0.0)
     ours = bench_config(args, n)
-    score = reward.OPReward(embedder, ours.mask_keywords, ours.min_perspectives)  # ours' reward, TRL's interface
+    score = OPReward(embedder, ours.mask_keywords, ours.min_perspectives)  # ours' reward, TRL's interface
 
     def op_reward(**kw):
         t0 = time.perf_counter()
@@ -562,7 +564,7 @@ def main(argv=None):
         result = dict(args=vars(args))
         def save(rows):
             result.update(runs=rows, fits=fits_table(rows))
-            om.write_text(args.out, json.dumps(result, indent=1))
+            support.write_text(args.out, json.dumps(result, indent=1))
         simulate_runs(args, save)
         if args.validate:
             small = argparse.Namespace(**dict(vars(args), shape="small", layers=None, prompts=2, group_size=4,
@@ -570,7 +572,7 @@ def main(argv=None):
             v = result["validation"] = validate_tracker(small)
             print(f"tracker check, the 'small' shape run for real on the CPU: fake {v['fake_peak_gb']:.2f} GB, real run "
                   f"{v['real_rss_rise_gb']:.2f} GB of resident memory: fake / real {v['fake_over_rss']:.3f}")
-        om.write_text(args.out, json.dumps(result, indent=1))
+        support.write_text(args.out, json.dumps(result, indent=1))
         print(f"wrote {args.out}")
         return result
     import transformers
@@ -584,7 +586,7 @@ def main(argv=None):
     bw, mm = measured_rates(args.device, p.dtype)
     del model, p
     embedder = reward.load_embedder(device=args.device)
-    items = om.load_situations(os.path.join(om.HERE, "data", "train.jsonl"))
+    items = support.load_situations(os.path.join(om.HERE, "data", "train.jsonl"))
     result = dict(env=env, args=vars(args), bandwidth_GBps=bw / 1e9, matmul_TFLOPs=mm / 1e12, runs=[])
     prompt_len = max(len(tok([om.chat_prompt(tok, items[i].situation)], add_special_tokens=False).input_ids[0])
                      for step in range(args.warmup + args.steps)   # left padding: every prompt is the longest

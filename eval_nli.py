@@ -5,9 +5,7 @@ For each test situation, reference perspective explanation e_i and sentence s_j 
     p_ij  = P(entailment | premise = e_i, hypothesis = s_j)        any HF sequence-classification NLI model
     score = mean_i max_j p_ij   (an empty answer scores 0)           situation_score
     Accuracy = share of situations with score > 0.33                 summarize
-
-plus an offline metric that needs no NLI model: embedding coverage, the share of reference perspectives
-matched by reward.coverage_reward (greedy one-to-one, cosine >= 0.70) with the similarity estimator.
+    coverage = share of e_i matched one-to-one by an s_j at cos >= 0.70   embedding_coverage: offline, no NLI model
 
     python eval_nli.py --model default --model runs/default/sft --model runs/default/checkpoint --prompt both
     python eval_nli.py --answers runs/eval/answers.jsonl --nli roberta-large-mnli    # re-score, no generation
@@ -16,7 +14,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
 import re
 import sys
@@ -25,8 +22,10 @@ import time
 import numpy as np
 import torch
 
-import opgrpo_min
 import reward
+from opgrpo_min import chat_prompt, sample_groups
+from support import (ArgumentParser, check_model_path, check_out_dir, find_checkpoint, load_policy, load_situations,
+                     pyplot, read_jsonl, run_cli, save_figure, write_text)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_NLI = "microsoft/deberta-v2-xlarge-mnli"   # the NLI model of the paper's evaluation code
@@ -41,10 +40,8 @@ LETTER = re.compile(r"[^\W\d_]")
 
 
 def split_sentences(text):
-    """Sentences by a plain rule (no tokenizer to install): format tags become line breaks, then cut after
-    '.', '!' or '?' followed by whitespace and at every line break; pieces without a letter (bullets, '1.',
-    '---') are dropped. Abbreviations such as 'e.g. x' are cut too: a cut only adds a hypothesis, and the max over
-    sentences keeps the best one, so over-cutting costs little.
+    """Tags become line breaks; cut after '.', '!' or '?' plus whitespace and at line breaks; drop pieces without a
+    letter ('- ', '1.'). Over-cutting ('e.g. x') costs little: the max over sentences keeps the best piece.
 
     >>> split_sentences("<summary>Hi there. Is it ok?\\n- Yes! 2.</summary>")
     ['Hi there.', 'Is it ok?', '- Yes!']
@@ -54,9 +51,8 @@ def split_sentences(text):
 
 
 def scored_text(answer, part="answer"):
-    """The text that is scored: the whole answer, or the inside of its <core perspectives> or <summary> block.
-    An answer without that block is scored whole (as reward.split_perspectives treats a missing core block),
-    so an untrained model that writes no tags is judged on all it wrote rather than scored 0."""
+    """The whole answer or the inside of its <core perspectives> / <summary> block; an answer without the block is
+    scored whole (as reward.split_perspectives does), so an untagged answer is judged, not scored 0."""
     block = {"core": reward.CORE_BLOCK, "summary": reward.SUMMARY_BLOCK}.get(part)
     m = block.search(answer) if block else None
     return m.group(1) if m else answer
@@ -64,8 +60,7 @@ def scored_text(answer, part="answer"):
 
 # ================================================================ NLI
 def entailment_index(config, name="the NLI model"):
-    """Index of the entailment class, read from config.id2label (never assumed: MNLI heads disagree on the order).
-    Accepts 'entailment' or 'entail' in any case.
+    """Index of the 'entailment' (or 'entail', any case) class in config.id2label: MNLI heads disagree on the order.
 
     >>> entailment_index(type("C", (), {"id2label": {0: "contradiction", 1: "entailment", 2: "neutral"}}))
     1
@@ -74,29 +69,26 @@ def entailment_index(config, name="the NLI model"):
     hits = [i for i, v in labels.items() if v.strip().lower() in ("entailment", "entail")]
     if len(hits) != 1:
         raise ValueError(f"{name}: its id2label {labels} has {'no' if not hits else 'more than one'} 'entailment' "
-                         f"label, so its entailment probability cannot be read. Use an NLI (MNLI-style) model, or "
-                         f"set id2label in its config.json to the label names its classes were trained on.")
+                         f"label; use an NLI (MNLI-style) model, or set id2label in its config.json to its classes")
     return hits[0]
 
 
 def load_nli(name, device="cpu", batch_size=32):
-    """entail(premises, hypotheses) -> P(entailment) per pair, from any HF sequence-classification NLI model.
-    Pairs are run in batches sorted by length (less padding); the model is loaded once."""
+    """entail(premises, hypotheses) -> P(entailment) per pair, in batches sorted by length (less padding)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForSequenceClassification.from_pretrained(name)
     except OSError as e:
-        raise OSError(f"NLI model {name!r} is not available here: no such local directory, not in the Hugging "
-                      f"Face cache, and the hub cannot be reached ({str(e).splitlines()[0][:120]}). Download it once "
-                      f"where there is network (huggingface-cli download {name}) and pass --nli <dir>; "
-                      f"HF_HUB_OFFLINE=1 skips the retries. ") from None
+        raise OSError(f"NLI model {name!r} is not available here: no such local directory, not in the Hugging Face "
+                      f"cache, and the hub cannot be reached ({str(e).splitlines()[0][:120]}). Download it once where "
+                      f"there is network (huggingface-cli download {name}) and pass --nli <dir>; HF_HUB_OFFLINE=1 "
+                      f"skips the retries. ") from None
     k = entailment_index(model.config, f"--nli {name}")
-    if tok.pad_token is None:
+    if tok.pad_token is None:         # a decoder-based classifier: pad with EOS
         tok.pad_token = tok.eos_token
         model.config.pad_token_id = tok.pad_token_id
     model.to(device).eval()
-    max_len = min(tok.model_max_length, 512)
 
     @torch.no_grad()
     def entail(premises, hypotheses):
@@ -105,7 +97,7 @@ def load_nli(name, device="cpu", batch_size=32):
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
             enc = tok([premises[i] for i in idx], [hypotheses[i] for i in idx], padding=True, truncation=True,
-                      max_length=max_len, return_tensors="pt").to(device)
+                      max_length=min(tok.model_max_length, 512), return_tensors="pt").to(device)
             out[idx] = model(**enc).logits.float().softmax(-1)[:, k].cpu().numpy()   # [b, classes] -> [b]
         return out
     return entail
@@ -122,8 +114,7 @@ def situation_score(P):
 
 
 def nli_scores(texts, items, entail):
-    """The situation score of each text against its situation's reference explanations; one entail call for all
-    (premise, hypothesis) pairs of the batch, so the NLI model sees full batches."""
+    """The situation score of each text; every (premise, hypothesis) pair goes to one entail call (full batches)."""
     premises, hypotheses, shapes = [], [], []
     for text, s in zip(texts, items):
         sents, refs = split_sentences(text), [p.explanation for p in s.perspectives]
@@ -131,20 +122,15 @@ def nli_scores(texts, items, entail):
         hypotheses += [h for _ in refs for h in sents]
         shapes.append((len(refs), len(sents)))
     probs = np.asarray(entail(premises, hypotheses), dtype=float) if premises else np.zeros(0)   # [n_pairs]
-    scores, start = [], 0
-    for n_ref, n_sent in shapes:
-        scores.append(situation_score(probs[start:start + n_ref * n_sent].reshape(n_ref, n_sent)))
-        start += n_ref * n_sent
-    return scores
+    ends = np.cumsum([r * c for r, c in shapes])
+    return [situation_score(probs[end - r * c:end].reshape(r, c)) for (r, c), end in zip(shapes, ends)]
 
 
 # ================================================================ offline metric
 def embedding_coverage(texts, items, embedder, threshold=reward.COVERAGE_THRESHOLD):
-    """Share of the reference perspective lines ('In the perspective of NAME, EXPLANATION') that the answer covers,
-    by reward.coverage_reward (greedy one-to-one matching at cosine >= 0.70). The answer's pieces are its
-    sentences, not reward.split_perspectives: an untrained model writes no 'In the perspective of' lines, so
-    split_perspectives would give it one piece and at most 1 / n coverage whatever it says. No [KW] masking:
-    that guards the reward against echoing the prompt; here every model is measured on what it wrote."""
+    """Share of the reference lines ('In the perspective of NAME, EXPLANATION') that reward.coverage_reward (greedy
+    one-to-one, cosine >= 0.70) matches to the answer's sentences. Sentences, not reward.split_perspectives: that
+    gives a tagless answer one piece, at most 1 / n. No [KW] masking: each model is measured on what it wrote."""
     refs = [[reward.perspective_line(p.name, p.explanation) for p in s.perspectives] for s in items]
     cands = [split_sentences(t) for t in texts]
     E = reward.unit_embeddings(embedder, [x for group in refs + cands for x in group])
@@ -164,40 +150,36 @@ def summarize(scores, threshold=ACCURACY_THRESHOLD):
     """
     x = np.asarray(scores, dtype=float)
     std = float(x.std(ddof=1)) if len(x) > 1 else float("nan")
-    return dict(n=len(x), mean=float(x.mean()), std=std, se=std / math.sqrt(len(x)),
+    return dict(n=len(x), mean=float(x.mean()), std=std, se=std / np.sqrt(len(x)),
                 accuracy=float((x > threshold).mean()))
 
 
 # ================================================================ answers
 def resolve_model(name):
-    """None or 'default' -> None (the embedded SmolLM2); an opgrpo_min.py run dir -> its checkpoint; a local path
-    that does not exist -> a clear error (instead of a failed hub download)."""
+    """None or 'default' -> None (embedded SmolLM2); a run dir -> its checkpoint; a missing local path -> an error."""
     if name in (None, "default"):
         return None
-    if os.path.isfile(os.path.join(name, "checkpoint", "trainer_state.json")):  # a run dir (its config.json is the
-        return opgrpo_min.find_checkpoint(name)                                   # run's, not a model's)
+    if os.path.isdir(os.path.join(name, "checkpoint")):      # a run dir: its config.json is the run's, not a model's
+        return find_checkpoint(name)
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
-        if os.path.isdir(os.path.join(name, "checkpoint")):
-            return opgrpo_min.find_checkpoint(name)
         raise FileNotFoundError(f"--model {name}: the directory holds no model (no config.json); pass a "
                                 f"save_pretrained directory, e.g. runs/default/checkpoint or runs/default/sft")
-    opgrpo_min.check_model_path(name, "--model")
+    check_model_path(name, "--model")
     return name
 
 
 def generate_answers(name, items, styles, args, samples=1):
-    """`samples` answers per situation and prompt style, sampled at test-time settings (sample_groups, G = samples).
-    Both styles share the batches: a CPU decode step costs about the same for 16 or 88 prompts (it is bound by
-    reading the weights), so fewer, wider generate calls are the fast way."""
-    model, tok = opgrpo_min.load_policy(resolve_model(name), args.device)
+    """`samples` answers per situation and prompt style at test-time settings (sample_groups, G = samples). The
+    styles share batches: a CPU decode step costs about the same for 16 or 88 prompts (reading the weights)."""
+    model, tok = load_policy(resolve_model(name), args.device)
     todo = [(s, style) for style in styles for s in items]
     torch.manual_seed(args.seed)
     rows = []
     for b in range(0, len(todo), args.batch_size):
         batch = todo[b:b + args.batch_size]
-        prompts = [opgrpo_min.chat_prompt(tok, s.situation, style) for s, style in batch]
-        texts = opgrpo_min.sample_groups(model, tok, prompts, samples, args.max_new_tokens, args.temperature,
-                                         args.top_p, MAX_PROMPT_LEN).texts                 # answers of prompt i: i*G..
+        prompts = [chat_prompt(tok, s.situation, style) for s, style in batch]
+        texts = sample_groups(model, tok, prompts, samples, args.max_new_tokens, args.temperature, args.top_p,
+                              MAX_PROMPT_LEN).texts                                   # answers of prompt i: i*G..
         rows += [dict(id=s.id, model=name or "default", prompt=style, answer=texts[i * samples + k],
                       situation=s.situation, **({"sample": k} if samples > 1 else {}))
                  for i, (s, style) in enumerate(batch) for k in range(samples)]
@@ -209,18 +191,18 @@ def load_answers(path, items):
     """{(model, prompt): answers in the order of `items`}, matched by id (never by row order). Every id must be in
     the test set, and every (model, prompt) must answer every test situation exactly once; a null answer is empty."""
     known, groups = {s.id for s in items}, {}
-    for n, row in opgrpo_min.read_jsonl(path, "answers"):
-        try:
-            key, sid, answer = (row["model"], row["prompt"]), str(row["id"]), row["answer"]
-        except KeyError as e:
+    for n, row in read_jsonl(path, "answers"):
+        missing = [k for k in ("id", "model", "prompt", "answer") if k not in row]
+        if missing:
             raise ValueError(f"{path}, line {n}: expected a JSON object with id, model, prompt, answer "
-                             f"(missing {e})") from None
+                             f"(missing {', '.join(missing)})")
+        key, sid = (row["model"], row["prompt"]), str(row["id"])
         if sid not in known:
             raise ValueError(f"{path}, line {n}: id {sid!r} is not in the test set; the answers were made for "
                              f"another data file: pass that file as --data")
         if sid in groups.setdefault(key, {}):
             raise ValueError(f"{path}, line {n}: a second answer of model {key[0]!r}, prompt {key[1]!r} to {sid!r}")
-        groups[key][sid] = answer if isinstance(answer, str) else ""
+        groups[key][sid] = row["answer"] if isinstance(row["answer"], str) else ""
     if not groups:
         raise ValueError(f"{path}: no answers in the file")
     for (model, prompt), answers in groups.items():
@@ -234,59 +216,52 @@ def load_answers(path, items):
 # ================================================================ report
 def report_rows(results, items):
     """One row per (model, prompt, metric) x stratum ('all', then each number of reference perspectives)."""
-    strata = sorted({len(s.perspectives) for s in items})
-    rows = []
-    for (model, prompt, metric), scores in results.items():
-        for stratum in ["all"] + strata:
-            sel = [x for x, s in zip(scores, items) if stratum == "all" or len(s.perspectives) == stratum]
-            rows.append(dict(model=model, prompt=prompt, metric=metric, stratum=stratum, **summarize(sel)))
-    return rows
+    strata = ["all"] + sorted({len(s.perspectives) for s in items})
+    return [dict(model=model, prompt=prompt, metric=metric, stratum=k,
+                 **summarize([x for x, s in zip(scores, items) if k in ("all", len(s.perspectives))]))
+            for (model, prompt, metric), scores in results.items() for k in strata]
 
 
 def markdown_table(rows, notes):
     """The notes, the overall table, and Accuracy per stratum (the CSV has every statistic of every stratum)."""
+    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"
+    system = lambda r: [r["model"], r["prompt"], r["metric"]]
     main = [r for r in rows if r["stratum"] == "all"]
     strata = {r["stratum"]: r["n"] for r in rows if r["stratum"] != "all"}
-    acc = {(r["model"], r["prompt"], r["metric"], r["stratum"]): r["accuracy"] for r in rows}
-    md = notes + ["", "| model | prompt | metric | n | mean | std | se | accuracy |", "|" + "---|" * 8]
-    md += [f"| {r['model']} | {r['prompt']} | {r['metric']} | {r['n']} | {r['mean']:.3f} | {r['std']:.3f} | "
-           f"{r['se']:.3f} | {r['accuracy']:.3f} |" for r in main]
-    md += ["", "Accuracy by number of reference perspectives (situations: "
-           + ", ".join(f"{k}: {n}" for k, n in strata.items()) + ")", "",
-           "| model | prompt | metric | " + " | ".join(map(str, strata)) + " |", "|" + "---|" * (3 + len(strata))]
-    md += [f"| {r['model']} | {r['prompt']} | {r['metric']} | "
-           + " | ".join(f"{acc[(r['model'], r['prompt'], r['metric'], k)]:.2f}" for k in strata) + " |" for r in main]
+    acc = {(*system(r), r["stratum"]): r["accuracy"] for r in rows}
+    md = notes + ["", line(["model", "prompt", "metric", "n", "mean", "std", "se", "accuracy"]), "|" + "---|" * 8]
+    md += [line(system(r) + [r["n"]] + [f"{r[k]:.3f}" for k in ("mean", "std", "se", "accuracy")]) for r in main]
+    md += ["", f"Accuracy by number of reference perspectives (situations: "
+               f"{', '.join(f'{k}: {n}' for k, n in strata.items())})", ""]
+    md += [line(["model", "prompt", "metric", *strata]), "|" + "---|" * (3 + len(strata))]
+    md += [line(system(r) + [f"{acc[(*system(r), k)]:.2f}" for k in strata]) for r in main]
     return "\n".join(md)
 
 
 def plot_accuracy(rows, path):
-    """Bar chart of Accuracy per (model, prompt), one bar per metric, error bar = binomial standard error
-    sqrt(p (1 - p) / n). matplotlib is optional: without it the chart is skipped with a note."""
-    plt = opgrpo_min.pyplot(os.path.basename(path))
+    """Accuracy per (model, prompt), a bar per metric, error bar sqrt(p (1 - p) / n); without matplotlib, a note."""
+    plt = pyplot(os.path.basename(path))
     if plt is None:
         return
-    main = [r for r in rows if r["stratum"] == "all"]
-    metrics = list(dict.fromkeys(r["metric"] for r in main))
-    systems = list(dict.fromkeys((r["model"], r["prompt"]) for r in main))
-    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(systems) * len(metrics), 3.8))
+    main = {(r["model"], r["prompt"], r["metric"]): r for r in rows if r["stratum"] == "all"}
+    metrics, systems = list(dict.fromkeys(k[2] for k in main)), list(dict.fromkeys(k[:2] for k in main))
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(main), 3.8))
     width = 0.8 / len(metrics)
     for k, metric in enumerate(metrics):
-        acc = [next(r for r in main if (r["model"], r["prompt"], r["metric"]) == (m, p, metric)) for m, p in systems]
-        ax.bar(np.arange(len(systems)) + k * width, [a["accuracy"] for a in acc], width, label=metric, capsize=3,
-               yerr=[math.sqrt(a["accuracy"] * (1 - a["accuracy"]) / a["n"]) for a in acc])
+        p, n = np.array([[main[(*s, metric)][x] for x in ("accuracy", "n")] for s in systems]).T   # [n_systems] each
+        ax.bar(np.arange(len(systems)) + k * width, p, width, yerr=np.sqrt(p * (1 - p) / n), label=metric, capsize=3)
     ax.set_xticks(np.arange(len(systems)) + 0.4 - width / 2, [f"{m}\n{p}" for m, p in systems], fontsize=7)
     ax.set_ylabel(f"Accuracy (score > {ACCURACY_THRESHOLD})"), ax.set_ylim(0, 1), ax.legend(fontsize=7)
     fig.tight_layout()
-    with opgrpo_min.replaced(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 # ================================================================ main
 def main(argv=None):
-    p = opgrpo_min.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", help="policy: hub id, local dir, opgrpo_min.py run dir or "
-                   "checkpoint; 'default' = embedded SmolLM2-135M. Repeat for several (default: default)")
+    """Generate (or read) the answers, score them by every metric, write OUT/results.csv, .md and accuracy.png."""
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", help="policy, repeatable: hub id, local dir, opgrpo_min.py run dir "
+                   "or checkpoint; 'default' (the default) = embedded SmolLM2-135M")
     p.add_argument("--prompt", choices=("implicit", "explicit", "both"), default="both",
                    help="implicit = the training prompt; explicit asks for perspectives (the paper's baseline)")
     p.add_argument("--answers", help="score this answers JSONL (id, model, prompt, answer) instead of generating")
@@ -306,35 +281,36 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.answers and args.model:
         p.error("give --model (generate answers) or --answers (re-score a file), not both")
-    args.model, args.nli = args.model or (None if args.answers else ["default"]), args.nli or [PAPER_NLI]
-    for k in ("max_new_tokens", "batch_size", "nli_batch_size"):
-        if getattr(args, k) < 1:
-            p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: must be >= 1")
-    if not (args.temperature > 0 and 0 < args.top_p <= 1):
-        p.error(f"--temperature {args.temperature} / --top-p {args.top_p}: need temperature > 0, top_p in (0, 1]")
-    items, t0 = opgrpo_min.load_situations(args.data), time.perf_counter()   # inputs first, then any output
+    checks = [(k, getattr(args, k) >= 1, ">= 1") for k in ("max_new_tokens", "batch_size", "nli_batch_size")]
+    checks += [("temperature", args.temperature > 0, "> 0"), ("top_p", 0 < args.top_p <= 1, "in (0, 1]")]
+    for k, ok, words in checks:
+        if not ok:  # NaN fails every comparison, so it lands here too
+            p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: must be {words}")
+    args.model = args.model or (None if args.answers else ["default"])
+    args.nli = args.nli or [PAPER_NLI]
+    items, t0 = load_situations(args.data), time.perf_counter()   # inputs first, then any output
     groups = load_answers(args.answers, items) if args.answers else None
     for name in args.model or []:
         resolve_model(name)                                      # a bad path fails before any generation
-    opgrpo_min.check_model_path(args.sim_model, "--sim-model")
-    opgrpo_min.check_out_dir(args.out)
+    check_model_path(args.sim_model, "--sim-model")
+    check_out_dir(args.out)
     print("config:", json.dumps(vars(args)))
-    opgrpo_min.write_text(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=1))
-
-    if not args.answers:  # ---- generate (then read back from the file, so both paths score the same way)
+    write_text(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=1))
+    if not args.answers:  # ---- generate, then read back from the file, so both paths score the same way
         styles = ["implicit", "explicit"] if args.prompt == "both" else [args.prompt]
         rows = [r for name in args.model for r in generate_answers(name, items, styles, args)]
         args.answers = os.path.join(args.out, "answers.jsonl")
-        opgrpo_min.write_text(args.answers, "".join(json.dumps(r) + "\n" for r in rows))
+        write_text(args.answers, "".join(json.dumps(r) + "\n" for r in rows))
         print(f"[generate] {len(rows)} answers in {time.perf_counter() - t0:.0f} s -> {args.answers}")
         groups = load_answers(args.answers, items)
     t1 = time.perf_counter()
     texts = {key: [scored_text(a, args.score) for a in answers] for key, answers in groups.items()}
 
     # ---- offline metric, then each NLI backbone that can be loaded
-    sim_name = os.path.basename((args.sim_model or "all-MiniLM-L6-v2").rstrip("/"))
+    short = lambda name: os.path.basename(name.rstrip("/"))
     embedder = reward.load_embedder(args.sim_model, device=args.device)
-    results = {(m, pr, f"coverage {sim_name}"): embedding_coverage(t, items, embedder) for (m, pr), t in texts.items()}
+    sim_name = short(args.sim_model or "all-MiniLM-L6-v2")
+    results = {(*key, f"coverage {sim_name}"): embedding_coverage(t, items, embedder) for key, t in texts.items()}
     notes = [f"Scored text: {PARTS[args.score]}. Accuracy: share of situations with score > {ACCURACY_THRESHOLD}. "
              f"Coverage: share of reference perspectives matched at cosine >= {reward.COVERAGE_THRESHOLD}."]
     for name in [n for n in args.nli if n.lower() != "none"]:
@@ -345,19 +321,19 @@ def main(argv=None):
                   file=sys.stderr)
             notes.append(f"NLI {name}: not available here (offline), no NLI rows.")
             continue
-        for (m, pr), t in texts.items():
-            results[(m, pr, f"NLI {os.path.basename(name.rstrip('/'))}")] = nli_scores(t, items, entail)
+        results.update({(*key, f"NLI {short(name)}"): nli_scores(t, items, entail) for key, t in texts.items()})
     rows = report_rows(results, items)
     csv_text = io.StringIO()
     w = csv.DictWriter(csv_text, fieldnames=list(rows[0]))
-    w.writeheader(), w.writerows(rows)
-    opgrpo_min.write_text(os.path.join(args.out, "results.csv"), csv_text.getvalue())
+    w.writeheader()
+    w.writerows(rows)
+    write_text(os.path.join(args.out, "results.csv"), csv_text.getvalue())
     table = markdown_table(rows, notes)
     print(table)
-    opgrpo_min.write_text(os.path.join(args.out, "results.md"), table + "\n")
+    write_text(os.path.join(args.out, "results.md"), table + "\n")
     plot_accuracy(rows, os.path.join(args.out, "accuracy.png"))
     print(f"[time] generation {t1 - t0:.0f} s, scoring {time.perf_counter() - t1:.0f} s; results in {args.out}")
 
 
 if __name__ == "__main__":
-    opgrpo_min.run_cli(main)
+    run_cli(main)

@@ -3,10 +3,12 @@
     python study.py                  # the whole study on the CPU -> runs/study/ (training stages: 40 min on 2 busy
                                      # cores; then about 5 min per row of answers when the cores are free)
     python study.py --smoke          # the same pipeline at tiny settings, a few minutes (CI runs it)
+    python study.py --out runs/study_t547 --coverage-threshold 0.547   # a fix attempt (README: "Does it work?")
 
     1. Stage 1: sim_train.py fine-tunes MiniLM on the training paraphrases; the reward uses it (the paper's order).
     2. SFT warm start: one full epoch over data/train.jsonl (31 steps of 4), saved once and shared by every seed.
-    3. GRPO from that SFT model, reward under the Stage-1 estimator, for each of --seeds.
+    3. GRPO from that SFT model, reward under the Stage-1 estimator, for each of --seeds. --coverage-threshold moves
+       the reward's 0.70 (an option, off by default); the Stage-1 model's own calibrated threshold is in the report.
     4. 4 answers per held-out situation of data/test.jsonl (temperature 0.7, top_p 0.9, the paper's eval sampling)
        from: base (implicit prompt), base (explicit prompt), SFT, and OP-GRPO of every seed.
     5. Per answer: coverage under the Stage-1 estimator (what GRPO trained against) and under the untuned MiniLM at
@@ -24,13 +26,14 @@ import numpy as np
 import eval_nli
 import opgrpo_min as om
 import reward
+import support
 import sim_train
 
 FULL = dict(sft_steps=31, steps=12, prompts_per_step=2, group_size=4, max_new_tokens=160, lr=5e-6, seeds=3,
-            samples=4, eval_tokens=160, sim_epochs=2, situations=None)
+            samples=4, eval_tokens=160, sim_epochs=2, situations=None, coverage_threshold=reward.COVERAGE_THRESHOLD)
 SMOKE = dict(sft_steps=2, steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8, lr=5e-6, seeds=2,
-             samples=2, eval_tokens=8, sim_epochs=1, situations=4)
-METRICS = ("coverage_stage1", "coverage_minilm", "distinct", "in_format", "words", "repeats")
+             samples=2, eval_tokens=8, sim_epochs=1, situations=4, coverage_threshold=reward.COVERAGE_THRESHOLD)
+METRICS = ("coverage_stage1", "coverage_stage1_at_t", "coverage_minilm", "distinct", "in_format", "words", "repeats")
 
 
 # ================================================================ the yardsticks
@@ -84,8 +87,9 @@ def answer_stats(text, embedder):
     return dict(distinct=distinct, in_format=float(in_format), words=len(text.split()), repeats=float(repeats))
 
 
-def per_situation(rows, items, stage1, minilm, threshold):
-    """{metric: [mean over the answers of each situation, in the order of items]} for one model's answers."""
+def per_situation(rows, items, stage1, minilm, threshold, reward_threshold):
+    """{metric: [mean over the answers of each situation, in the order of items]} for one model's answers.
+    coverage_stage1 is at the paper's 0.70, coverage_stage1_at_t at the threshold the GRPO reward used."""
     by_id = {}
     for r in rows:
         by_id.setdefault(r["id"], []).append(r["answer"])
@@ -94,9 +98,11 @@ def per_situation(rows, items, stage1, minilm, threshold):
         answers = by_id[s.id]
         cov1 = eval_nli.embedding_coverage(answers, [s] * len(answers), stage1)
         cov2 = eval_nli.embedding_coverage(answers, [s] * len(answers), minilm, threshold)
+        cov3 = eval_nli.embedding_coverage(answers, [s] * len(answers), stage1, reward_threshold)
         stats = [answer_stats(a, stage1) for a in answers]
         out["coverage_stage1"].append(float(np.mean(cov1)))
         out["coverage_minilm"].append(float(np.mean(cov2)))
+        out["coverage_stage1_at_t"].append(float(np.mean(cov3)))
         for m in ("distinct", "in_format", "words", "repeats"):
             out[m].append(float(np.mean([x[m] for x in stats])))
     return out
@@ -125,9 +131,9 @@ def paired(a, b, n_boot=10000, seed=0):
 def run(args):
     S = dict(SMOKE if args.smoke else FULL, **{k: v for k, v in vars(args).items() if k in FULL and v is not None})
     out, t0 = args.out, time.time()
-    om.check_out_dir(out)
-    train_items = om.load_situations(args.train_data)
-    test_items = om.load_situations(args.test_data)[:S["situations"]]
+    support.check_out_dir(out)
+    train_items = support.load_situations(args.train_data)
+    test_items = support.load_situations(args.test_data)[:S["situations"]]
     log = lambda msg: print(f"[study {time.time() - t0:5.0f} s] {msg}", flush=True)
 
     # ---- 1. Stage 1: the similarity estimator the reward uses
@@ -143,6 +149,7 @@ def run(args):
     # ---- 2-3. SFT once, then GRPO for each seed from it
     common = ["--train-data", args.train_data, "--sim-model", sim_dir, "--prompts-per-step", str(S["prompts_per_step"]),
               "--group-size", str(S["group_size"]), "--max-new-tokens", str(S["max_new_tokens"]), "--lr", str(S["lr"]),
+              "--coverage-threshold", str(S["coverage_threshold"]),
               "--sample-every", "0", "--save-every", "0", "--device", "cpu"]
     model_args = ["--model", args.model] if args.model else []
     runs = [os.path.join(out, f"grpo_seed{k}") for k in range(S["seeds"])]
@@ -150,8 +157,9 @@ def run(args):
     for k, run_dir in enumerate(runs):
         if os.path.isfile(os.path.join(run_dir, "checkpoint", "trainer_state.json")):
             continue
-        log(f"GRPO seed {k}" + (" (after the SFT warm start)" if k == 0 else f" from {sft}"))
-        start = model_args + ["--sft-steps", str(S["sft_steps"])] if k == 0 else ["--model", sft, "--sft-steps", "0"]
+        warm = k == 0 and not os.path.isdir(sft)  # a saved SFT model (say, copied from another study) is reused
+        log(f"GRPO seed {k}" + (" (after the SFT warm start)" if warm else f" from {sft}"))
+        start = model_args + ["--sft-steps", str(S["sft_steps"])] if warm else ["--model", sft, "--sft-steps", "0"]
         om.main(start + common + ["--steps", str(S["steps"]), "--seed", str(k), "--out", run_dir])
 
     # ---- 4. answers to the held-out situations
@@ -160,7 +168,7 @@ def run(args):
               ("SFT", sft, "implicit")] + [(f"OP-GRPO seed {k}", r, "implicit") for k, r in enumerate(runs)]
     done = {}
     if os.path.exists(answers_path):
-        for _, row in om.read_jsonl(answers_path, "answers"):
+        for _, row in support.read_jsonl(answers_path, "answers"):
             done.setdefault(row["row"], []).append(row)
     gen = argparse.Namespace(device="cpu", seed=args.seed, batch_size=args.batch_size, max_new_tokens=S["eval_tokens"],
                              temperature=0.7, top_p=0.9)
@@ -174,7 +182,8 @@ def run(args):
         done[name] = rows
 
     # ---- 5. metrics, paired differences, report
-    table = {name: per_situation(done[name], test_items, stage1, minilm, threshold) for name, _, _ in models}
+    table = {name: per_situation(done[name], test_items, stage1, minilm, threshold, S["coverage_threshold"])
+             for name, _, _ in models}
     grpo = [f"OP-GRPO seed {k}" for k in range(S["seeds"])]
     table["OP-GRPO (seed mean)"] = {m: list(np.mean([table[g][m] for g in grpo], 0)) for m in METRICS}
     diffs = {f"{a} - {b}": {m: paired(table[a][m], table[b][m]) for m in METRICS}
@@ -196,9 +205,9 @@ def run(args):
                   means={name: {m: float(np.mean(v)) for m, v in t.items()} for name, t in table.items()},
                   seed_spread=seed_spread, paired=diffs, why=why, per_situation=table, training=training,
                   wall_s=round(time.time() - t0))
-    om.write_text(os.path.join(out, "study.json"), json.dumps(result, indent=1))
+    support.write_text(os.path.join(out, "study.json"), json.dumps(result, indent=1))
     plot_training(os.path.join(out, "training.png"), training)
-    om.write_text(os.path.join(out, "report.md"), report(result, test_items, done))
+    support.write_text(os.path.join(out, "report.md"), report(result, test_items, done))
     log(f"done: {out}/report.md")
     print(report(result, test_items, done))
     return result
@@ -207,7 +216,7 @@ def run(args):
 def plot_training(png, training):
     """The diagnostics of every seed's metrics.jsonl over the GRPO steps: reward, coverage and format terms, the
     share of zero-spread groups (no learning signal), the entropy of the sampled tokens, and the KL."""
-    plt = om.pyplot(png)
+    plt = support.pyplot(png)
     if plt is None:
         return
     keys = ("reward", "coverage", "format", "zero_spread", "entropy", "kl")
@@ -220,9 +229,7 @@ def plot_training(png, training):
     for ax in axes[1]:
         ax.set_xlabel("GRPO step")
     fig.tight_layout()
-    with om.replaced(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    support.save_figure(plt, fig, png, dpi=110)
 
 
 def report(r, items, answers):
@@ -249,7 +256,7 @@ def report(r, items, answers):
 
 
 def parse_args(argv=None):
-    p = om.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = support.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny settings, a few minutes: the pipeline, not a result")
     p.add_argument("--out", default="runs/study", help="everything; a stage whose output is there is not run again")
     p.add_argument("--model", help="policy: hub id or local dir (default: the embedded SmolLM2-135M-Instruct)")
@@ -263,7 +270,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the answers")
     args = p.parse_args(argv)
     for k in ("model", "sim_base"):
-        om.check_model_path(getattr(args, k), "--" + k.replace("_", "-"))
+        support.check_model_path(getattr(args, k), "--" + k.replace("_", "-"))
     return args
 
 
@@ -272,4 +279,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    om.run_cli(main)
+    support.run_cli(main)

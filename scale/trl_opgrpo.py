@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 
 import torch
 
@@ -20,6 +21,7 @@ if ROOT not in sys.path:  # run as a script: the core modules and the scale pack
     sys.path.insert(0, ROOT)
 import opgrpo_min as om  # noqa: E402
 import reward  # noqa: E402
+import support
 from scale import prompt_messages  # noqa: E402
 
 # ================================================================ config: opgrpo_min's knobs, the paper's values
@@ -54,7 +56,7 @@ HELP = {
 
 def parse_args(argv=None):
     """The knobs above plus TRL-only ones; opgrpo_min.resolve_config checks every range, with its messages."""
-    p = om.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = support.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for k, words in HELP.items():
         flag, d = "--" + k.replace("_", "-"), DEFAULTS[k]
         if isinstance(d, bool):
@@ -118,11 +120,40 @@ def grpo_config(a, world_size):
 # ================================================================ data: our loaders, conversational rows
 def grpo_dataset(items):
     """One row per situation: the implicit prompt as chat messages (TRL applies the template), and the columns
-    reward.OPReward reads: the reference answer and the situation (its words are masked in answers)."""
+    OPReward reads: the reference answer and the situation (its words are masked in answers)."""
     from datasets import Dataset
     return Dataset.from_dict(dict(prompt=[prompt_messages(s.situation) for s in items],
                                   reference=[om.reference_answer(s) for s in items],
                                   situation=[s.situation for s in items]))
+
+
+# ================================================================ the reward: reward.py's OP reward as TRL calls it
+class OPReward:
+    """The OP reward as a TRL GRPOTrainer reward function, for training on many GPUs:
+        GRPOTrainer(model, reward_funcs=OPReward(), train_dataset=ds)   # columns: prompt, reference, situation
+    TRL passes the prompts, the completions (strings or [{"role": "assistant", "content": ...}]) and every
+    other dataset column by name. 'reference' is required; without 'situation' nothing is masked (with a warning).
+    embedder: a SentenceTransformer, a hub id or local directory, or None for the embedded MiniLM."""
+
+    def __init__(self, embedder=None, mask_keywords="answer", min_perspectives=0,
+                 coverage_threshold=reward.COVERAGE_THRESHOLD, uniqueness_threshold=reward.UNIQUENESS_THRESHOLD):
+        if mask_keywords not in reward.MASK_MODES:   # before the embedder loads, not at the first step
+            raise ValueError(f"mask_keywords must be one of {reward.MASK_MODES}, got {mask_keywords!r}")
+        self.embedder = embedder if hasattr(embedder, "encode") else reward.load_embedder(embedder)
+        self.options = dict(mask_keywords=mask_keywords, min_perspectives=min_perspectives,
+                            coverage_threshold=coverage_threshold, uniqueness_threshold=uniqueness_threshold)
+        self.__name__ = "op_reward"                               # TRL logs a reward function by its __name__
+
+    def __call__(self, prompts=None, completions=None, reference=None, situation=None, **kwargs):
+        if reference is None:
+            raise ValueError("OPReward needs the dataset column 'reference' (each prompt's reference answer text "
+                             "or its list of perspectives)")
+        if situation is None and self.options["mask_keywords"] != "none":
+            warnings.warn("OPReward: no 'situation' column, so no keyword is masked", stacklevel=2)
+        texts = [c if not isinstance(c, list) else "".join(m.get("content") or "" for m in c
+                                                           if m.get("role", "assistant") == "assistant")
+                 for c in completions]
+        return reward.op_reward(texts, reference, self.embedder, situations=situation, **self.options)
 
 
 # ================================================================ stage 0: SFT warm start
@@ -151,21 +182,21 @@ def sft_warm_start(model, tok, items, a):
 # ================================================================ stage 2: GRPO on TRL
 def train(a, reward_fn=None):
     """Load and check the inputs, warm-start if asked, run GRPO; returns the trainer (its state.log_history holds
-    the per-step rows). reward_fn defaults to reward.OPReward with the chosen similarity model."""
-    items = om.load_situations(a.train_data)  # every input is checked before anything is loaded or written
-    om.check_model_path(a.model, "--model"), om.check_model_path(a.sim_model, "--sim-model")
-    om.check_out_dir(a.out)
+    the per-step rows). reward_fn defaults to OPReward with the chosen similarity model."""
+    items = support.load_situations(a.train_data)  # every input is checked before anything is loaded or written
+    support.check_model_path(a.model, "--model"), support.check_model_path(a.sim_model, "--sim-model")
+    support.check_out_dir(a.out)
     from trl import GRPOTrainer
     cfg = grpo_config(a, int(os.environ.get("WORLD_SIZE", "1"))) if a.steps else None  # checked before any SFT
     model, tok = a.model, None
     if model is None or model.endswith(".gguf"):  # opgrpo_min's loader converts these to a plain model
-        model, tok = om.load_policy(model, device="cpu", trust_remote_code=a.trust_remote_code)
+        model, tok = support.load_policy(model, device="cpu", trust_remote_code=a.trust_remote_code)
     if a.sft_steps:
         model, tok = sft_warm_start(model, tok, items, a), None  # the reference model is the warm start
     if cfg is None:
         return None
     if reward_fn is None:  # after GRPOConfig has set up the processes: each loads the embedder on its own GPU
-        reward_fn = reward.OPReward(a.sim_model, mask_keywords=a.mask_keywords, min_perspectives=a.min_perspectives)
+        reward_fn = OPReward(a.sim_model, mask_keywords=a.mask_keywords, min_perspectives=a.min_perspectives)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=cfg, train_dataset=grpo_dataset(items),
                           processing_class=tok, peft_config=om.lora_config(a.lora_rank) if a.lora_rank else None)
     trainer.train()
@@ -178,4 +209,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    om.run_cli(main)
+    support.run_cli(main)

@@ -14,8 +14,8 @@ torch.set_num_threads(2)
 def default_tokenizer_dir(tmp_path_factory):
     """The SmolLM2 tokenizer, converted from the embedded GGUF once and saved as a plain directory."""
     from transformers import AutoTokenizer
-    import opgrpo_min
-    src, gguf = opgrpo_min.default_policy_source()
+    import support
+    src, gguf = support.default_policy_source()
     path = tmp_path_factory.mktemp("tokenizer")
     AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(path)
     return str(path)
@@ -40,8 +40,8 @@ def tiny_model_dir(default_tokenizer_dir, tmp_path_factory):
 @pytest.fixture
 def tiny_policy(tiny_model_dir):
     """(model, tokenizer) of the tiny model, fresh for each test."""
-    import opgrpo_min
-    return opgrpo_min.load_policy(tiny_model_dir, device="cpu")
+    import support
+    return support.load_policy(tiny_model_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")

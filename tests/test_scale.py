@@ -10,7 +10,9 @@ import torch
 
 import opgrpo_min as om
 import reward
+import support
 from scale import prompt_messages, to_verl_parquet, trl_opgrpo, verl_reward
+from test_reward import REF, SITUATION, BagOfWords  # test_reward.py's stand-in embedder and hand-made reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "data", "train.jsonl")
@@ -18,7 +20,7 @@ TRAIN = os.path.join(ROOT, "data", "train.jsonl")
 
 @pytest.fixture(scope="module")
 def items():
-    return om.load_situations(TRAIN)
+    return support.load_situations(TRAIN)
 
 
 # ================================================================ the scripts as programs
@@ -44,7 +46,7 @@ def test_trl_script_help_runs_as_a_file_and_lists_the_paper_knobs():
                                          (["--model", "./no/such/dir"], "--model ./no/such/dir: no such file")])
 def test_trl_script_bad_input_is_one_line_error(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
-        om.run_cli(trl_opgrpo.main, argv)
+        support.run_cli(trl_opgrpo.main, argv)
     message = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
     assert words in message and "\n" not in message.strip()
 
@@ -88,10 +90,29 @@ def test_trl_ratio_cap_delta_is_the_recipes_dual_clip():
     assert torch.allclose(*(torch.autograd.grad(x, logp)[0] for x in (ours, trl)))    # the same gradient too
 
 
+# ================================================================ TRL: the OP reward as a reward function
+def test_opreward_takes_trl_arguments_and_conversational_completions():
+    fn = trl_opgrpo.OPReward(BagOfWords(), mask_keywords="both")
+    assert fn.__name__ == "op_reward"
+    plain = fn(prompts=["p", "p"], completions=[REF, ""], reference=[REF, REF], situation=[SITUATION] * 2,
+               completion_ids=[[1], [2]], trainer_state=None)
+    chat = fn(prompts=[[{"role": "user", "content": "p"}]] * 2,
+              completions=[[{"role": "assistant", "content": REF}], [{"role": "assistant", "content": ""}]],
+              reference=[REF, REF], situation=[SITUATION] * 2)
+    assert plain == chat == [pytest.approx(2.0), 0.0]
+
+
+def test_opreward_names_the_missing_reference_column():
+    with pytest.raises(ValueError, match="'reference'"):
+        trl_opgrpo.OPReward(BagOfWords())(prompts=["p"], completions=["c"])
+    with pytest.warns(UserWarning, match="situation"):
+        trl_opgrpo.OPReward(BagOfWords())(prompts=["p"], completions=[REF], reference=[REF])
+
+
 # ================================================================ TRL: 2 real steps, the reward it logs
 def captured(embedder):
-    """reward.OPReward (what trl_opgrpo uses) wrapped to record what TRL handed it and what it returned."""
-    score, calls = reward.OPReward(embedder), []
+    """trl_opgrpo.OPReward wrapped to record what TRL handed it and what it returned."""
+    score, calls = trl_opgrpo.OPReward(embedder), []
 
     def op_reward(**kw):
         out = score(**kw)
@@ -252,5 +273,5 @@ def test_parquet_rows_are_what_verl_reads(tmp_path, items):
 def test_reading_a_parquet_from_elsewhere_names_the_row(tmp_path):
     pytest.importorskip("pyarrow")
     to_verl_parquet.write_parquet([dict(data_source="gsm8k", prompt="2 + 2?")], str(tmp_path / "x.parquet"))
-    with pytest.raises(om.DataError, match=r"x.parquet, row 0: not a row written by scale/to_verl_parquet.py"):
+    with pytest.raises(support.DataError, match=r"x.parquet, row 0: not a row written by scale/to_verl_parquet.py"):
         to_verl_parquet.read_parquet(str(tmp_path / "x.parquet"))

@@ -8,7 +8,7 @@ import torch
 
 import reward
 import sim_train
-from opgrpo_min import Perspective, Situation
+from support import Perspective, Situation
 
 
 @pytest.fixture
@@ -141,6 +141,26 @@ def test_no_duplicates_keeps_a_text_out_of_a_batch_that_already_holds_it(monkeyp
     sim_train.train(reward.load_embedder(device="cpu"), rows, batch_size=6, epochs=1, no_duplicates=no_duplicates)
     repeats = sum(len(b) - len(set(b)) for b in seen)
     assert seen and ((repeats == 0) if no_duplicates else (len(seen) == 1 and repeats == 5))
+
+
+def test_mnrl_is_the_cross_entropy_over_scaled_cosines_by_hand(minilm):
+    """The loss sim_train.train hands to the trainer, on one batch of 3 triplets: mean_k -log softmax_d(64 cos(a_k, d))
+    at d = p_k, over the 6 candidates d (the 3 positives, then the 3 hard negatives). In eval mode: the trainer's
+    logged loss has dropout on, so it is not the same number."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    rows = [dict(anchor="the honesty view", positive="a truthful opinion", negative="the kindness view"),
+            dict(anchor="the kindness view", positive="a caring opinion", negative="the fairness view"),
+            dict(anchor="the fairness view", positive="an even-handed opinion", negative="the honesty view")]
+    E = {t: v.astype(np.float64) for t, v in reward.unit_embeddings(minilm, [r[k] for r in rows for k in r]).items()}
+    A = np.stack([E[r["anchor"]] for r in rows])                                          # [3, dim]
+    D = np.stack([E[r["positive"]] for r in rows] + [E[r["negative"]] for r in rows])     # [6, dim]
+    z = 64.0 * A @ D.T                                                                    # [3, 6]
+    log_softmax = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+    by_hand = float(-log_softmax[np.arange(3), np.arange(3)].mean())
+    features = [minilm.tokenize([r[k] for r in rows]) for k in sim_train.FIELDS]
+    with torch.no_grad():
+        loss = MultipleNegativesRankingLoss(minilm, scale=64.0)(features, None)
+    assert float(loss) == pytest.approx(by_hand, rel=1e-4)
 
 
 def test_fewer_triplets_than_a_batch_is_an_error(minilm):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import opgrpo_min as om
+import support
 import study
 
 
@@ -32,7 +33,7 @@ def test_answer_stats_count_distinct_perspectives_format_and_repeats(minilm):
 
 
 def test_the_threshold_is_calibrated_on_training_pairs(minilm):
-    items = om.load_situations(om.Config.train_data)[:10]
+    items = support.load_situations(om.Config.train_data)[:10]
     t, bal, n_pos, n_neg = study.calibrated_threshold(minilm, items)
     assert 0 < t < 1 and bal > 0.5 and n_pos == sum(1 for s in items for p in s.perspectives if p.paraphrase)
 
