@@ -1,7 +1,6 @@
 """The small reproduction: does OP-GRPO make the answers to held-out situations more pluralistic than SFT alone?
 
-    python study.py                  # the whole study on the CPU -> runs/study/ (training stages: 40 min on 2 busy
-                                     # cores; then about 5 min per row of answers when the cores are free)
+    python study.py                  # the whole study on the CPU -> runs/study/ (61 min on 2 free cores)
     python study.py --smoke          # the same pipeline at tiny settings, a few minutes (CI runs it)
     python study.py --out runs/study_t547 --coverage-threshold 0.547   # a fix attempt (README: "Does it work?")
 
@@ -87,8 +86,8 @@ def answer_stats(text, embedder):
     return dict(distinct=distinct, in_format=float(in_format), words=len(text.split()), repeats=float(repeats))
 
 
-def per_situation(rows, items, stage1, minilm, threshold, reward_threshold):
-    """{metric: [mean over the answers of each situation, in the order of items]} for one model's answers.
+def per_answer(rows, items, stage1, minilm, threshold, reward_threshold):
+    """{metric: [[the value of each answer] for each situation of items]} for one model's answers.
     coverage_stage1 is at the paper's 0.70, coverage_stage1_at_t at the threshold the GRPO reward used."""
     by_id = {}
     for r in rows:
@@ -96,16 +95,36 @@ def per_situation(rows, items, stage1, minilm, threshold, reward_threshold):
     out = {m: [] for m in METRICS}
     for s in items:
         answers = by_id[s.id]
-        cov1 = eval_nli.embedding_coverage(answers, [s] * len(answers), stage1)
-        cov2 = eval_nli.embedding_coverage(answers, [s] * len(answers), minilm, threshold)
-        cov3 = eval_nli.embedding_coverage(answers, [s] * len(answers), stage1, reward_threshold)
+        out["coverage_stage1"].append(eval_nli.embedding_coverage(answers, [s] * len(answers), stage1))
+        out["coverage_stage1_at_t"].append(eval_nli.embedding_coverage(answers, [s] * len(answers), stage1,
+                                                                        reward_threshold))
+        out["coverage_minilm"].append(eval_nli.embedding_coverage(answers, [s] * len(answers), minilm, threshold))
         stats = [answer_stats(a, stage1) for a in answers]
-        out["coverage_stage1"].append(float(np.mean(cov1)))
-        out["coverage_minilm"].append(float(np.mean(cov2)))
-        out["coverage_stage1_at_t"].append(float(np.mean(cov3)))
         for m in ("distinct", "in_format", "words", "repeats"):
-            out[m].append(float(np.mean([x[m] for x in stats])))
+            out[m].append([x[m] for x in stats])
     return out
+
+
+def noise_budget(a, b, n_seeds=1, answers=(4, 8, 16, 32)):
+    """Why a paired difference mean(a) - mean(b) over n situations is within noise: its variance, split into answer
+    sampling (the answers to one situation vary around that situation's mean: within-variance / answers) and the
+    rest (situations differ in what a model gains there). a, b: per situation, the value of each answer (a: every
+    seed's answers pooled). Returns the standard error now, the share of its variance that is answer sampling, and
+    for m answers per situation from SFT and from each of n_seeds seeds the standard error and the smallest effect
+    a two-sided 5 % test finds 80 % of the time (2.8 standard errors).
+
+    >>> r = noise_budget([[1, 0], [1, 1]], [[0, 0], [0, 0]]); r["se"], r["sampling_share"], r["by_answers"][8]["se"]
+    (0.25, 1.0, 0.125)
+    """
+    if min(len(x) for x in list(a) + list(b)) < 2:
+        return None  # one answer per situation shows no within-situation variance
+    d = np.array([np.mean(x) - np.mean(y) for x, y in zip(a, b)])                           # [n]
+    wa, wb = (float(np.mean([np.var(x, ddof=1) for x in rows])) for rows in (a, b))
+    var_d, sampling = float(np.var(d, ddof=1)), wa / len(a[0]) + wb / len(b[0])
+    between = max(var_d - sampling, 0.0)
+    se = {m: float(np.sqrt((between + wa / (n_seeds * m) + wb / m) / len(d))) for m in answers}
+    return dict(se=float(np.sqrt(var_d / len(d))), sampling_share=min(sampling / var_d, 1.0) if var_d else 0.0,
+                by_answers={m: dict(se=v, detectable=2.8 * v) for m, v in se.items()})
 
 
 def paired(a, b, n_boot=10000, seed=0):
@@ -182,8 +201,9 @@ def run(args):
         done[name] = rows
 
     # ---- 5. metrics, paired differences, report
-    table = {name: per_situation(done[name], test_items, stage1, minilm, threshold, S["coverage_threshold"])
-             for name, _, _ in models}
+    values = {name: per_answer(done[name], test_items, stage1, minilm, threshold, S["coverage_threshold"])
+              for name, _, _ in models}
+    table = {name: {m: [float(np.mean(x)) for x in v] for m, v in t.items()} for name, t in values.items()}
     grpo = [f"OP-GRPO seed {k}" for k in range(S["seeds"])]
     table["OP-GRPO (seed mean)"] = {m: list(np.mean([table[g][m] for g in grpo], 0)) for m in METRICS}
     diffs = {f"{a} - {b}": {m: paired(table[a][m], table[b][m]) for m in METRICS}
@@ -200,7 +220,9 @@ def run(args):
     why = dict(stage1_calibrated_threshold=t1[0], stage1_balanced_accuracy=t1[1], best_cosine_q50_q90_max=near,
                share_of_steps_with_coverage={g: float(np.mean([r["coverage"] > 0 for r in rows]))
                                             for g, rows in training.items()},
-               zero_spread_mean={g: float(np.mean([r["zero_spread"] for r in rows])) for g, rows in training.items()})
+               zero_spread_mean={g: float(np.mean([r["zero_spread"] for r in rows])) for g, rows in training.items()},
+               noise_budget={m: noise_budget([sum((values[g][m][i] for g in grpo), []) for i in range(len(test_items))],
+                                             values["SFT"][m], len(grpo)) for m in METRICS[:3]})
     result = dict(settings=S, threshold=dict(minilm=threshold, balanced_accuracy=bal, pairs=n_pos, non_pairs=n_neg),
                   means={name: {m: float(np.mean(v)) for m, v in t.items()} for name, t in table.items()},
                   seed_spread=seed_spread, paired=diffs, why=why, per_situation=table, training=training,

@@ -18,6 +18,23 @@ def test_paired_differences_by_hand():
     assert r["mean"] == 0.0 and r["p"] == 1.0 and r["lo"] < 0 < r["hi"]
 
 
+def test_noise_budget_splits_the_variance_of_the_difference_by_hand():
+    # d = [0.5, 1.0]: var 0.125, se sqrt(0.125 / 2) = 0.25; a's within-situation variance (0.5 + 0) / 2 = 0.25 over
+    # its 2 answers is 0.125: all of var(d) is answer sampling, and 8 answers give sqrt(0.25 / 8 / 2) = 0.125
+    r = study.noise_budget([[1, 0], [1, 1]], [[0, 0], [0, 0]])
+    assert r["se"] == pytest.approx(0.25) and r["sampling_share"] == pytest.approx(1.0)
+    assert r["by_answers"][8] == pytest.approx(dict(se=0.125, detectable=0.35))
+    # no within-situation variance: all between situations, and more answers do not shrink it
+    r = study.noise_budget([[1, 1], [0, 0]], [[0, 0], [0, 0]])
+    assert r["sampling_share"] == 0.0 and r["by_answers"][32]["se"] == pytest.approx(r["se"]) == pytest.approx(0.5)
+    # 2 seeds pooled (4 answers of a per situation): within 1/6, sampling 1/24, between 0.125 - 1/24 = 1/12;
+    # 4 answers from SFT and from each seed: sqrt((1/12 + (1/6) / 8) / 2)
+    r = study.noise_budget([[1, 0, 1, 0], [1, 1, 1, 1]], [[0, 0], [0, 0]], n_seeds=2)
+    assert r["sampling_share"] == pytest.approx(1 / 3)
+    assert r["by_answers"][4]["se"] == pytest.approx(np.sqrt((1 / 12 + 1 / 48) / 2))
+    assert study.noise_budget([[1], [0]], [[0], [0]]) is None               # one answer: no within-variance
+
+
 def test_answer_stats_count_distinct_perspectives_format_and_repeats(minilm):
     good = ("<core perspectives>\nIn the perspective of Safety, the bridge must be inspected before it opens.\n"
             "In the perspective of Cost, the town cannot pay for a second crossing this decade.\n"
@@ -49,6 +66,8 @@ def test_the_smoke_study_runs_end_to_end(tiny_model_dir, tmp_path):
     for g in ("OP-GRPO seed 0", "OP-GRPO seed 1"):
         assert [row["step"] for row in r["training"][g]] == [1, 2]
         assert all({"zero_spread", "entropy", "coverage", "format"} <= set(row) for row in r["training"][g])
+    budget = r["why"]["noise_budget"]["coverage_stage1"]                            # 2 answers: it is measured
+    assert budget["se"] >= 0 and set(budget["by_answers"]) == {4, 8, 16, 32}
     assert os.path.isfile(out / "report.md") and "sign-flip" in open(out / "report.md").read()
     assert os.path.isfile(out / "training.png")
     again = study.main(["--smoke", "--model", tiny_model_dir, "--out", str(out)])    # every stage is reused
