@@ -146,7 +146,7 @@ def run_trl(make_model, tok, items, embedder, args):
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-    from scale.trl_opgrpo import OPReward
+    from scale.trl_opgrpo import TRLReward
     if args.updates_per_step != 1:
         raise SystemExit("--vs-trl compares one update per batch: use --updates-per-step 1")
     P, G, T, n = args.prompts, args.group_size, args.max_new_tokens, args.warmup + args.steps
@@ -156,7 +156,7 @@ def run_trl(make_model, tok, items, embedder, args):
                                   situation=[items[i].situation for i in order]))
     clock = dict(generate=0.0, reward=0.0, logprob=0.0, forward=0.0)
     ours = bench_config(args, n)
-    score = OPReward(embedder, ours.mask_keywords, ours.min_perspectives)  # ours' reward, TRL's interface
+    score = TRLReward(embedder, ours.mask_keywords, ours.min_perspectives)  # ours' reward, TRL's interface
 
     def op_reward(**kw):
         t0 = time.perf_counter()

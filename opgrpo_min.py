@@ -151,10 +151,17 @@ def reference_answer(s):
     return f"<core perspectives>\n{lines}\n</core perspectives>\n\n<summary>\n{summary}\n</summary>"
 
 
+PROMPT_STYLES = {  # implicit: what SFT and GRPO train on; explicit: the paper's baseline; the rest: never trained on
+    "implicit": IMPLICIT_PROMPT, "explicit": EXPLICIT_PROMPT,
+    "bare": "What do you think about: {situation}",
+    "brief": "Briefly, your view on: {situation}",
+    "advisor": "You are an advisor. {situation}",
+}
+
+
 def chat_prompt(tokenizer, situation, style="implicit"):
-    """The user turn (implicit prompt by default) wrapped in the model's own chat template."""
-    template = {"implicit": IMPLICIT_PROMPT, "explicit": EXPLICIT_PROMPT}[style]
-    msgs = [{"role": "user", "content": template.format(situation=situation)}]
+    """The user turn in one of PROMPT_STYLES (implicit by default), wrapped in the model's own chat template."""
+    msgs = [{"role": "user", "content": PROMPT_STYLES[style].format(situation=situation)}]
     return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 

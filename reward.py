@@ -10,7 +10,9 @@ Sentence Transformer embeddings), R_fmt and R_tag the answer format of the SFT w
     </core perspectives>
     <summary>one paragraph that weaves the perspectives together</summary>
 
-The bottom layer: the other scripts import its helpers, it imports none (scale/trl_opgrpo.py adapts it to TRL).
+One entry point scores a batch of answers: score_answers (scale/trl_opgrpo.py adapts it to TRL's reward-function
+interface). This module imports nothing of the project. Where it differs from the authors' released code, and why:
+docs/reward_vs_authors.md.
 """
 import re
 import weakref
@@ -35,8 +37,9 @@ MASK_TOKEN = "[KW]"              # what a prompt word in an answer becomes befor
 MASK_MODES = ("answer", "both", "none")  # 'answer' = the paper; 'both' also masks references; 'none' = off
 
 # ---------------------------------------------------------------- perspectives as text
-# A perspective line starts with one of these openers (the text is cut just before it); the name runs to the comma.
-PERSPECTIVE_START = re.compile(r"(?=^[ \t]*(?:In|From) the perspective of\b)", re.IGNORECASE | re.MULTILINE)
+# A perspective starts where an opener begins the text or a line, followed by a space; an indented opener starts none.
+# This is the authors' regex (vllm_rollout_spmd.py and op_reward_batch.py, _split_sentences).
+PERSPECTIVE_START = re.compile(r"(?:^|\n)(?=(?:From|In) the perspective of )", re.IGNORECASE)
 PERSPECTIVE_LINE = re.compile(r"^\s*(?:In|From) the perspective of\s+([^,\n]+?)\s*,\s*(.*)$", re.IGNORECASE | re.DOTALL)
 CORE_BLOCK = re.compile(r"<core\s+perspectives>(.*?)</core\s+perspectives>", re.IGNORECASE | re.DOTALL)
 
@@ -47,17 +50,15 @@ def perspective_line(name, explanation):
 
 
 def split_perspectives(text):
-    """The inside of <core perspectives> (else the whole text), cut before each 'In/From the perspective of' line.
+    """`text` cut before every 'In/From the perspective of ' (any case) that starts the text or a line; an indented
+    opener cuts nothing. Pieces are stripped; blank ones are dropped. A preamble before the first opener is a piece.
 
-    >>> split_perspectives("<core perspectives>\\nIn the perspective of A, a.\\nIn the perspective of B, b.\\n"
-    ...                    "</core perspectives>")
-    ['In the perspective of A, a.', 'In the perspective of B, b.']
+    >>> split_perspectives("Hi.\\nIn the perspective of A, a.\\n  In the perspective of B, b.\\nfrom the perspective of C, c")
+    ['Hi.', 'In the perspective of A, a.\\n  In the perspective of B, b.', 'from the perspective of C, c']
     """
     if not isinstance(text, str):
         raise TypeError(f"split_perspectives expects a string, got {type(text).__name__}")
-    block = CORE_BLOCK.search(text)
-    pieces = PERSPECTIVE_START.split(block.group(1) if block else text)
-    return [p.strip() for p in pieces if p.strip()]
+    return [p.strip() for p in PERSPECTIVE_START.split(text) if p.strip()]
 
 
 def parse_perspective(piece):
@@ -86,9 +87,10 @@ def load_embedder(name=None, device=None):
 def unit_embeddings(embedder, texts):
     """{text: L2-normalised float32 embedding} of the distinct texts, one encode call: a dot product is the cosine."""
     texts = list(dict.fromkeys(texts))
-    E = embedder.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                        show_progress_bar=len(texts) > 500)                              # [n_texts, dim]
-    return dict(zip(texts, np.asarray(E, dtype=np.float32)))
+    if not texts:
+        return {}
+    E = _matrix(embedder.encode(texts)).astype(np.float32)                               # [n_texts, dim]
+    return dict(zip(texts, E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)))
 
 
 def _matrix(x, square=False):
@@ -103,13 +105,19 @@ def _matrix(x, square=False):
 
 
 # ---------------------------------------------------------------- keyword masking (the authors' [KW])
-# Our own short list (NLTK's English words minus contractions): nothing to download.
-STOPWORDS = frozenset("""a about above after again against all am an and any are as at be because been before being
-below between both but by can could did do does doing don down during each few for from further had has have having he
-her here hers herself him himself his how i if in into is it its itself just me more most my myself no nor not now of
-off on once only or other our ours ourselves out over own same she should so some such than that the their theirs them
-themselves then there these they this those through to too under until up very was we were what when where which while
-who whom why will with would you your yours yourself yourselves""".split())
+# NLTK's English stopword list (nltk_data corpora/stopwords/english, the 179-word revision that the authors' code
+# loaded with stopwords.words("english")), embedded because NLTK's corpus cannot be downloaded at run time. Its 26 forms
+# with an apostrophe are kept for exactness, though a \w+ token never is one; for the same reason the 2024 revision,
+# which adds only apostrophe forms ("i'm", "they're", ...), masks exactly the same words.
+STOPWORDS = frozenset("""i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself
+yourselves he him his himself she she's her hers herself it it's its itself they them their theirs themselves what which
+who whom this that that'll these those am is are was were be been being have has had having do does did doing a an the
+and but if or because as until while of at by for with about against between into through during before after above
+below to from up down in out on off over under again further then once here there when where why how all any both each
+few more most other some such no nor not only own same so than too very s t can will just don don't should should've
+now d ll m o re ve y ain aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn
+isn't ma mightn mightn't mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't
+wouldn wouldn't""".split())
 WORD = re.compile(r"\w+")
 
 
@@ -218,8 +226,8 @@ TAGGED_ANSWER = re.compile(rf"\s*{CORE_BLOCK.pattern}\s*{SUMMARY_BLOCK.pattern}\
 
 
 def format_score(text):
-    """R_fmt = 0.1 x max(0, points - 0.5 x repeats + summary term), in [0, 0.2]. Segments: split_perspectives(text);
-    a segment carries a perspective if it contains 'In/From the perspective of X' (X runs to the first , . or newline).
+    """R_fmt = 0.1 x max(0, points - 0.5 x repeats + summary term), in [0, 0.2]. Segments: split_perspectives of the
+    first <core perspectives> block, else of the whole text (as the authors' format score); a segment carries a perspective if it contains 'In/From the perspective of X' (X runs to the first , . or newline).
     points: 2 if >= 70 % of the segments carry one, 1 if >= 30 %, else 0 (no segments: 0).
     repeats: 1 per segment equal to an earlier one (ignoring case), 1 per name X equal to an earlier one.
     summary term, by the share f of the names (repeats included) found in the <summary> block (ignoring case):
@@ -229,7 +237,8 @@ def format_score(text):
     >>> round(format_score("In the perspective of A, a.\\nIn the perspective of B, b.\\n<summary>A.</summary>"), 3)
     0.15
     """
-    segments = split_perspectives(text)
+    block = CORE_BLOCK.search(text)
+    segments = split_perspectives(block.group(1) if block else text)
     names = [m.group(1).strip().lower() for m in map(PERSPECTIVE_NAME.search, segments) if m]
     points = next((value for edge, value in FORMAT_STEPS if segments and len(names) / len(segments) >= edge), 0.0)
     repeats = len(segments) - len({s.lower() for s in segments}) + len(names) - len(set(names))
@@ -248,6 +257,18 @@ def tag_reward(text):
     m = TAGGED_ANSWER.fullmatch(text)
     ok = m and len(ANY_TAG.findall(text)) == 4 and m.group(1).strip() and m.group(2).strip()
     return 0.0 if ok else TAG_PENALTY
+
+
+def similarity_text(answer):
+    """The text whose perspectives coverage and uniqueness embed: the inside of <core perspectives> when the answer
+    has the strict layout (tag_reward 0), else the whole answer, stripped, tags, preamble and summary included (the
+    paper: "the inside of <core perspectives> when the format parses, else the whole text"; the authors' "parses" is
+    this strict layout).
+
+    >>> similarity_text("Sure! <core perspectives>In the perspective of A, a.</core perspectives> ")
+    'Sure! <core perspectives>In the perspective of A, a.</core perspectives>'
+    """
+    return CORE_BLOCK.search(answer).group(1) if tag_reward(answer) == 0 else answer.strip()
 
 
 # ---------------------------------------------------------------- the total, for a batch of answers
@@ -292,17 +313,15 @@ def score_answers(answers, references, embedder, situations=None, mask_keywords=
                 raise TypeError(f"{name}[{i}] is {type(x).__name__}, expected a string")
         if not (isinstance(r, str) or isinstance(r, (list, tuple)) and all(isinstance(p, str) for p in r)):
             raise TypeError(f"references[{i}] is {type(r).__name__}: expected text or a list of perspective strings")
-        ps = split_perspectives(r) if isinstance(r, str) else [p.strip() for p in r if p.strip()]
+        ps = split_perspectives(similarity_text(r)) if isinstance(r, str) else [p.strip() for p in r if p.strip()]
         if not ps:
             raise ValueError(f"references[{i}] has no perspectives: {r!r:.80}")
         kw = prompt_keywords(s) if s is not None and mask_keywords != "none" else set()
-        cands.append([mask_words(p, kw) for p in split_perspectives(a)])
+        cands.append([mask_words(p, kw) for p in split_perspectives(similarity_text(a))])
         refs.append([mask_words(p, kw) for p in ps] if mask_keywords == "both" else ps)
 
     cache = _REFERENCE_CACHE.setdefault(embedder, {})
-    texts = [p for ps in cands for p in ps] + list(dict.fromkeys(p for ps in refs for p in ps if p not in cache))
-    E = _matrix(embedder.encode(texts)).astype(np.float32) if texts else np.zeros((0, 1), np.float32)  # [n_texts, dim]
-    vec = dict(zip(texts, E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)))  # text -> unit row
+    vec = unit_embeddings(embedder, [p for ps in cands for p in ps] + [p for ps in refs for p in ps if p not in cache])
     cache.update((p, vec[p]) for ps in refs for p in ps if p not in cache)
 
     out = []
@@ -314,50 +333,3 @@ def score_answers(answers, references, embedder, situations=None, mask_keywords=
         fmt, tag = format_score(answer), tag_reward(answer)
         out.append(RewardBreakdown(max(0.0, cov + uniq + fmt + tag), cov, rate, uniq, u, fmt, tag))
     return out
-
-
-def op_reward(answers, references, embedder, **options):
-    """R = max(0, R_cov + R_uniq + R_fmt + R_tag) per answer, in [0, 2]; the options of score_answers."""
-    return [b.total for b in score_answers(answers, references, embedder, **options)]
-
-
-# ---------------------------------------------------------------- command line: score a file of answers
-def main(argv=None):
-    """Score saved answers (JSONL rows with 'id' and 'answer', e.g. eval_nli.py's answers.jsonl) against the reference
-    perspectives of their situation; print the mean of each term, write OUT/scores.jsonl (one breakdown per row)."""
-    import json
-    import os
-    import opgrpo_min as om                       # here: the library part of this file imports no script
-    import support
-    p = support.ArgumentParser(description=main.__doc__)
-    p.add_argument("--answers", required=True, help="JSONL: one object with 'id' and 'answer' per line")
-    p.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "test.jsonl"),
-                   help="the situations the ids refer to (their references are scored against)")
-    p.add_argument("--sim-model", help="Sentence Transformer: hub id or local dir (default: embedded MiniLM)")
-    p.add_argument("--mask-keywords", choices=MASK_MODES, default="answer", help="see score_answers")
-    p.add_argument("--out", default="runs/reward", help="directory for scores.jsonl")
-    args = p.parse_args(argv)
-    items, rows = {s.id: s for s in support.load_situations(args.data)}, []
-    for n, row in support.read_jsonl(args.answers, "answers"):
-        if not isinstance(row.get("answer"), str) or str(row.get("id")) not in items:
-            raise support.DataError(f"{args.answers}, line {n}: needs a text 'answer' and the 'id' of a situation "
-                                    f"in {args.data}")
-        rows.append(row)
-    if not rows:
-        raise support.DataError(f"{args.answers}: no answers in the file")
-    support.check_model_path(args.sim_model, "--sim-model")
-    support.check_out_dir(args.out)
-    ss = [items[str(r["id"])] for r in rows]
-    parts = score_answers([r["answer"] for r in rows], [om.reference_answer(s) for s in ss],
-                          load_embedder(args.sim_model), situations=[s.situation for s in ss],
-                          mask_keywords=args.mask_keywords)
-    support.write_text(os.path.join(args.out, "scores.jsonl"),
-                       "".join(json.dumps(dict(id=r["id"], **vars(b))) + "\n" for r, b in zip(rows, parts)))
-    means = {k: float(np.mean([getattr(b, k) for b in parts])) for k in vars(parts[0])}
-    print(f"{len(parts)} answers: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
-    return means
-
-
-if __name__ == "__main__":
-    import support
-    support.run_cli(main)

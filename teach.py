@@ -61,9 +61,8 @@ ASSIGNABLE = {
                        "test_k3_kl_is_zero_at_the_reference_and_matches_its_formula",
                        "test_loss_is_a_token_mean_and_ignores_masked_tokens"),
     # Stage 2, the reward: reward.py
-    "split_perspectives": tests("test_reward.py",
-                                "test_split_takes_the_core_block_and_cuts_before_each_perspective_line",
-                                "test_split_without_tags_uses_the_whole_text_and_keeps_a_preamble"),
+    "split_perspectives": tests("test_reward.py", "test_split_cuts_before_each_opener_that_starts_the_text_or_a_line",
+                                "test_split_ignores_indented_openers_and_openers_inside_a_line"),
     "greedy_matches": tests("test_reward.py", "test_coverage_threshold_is_inclusive_also_in_float32_and_torch",
                             "test_coverage_non_mutual_maximum_falls_back_to_the_next_best_candidate",
                             "test_coverage_ties_go_to_the_lowest_reference_then_the_lowest_candidate"),

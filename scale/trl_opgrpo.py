@@ -120,7 +120,7 @@ def grpo_config(a, world_size):
 # ================================================================ data: our loaders, conversational rows
 def grpo_dataset(items):
     """One row per situation: the implicit prompt as chat messages (TRL applies the template), and the columns
-    OPReward reads: the reference answer and the situation (its words are masked in answers)."""
+    TRLReward reads: the reference answer and the situation (its words are masked in answers)."""
     from datasets import Dataset
     return Dataset.from_dict(dict(prompt=[prompt_messages(s.situation) for s in items],
                                   reference=[om.reference_answer(s) for s in items],
@@ -128,9 +128,9 @@ def grpo_dataset(items):
 
 
 # ================================================================ the reward: reward.py's OP reward as TRL calls it
-class OPReward:
+class TRLReward:
     """The OP reward as a TRL GRPOTrainer reward function, for training on many GPUs:
-        GRPOTrainer(model, reward_funcs=OPReward(), train_dataset=ds)   # columns: prompt, reference, situation
+        GRPOTrainer(model, reward_funcs=TRLReward(), train_dataset=ds)   # columns: prompt, reference, situation
     TRL passes the prompts, the completions (strings or [{"role": "assistant", "content": ...}]) and every
     other dataset column by name. 'reference' is required; without 'situation' nothing is masked (with a warning).
     embedder: a SentenceTransformer, a hub id or local directory, or None for the embedded MiniLM."""
@@ -146,14 +146,15 @@ class OPReward:
 
     def __call__(self, prompts=None, completions=None, reference=None, situation=None, **kwargs):
         if reference is None:
-            raise ValueError("OPReward needs the dataset column 'reference' (each prompt's reference answer text "
+            raise ValueError("TRLReward needs the dataset column 'reference' (each prompt's reference answer text "
                              "or its list of perspectives)")
         if situation is None and self.options["mask_keywords"] != "none":
-            warnings.warn("OPReward: no 'situation' column, so no keyword is masked", stacklevel=2)
+            warnings.warn("TRLReward: no 'situation' column, so no keyword is masked", stacklevel=2)
         texts = [c if not isinstance(c, list) else "".join(m.get("content") or "" for m in c
                                                            if m.get("role", "assistant") == "assistant")
                  for c in completions]
-        return reward.op_reward(texts, reference, self.embedder, situations=situation, **self.options)
+        return [b.total for b in reward.score_answers(texts, reference, self.embedder, situations=situation,
+                                                         **self.options)]
 
 
 # ================================================================ stage 0: SFT warm start
@@ -182,7 +183,7 @@ def sft_warm_start(model, tok, items, a):
 # ================================================================ stage 2: GRPO on TRL
 def train(a, reward_fn=None):
     """Load and check the inputs, warm-start if asked, run GRPO; returns the trainer (its state.log_history holds
-    the per-step rows). reward_fn defaults to OPReward with the chosen similarity model."""
+    the per-step rows). reward_fn defaults to TRLReward with the chosen similarity model."""
     items = support.load_situations(a.train_data)  # every input is checked before anything is loaded or written
     support.check_model_path(a.model, "--model"), support.check_model_path(a.sim_model, "--sim-model")
     support.check_out_dir(a.out)
@@ -196,7 +197,7 @@ def train(a, reward_fn=None):
     if cfg is None:
         return None
     if reward_fn is None:  # after GRPOConfig has set up the processes: each loads the embedder on its own GPU
-        reward_fn = OPReward(a.sim_model, mask_keywords=a.mask_keywords, min_perspectives=a.min_perspectives)
+        reward_fn = TRLReward(a.sim_model, mask_keywords=a.mask_keywords, min_perspectives=a.min_perspectives)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=cfg, train_dataset=grpo_dataset(items),
                           processing_class=tok, peft_config=om.lora_config(a.lora_rank) if a.lora_rank else None)
     trainer.train()

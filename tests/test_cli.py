@@ -14,12 +14,14 @@ import torch
 import eval_nli
 import opgrpo_min as om
 import reward
+from tools import score_answers
 import support
 import sim_train
 
 REPO = os.path.dirname(om.HERE) if os.path.basename(om.HERE) == "tests" else om.HERE
 TRAIN, TEST = (os.path.join(REPO, "data", f"{k}.jsonl") for k in ("train", "test"))
-SCRIPTS = {"opgrpo_min": om.main, "sim_train": sim_train.main, "eval_nli": eval_nli.main, "reward": reward.main}
+SCRIPTS = {"opgrpo_min": om.main, "sim_train": sim_train.main, "eval_nli": eval_nli.main,
+           "tools/score_answers": score_answers.main}
 GOOD = {"id": "1", "situation": "Lying to a friend", "perspectives": [{"name": "Honesty", "explanation": "Lies hurt."}]}
 
 
@@ -86,9 +88,9 @@ CASES = (  # (script, what is wrong); see build() for the command line of each
     + [("eval_nli", f"--answers {k}") for k in DATA_KINDS[:5]]
     + [("eval_nli", c) for c in ("--max-new-tokens 0", "--max-new-tokens -1", "--temperature nan", "--model missing",
                                  "--sim-model missing", "--out is a file", "--out read-only")]
-    + [("reward", f"--data {k}") for k in DATA_KINDS]
-    + [("reward", f"--answers {k}") for k in DATA_KINDS[:5]]
-    + [("reward", c) for c in ("--sim-model missing", "--out is a file", "--out read-only")])
+    + [("tools/score_answers", f"--data {k}") for k in DATA_KINDS]
+    + [("tools/score_answers", f"--answers {k}") for k in DATA_KINDS[:5]]
+    + [("tools/score_answers", c) for c in ("--sim-model missing", "--out is a file", "--out read-only")])
 
 
 def build(script, case, tmp, run_dir):
@@ -97,7 +99,7 @@ def build(script, case, tmp, run_dir):
     good_answers = answers_file(tmp, "good")[0]
     args = {"opgrpo_min": {"--train-data": TRAIN, "--device": "cpu"}, "sim_train": {"--data": TRAIN},
             "eval_nli": {"--data": TEST, "--answers": good_answers},
-            "reward": {"--data": TEST, "--answers": good_answers}}[script]
+            "tools/score_answers": {"--data": TEST, "--answers": good_answers}}[script]
     args["--out"], says = str(tmp / "out"), [flag]
     if flag in ("--train-data", "--data", "--triplets") and what in DATA_KINDS:
         args[flag], why = data_file(tmp, what)
@@ -159,7 +161,7 @@ def test_the_table_covers_every_script_and_the_readme_states_its_size():
 def test_a_bad_input_from_a_real_process_has_no_traceback(script, tmp_path):
     path, _ = data_file(tmp_path, "not UTF-8")
     flag = "--train-data" if script == "opgrpo_min" else "--data"
-    extra = ["--answers", answers_file(tmp_path, "good")[0]] if script in ("eval_nli", "reward") else []
+    extra = ["--answers", answers_file(tmp_path, "good")[0]] if script in ("eval_nli", "tools/score_answers") else []
     p = subprocess.run([sys.executable, f"{script}.py", flag, path, *extra, "--out", str(tmp_path / "o")], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "Traceback" not in p.stderr

@@ -67,7 +67,7 @@ def test_reference_answer_has_the_target_format_and_full_reward_terms():
     s = support.Situation("1", "Eating meat", [support.Perspective("Animal welfare", "Animals can suffer."),
                                                support.Perspective("Tradition", "Meals carry culture.")])
     text = om.reference_answer(s)
-    assert reward.split_perspectives(text) == ["In the perspective of Animal welfare, Animals can suffer.",
+    assert reward.split_perspectives(reward.similarity_text(text)) == ["In the perspective of Animal welfare, Animals can suffer.",
                                                "In the perspective of Tradition, Meals carry culture."]
     assert reward.tag_reward(text) == 0 and reward.format_score(text) == pytest.approx(0.2)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import reward
-from reward import (coverage_reward, format_score, greedy_matches, ladder_bucket, mask_words, op_reward,
-                    prompt_keywords, redundant_flags, score_answers, split_perspectives, tag_reward,
+from reward import (coverage_reward, format_score, greedy_matches, ladder_bucket, mask_words, prompt_keywords,
+                    redundant_flags, score_answers, similarity_text, split_perspectives, tag_reward,
                     uniqueness_bucket, uniqueness_reward)
 
 
@@ -24,15 +24,28 @@ def line(name, text="it matters."):
 
 
 # ================================================================ splitting
-def test_split_takes_the_core_block_and_cuts_before_each_perspective_line():
-    text = tagged([line("A"), "from the perspective of B, b\ncontinues here.", line("C")], "A, B and C.")
-    assert split_perspectives(text) == [line("A"), "from the perspective of B, b\ncontinues here.", line("C")]
-
-
-def test_split_without_tags_uses_the_whole_text_and_keeps_a_preamble():
+def test_split_cuts_before_each_opener_that_starts_the_text_or_a_line():
+    text = line("A") + "\nfrom the perspective of B, b\ncontinues here.\r\nIN THE PERSPECTIVE OF C, c."
+    assert split_perspectives(text) == [line("A"), "from the perspective of B, b\ncontinues here.",
+                                        "IN THE PERSPECTIVE OF C, c."]
     assert split_perspectives("Intro.\nIn the perspective of A, a.\n\n") == ["Intro.", "In the perspective of A, a."]
+
+
+def test_split_ignores_indented_openers_and_openers_inside_a_line():
+    # the authors' regex (?:^|\n)(?=(?:From|In) the perspective of ): column 0 only, and a space after "of"
+    assert split_perspectives("In the perspective of A, a.\n  In the perspective of B, b.\n\tFrom the perspective "
+                              "of C, c.") == ["In the perspective of A, a.\n  In the perspective of B, b.\n\tFrom "
+                                              "the perspective of C, c."]
+    assert split_perspectives("So. In the perspective of A, a.") == ["So. In the perspective of A, a."]
     assert split_perspectives("Just prose, no perspectives.") == ["Just prose, no perspectives."]
     assert split_perspectives("  \n ") == []
+
+
+def test_similarity_text_is_the_core_block_of_the_strict_layout_else_the_whole_stripped_answer():
+    assert similarity_text(tagged([line("A")], "A.")) == "\n" + line("A") + "\n"
+    for text in ("Sure!\n" + tagged([line("A")], "A."), "<core perspectives>\nx\n</core perspectives>\n",
+                 " <summary>A.</summary><core perspectives>x</core perspectives>\n", ""):
+        assert similarity_text(text) == text.strip()
 
 
 # ================================================================ 1. coverage
@@ -220,6 +233,13 @@ def test_prompt_keywords_are_the_situations_content_words():
     assert prompt_keywords("Should I tell my Friend the truth?") == {"tell", "friend", "truth"}
 
 
+def test_stopwords_are_nltks_english_list():
+    # NLTK masks the lone "s" of a possessive and the stems of n't forms, and keeps "could" and "would" as content
+    assert prompt_keywords("My friend's cake: I couldn't say it would taste bad") == {"friend", "cake", "say", "would",
+                                                                                      "taste", "bad"}
+    assert len(reward.STOPWORDS) == 179 and sum("'" in w for w in reward.STOPWORDS) == 26
+
+
 def test_mask_words_replaces_keywords_whatever_their_case_and_keeps_punctuation():
     assert mask_words("Truth, friend: TRUTH-telling.", {"truth", "friend"}) == "[KW], [KW]: [KW]-telling."
     assert mask_words("unchanged.", set()) == "unchanged."
@@ -249,7 +269,6 @@ def test_score_answers_returns_each_term_and_their_clipped_sum():
     (b,) = score_answers([REF], [REF], BagOfWords(), situations=[SITUATION], mask_keywords="both")
     assert (b.coverage, b.rate, b.uniqueness, b.u, b.tag) == (pytest.approx(1.5), 1.0, pytest.approx(0.3), 1.0, 0.0)
     assert b.format == pytest.approx(0.2) and b.total == pytest.approx(2.0)
-    assert op_reward([REF], [REF], BagOfWords(), mask_keywords="both") == [pytest.approx(2.0)]
 
 
 def test_an_empty_answer_scores_zero_on_every_term_but_the_tag():
@@ -287,7 +306,7 @@ def test_masking_modes_mask_answers_references_or_nothing():
 
 
 def test_a_reference_may_be_text_or_a_list_of_perspectives():
-    pieces = split_perspectives(REF)
+    pieces = split_perspectives(similarity_text(REF))
     answer = tagged([line("Honesty", "truth builds trust.")], "Honesty")
     assert score_answers([answer], [REF], BagOfWords()) == score_answers([answer], [pieces], BagOfWords())
 
@@ -349,7 +368,7 @@ def test_minilm_reference_scored_against_itself_reaches_the_maximum(minilm):
         ref = reference_answer(s)
         (b,) = score_answers([ref], [ref], minilm, situations=[s.situation], mask_keywords="both")
         assert b.coverage == pytest.approx(1.5) and b.format == pytest.approx(0.2) and b.tag == 0.0, s.id
-        embedded = [mask_words(p, prompt_keywords(s.situation)) for p in split_perspectives(ref)]
+        embedded = [mask_words(p, prompt_keywords(s.situation)) for p in split_perspectives(similarity_text(ref))]
         E = minilm.encode(embedded, normalize_embeddings=True)
         if (E @ E.T - np.eye(len(E)) * 2).max() < reward.UNIQUENESS_THRESHOLD:   # mutually below 0.78 as embedded
             assert b.total == pytest.approx(2.0), s.id
@@ -367,6 +386,100 @@ def test_minilm_an_unrelated_situations_answer_scores_low(minilm):
 def test_minilm_one_perspective_repeated_five_times_gets_no_uniqueness(minilm):
     from opgrpo_min import reference_answer
     s = situations_for_minilm()[0]
-    first = split_perspectives(reference_answer(s))[0]
+    first = split_perspectives(similarity_text(reference_answer(s)))[0]
     (r,) = score_answers([tagged([first] * 5, "Honesty.")], [reference_answer(s)], minilm, situations=[s.situation])
     assert r.u == pytest.approx(1 / 5) and r.uniqueness == 0.0 and r.format == 0.0
+
+
+# ================================================================ the authors' released reward, layout by layout
+class FirstName:
+    """A stand-in embedder whose cosines are 1 or 0, so both rewards can be worked out by hand: a text is the unit
+    vector of the first perspective name in it ("In the perspective of B, ..." -> e_B); a text with no name gets a
+    direction of its own. The authors' values below are computed by hand from their code (fuyu12345/OPRL-LLM:
+    vllm_rollout_spmd.py for the layout, split, coverage and uniqueness, op_reward_batch.py for the format score,
+    reward_manager/batch.py for 0.3 x coverage + 0.1 x format + tag + 0.3 x uniqueness, clipped at 0), never run."""
+
+    def __init__(self):
+        self.dims = {}
+
+    def encode(self, texts):
+        out = np.zeros((len(texts), 64), np.float32)
+        for i, t in enumerate(texts):
+            m = reward.PERSPECTIVE_NAME.search(t)
+            key = m.group(1).strip().lower() if m else t
+            out[i, self.dims.setdefault(key, len(self.dims))] = 1.0
+        return out
+
+
+REF3 = tagged([line("A", "a."), line("B", "b."), line("C", "c.")], "A, B and C.")
+
+
+def ours(answer):
+    (b,) = score_answers([answer], [REF3], FirstName())
+    return b
+
+
+def test_an_empty_answer_keeps_our_zero_where_the_authors_pay_uniqueness():
+    # authors: no sentence -> _uniqueness_rate returns 1.0 for n <= 1 -> 0.3 x 1.0; coverage 0, format 0, tag -0.2:
+    # total max(0, 0 + 0.3 + 0 - 0.2) = 0.1. Ours (kept: it pays for saying nothing): u = 0, total 0.
+    b = ours("")
+    assert (b.uniqueness, b.u, b.total) == (0.0, 0.0, 0.0)
+
+
+def test_names_without_a_summary_keep_our_summary_term_where_the_authors_search_the_whole_text():
+    answer = "<core perspectives>\n" + line("A", "a.") + "\n" + line("B", "b.") + "\n</core perspectives>"
+    # both: not the strict layout, so the whole stripped text is split:
+    #   ["<core perspectives>", "In ... A, a.", "In ... B, b.\n</core perspectives>"] -> no name, e_A, e_B
+    #   coverage 2 of 3 references -> bucket 4 -> 1.2; uniqueness 3 of 3 -> 0.3; tag -0.2
+    # format, first core block [A line, B line]: 2 points. Authors: no <summary>, so the names are looked for in the
+    # whole text: both found -> term 0 -> 0.2, total 1.2 + 0.3 + 0.2 - 0.2 = 1.5. Ours (kept): names but no summary
+    # -> -1 -> 0.1, total 1.4.
+    b = ours(answer)
+    assert (b.coverage, b.uniqueness, b.tag) == (pytest.approx(1.2), pytest.approx(0.3), -0.2)
+    assert b.format == pytest.approx(0.1) and b.total == pytest.approx(1.4)
+
+
+@pytest.mark.parametrize("answer, coverage, uniqueness, fmt, total", [
+    # a preamble with a perspective line: ["Sure.", "In ... B, b.\n<core perspectives>", "In ... A, a.\n</core ...>
+    # \n<summary>A.</summary>"] -> e_B, e_A: 2 of 3 -> 1.2 (the core block alone, as before: 1 of 3 -> 0.6)
+    ("Sure.\n" + line("B", "b.") + "\n<core perspectives>\n" + line("A", "a.") + "\n</core perspectives>\n"
+     "<summary>A.</summary>", 1.2, 0.3, 0.2, 1.5),
+    # an empty core: ["<core perspectives></core perspectives>", "In ... A, a.\n<summary>A.</summary>"] -> 1 of 3 ->
+    # 0.6, u 1 -> 0.3; the format score reads the (empty) core block: 0. Before: no piece, 0 and 0.
+    ("<core perspectives></core perspectives>\n" + line("A", "a.") + "\n<summary>A.</summary>", 0.6, 0.3, 0.0, 0.7),
+    # the summary first: ["<summary>A and B.</summary>\n<core perspectives>", "In ... A, a.", "In ... B, b.\n</core
+    # perspectives>"] -> 2 of 3 -> 1.2, u 1 -> 0.3; format 2 points, names a, b in the summary -> 0.2
+    ("<summary>A and B.</summary>\n<core perspectives>\n" + line("A", "a.") + "\n" + line("B", "b.")
+     + "\n</core perspectives>", 1.2, 0.3, 0.2, 1.5),
+])
+def test_outside_the_strict_layout_similarity_reads_the_whole_stripped_answer_as_the_authors_do(
+        answer, coverage, uniqueness, fmt, total):
+    b = ours(answer)                   # the authors' values, by hand: the same (tag -0.2 on both sides)
+    assert (b.coverage, b.uniqueness, b.format, b.tag) == (pytest.approx(coverage), pytest.approx(uniqueness),
+                                                           pytest.approx(fmt), -0.2)
+    assert b.total == pytest.approx(total)
+
+
+def test_indented_perspective_lines_start_no_perspective_as_in_the_authors_split():
+    answer = tagged([line("A", "a."), "  " + line("B", "b."), "\t" + line("C", "c.")], "A, B and C.")
+    # strict layout, so the core block is split, at column 0 only: one piece, e_A -> 1 of 3 -> bucket 2 -> 0.6;
+    # u 1 -> 0.3; format: 1 segment with a name -> 2 points, name a in the summary -> 0.2; tag 0: 1.1 on both
+    # sides (before: three pieces, 3 of 3 -> 1.5, total 2.0)
+    b = ours(answer)
+    assert (b.coverage, b.rate, b.uniqueness, b.format, b.tag) == (pytest.approx(0.6), 1 / 3, pytest.approx(0.3),
+                                                                   pytest.approx(0.2), 0.0)
+    assert b.total == pytest.approx(1.1)
+
+
+def test_two_core_blocks_keep_our_tag_penalty_where_the_authors_strict_regex_accepts_them():
+    answer = ("<core perspectives>\n" + line("A", "a.") + "\n</core perspectives>\n<core perspectives>\n"
+              + line("B", "b.") + "\n</core perspectives>\n<summary>\nA and B.\n</summary>")
+    # authors: STRICT_FORMAT_RE matches (core = from the first opening tag to the last closing one): tag 0; core
+    # pieces ["In ... A, a.\n</core perspectives>\n<core perspectives>", "In ... B, b."] -> 2 of 3 -> 1.2, u 1 -> 0.3;
+    # format on the first core block: 2 points, a in the summary -> 0.2: total 1.7.
+    # Ours (kept: the format asks for one block): tag -0.2, the whole text: ["<core perspectives>", A..., B...] ->
+    # 1.2 and 0.3, format 0.2: total 1.5.
+    b = ours(answer)
+    assert (b.coverage, b.uniqueness, b.format, b.tag) == (pytest.approx(1.2), pytest.approx(0.3),
+                                                           pytest.approx(0.2), -0.2)
+    assert b.total == pytest.approx(1.5)

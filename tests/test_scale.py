@@ -23,6 +23,19 @@ def items():
     return support.load_situations(TRAIN)
 
 
+def totals(answers, references, embedder, **options):
+    return [b.total for b in reward.score_answers(answers, references, embedder, **options)]
+
+
+def layouts(s):
+    """Answers to situation s in layouts where the authors' code and a careless port differ: the reference answer,
+    its perspective lines indented (one perspective for the split), and its core block after a preamble (not the
+    strict layout: the whole text is embedded)."""
+    ref = om.reference_answer(s)
+    lines = reward.split_perspectives(reward.similarity_text(ref))
+    return [ref, ref.replace("\n" + lines[1], "\n  " + lines[1]), "Sure, here it is.\n" + lines[0] + "\n" + ref]
+
+
 # ================================================================ the scripts as programs
 def test_scale_modules_import_without_loading_anything():
     code = ("import sys, scale.trl_opgrpo, scale.verl_reward, scale.to_verl_parquet as t;"
@@ -91,8 +104,8 @@ def test_trl_ratio_cap_delta_is_the_recipes_dual_clip():
 
 
 # ================================================================ TRL: the OP reward as a reward function
-def test_opreward_takes_trl_arguments_and_conversational_completions():
-    fn = trl_opgrpo.OPReward(BagOfWords(), mask_keywords="both")
+def test_trl_reward_takes_trl_arguments_and_conversational_completions():
+    fn = trl_opgrpo.TRLReward(BagOfWords(), mask_keywords="both")
     assert fn.__name__ == "op_reward"
     plain = fn(prompts=["p", "p"], completions=[REF, ""], reference=[REF, REF], situation=[SITUATION] * 2,
                completion_ids=[[1], [2]], trainer_state=None)
@@ -102,17 +115,27 @@ def test_opreward_takes_trl_arguments_and_conversational_completions():
     assert plain == chat == [pytest.approx(2.0), 0.0]
 
 
-def test_opreward_names_the_missing_reference_column():
+def test_trl_reward_is_score_answers_on_indented_and_non_strict_answers(minilm, items):
+    s = items[0]
+    answers = layouts(s)
+    got = trl_opgrpo.TRLReward(minilm)(prompts=["p"] * 3, completions=answers, reference=[om.reference_answer(s)] * 3,
+                                       situation=[s.situation] * 3)
+    want = reward.score_answers(answers, [om.reference_answer(s)] * 3, minilm, situations=[s.situation] * 3)
+    assert got == pytest.approx([b.total for b in want], abs=1e-6)
+    assert [b.tag for b in want] == [0.0, 0.0, -0.2] and want[1].rate < want[0].rate   # the layouts do differ
+
+
+def test_trl_reward_names_the_missing_reference_column():
     with pytest.raises(ValueError, match="'reference'"):
-        trl_opgrpo.OPReward(BagOfWords())(prompts=["p"], completions=["c"])
+        trl_opgrpo.TRLReward(BagOfWords())(prompts=["p"], completions=["c"])
     with pytest.warns(UserWarning, match="situation"):
-        trl_opgrpo.OPReward(BagOfWords())(prompts=["p"], completions=[REF], reference=[REF])
+        trl_opgrpo.TRLReward(BagOfWords())(prompts=["p"], completions=[REF], reference=[REF])
 
 
 # ================================================================ TRL: 2 real steps, the reward it logs
 def captured(embedder):
-    """trl_opgrpo.OPReward wrapped to record what TRL handed it and what it returned."""
-    score, calls = trl_opgrpo.OPReward(embedder), []
+    """trl_opgrpo.TRLReward wrapped to record what TRL handed it and what it returned."""
+    score, calls = trl_opgrpo.TRLReward(embedder), []
 
     def op_reward(**kw):
         out = score(**kw)
@@ -148,7 +171,7 @@ def test_trl_two_steps_log_the_op_reward_of_their_answers(tiny_model_dir, minilm
         assert [prompt_messages(s) for s in call["situation"]] == call["prompts"]
         answers = [text_of(c) for c in call["completions"]]
         refs = [om.reference_answer(by_situation[s]) for s in call["situation"]]
-        again = reward.op_reward(answers, refs, minilm, situations=call["situation"])
+        again = totals(answers, refs, minilm, situations=call["situation"])
         assert call["rewards"] == pytest.approx(again, abs=1e-6)
         assert row["rewards/op_reward/mean"] == pytest.approx(sum(again) / len(again), abs=1e-6)
     assert os.path.isfile(os.path.join(tmp_path, "run", "final", "config.json"))
@@ -164,7 +187,7 @@ def test_trl_passes_each_answer_the_reference_of_its_own_prompt(tiny_model_dir, 
     by_situation = {s.situation: s for s in items}
 
     def answer(s, k):
-        return "\n".join(reward.split_perspectives(om.reference_answer(s))[:1 + k % 2])
+        return "\n".join(reward.split_perspectives(reward.similarity_text(om.reference_answer(s)))[:1 + k % 2])
 
     def known_answers(self, input_ids, attention_mask=None, generation_config=None, **kw):
         prompts = tok.batch_decode(input_ids, skip_special_tokens=True)
@@ -180,7 +203,7 @@ def test_trl_passes_each_answer_the_reference_of_its_own_prompt(tiny_model_dir, 
     trainer, rows, calls = run_trl(tiny_model_dir, tmp_path, minilm, "--max-new-tokens", "120", "--beta", "0")
     for row, call in zip(rows, calls):
         ss = [by_situation[s] for s in call["situation"]]
-        expected = reward.op_reward([answer(s, k) for k, s in enumerate(ss)], [om.reference_answer(s) for s in ss],
+        expected = totals([answer(s, k) for k, s in enumerate(ss)], [om.reference_answer(s) for s in ss],
                                     minilm, situations=[s.situation for s in ss])
         assert [text_of(c) for c in call["completions"]] == [answer(s, k) for k, s in enumerate(ss)]
         assert row["rewards/op_reward/mean"] == pytest.approx(sum(expected) / len(expected), abs=1e-6)
@@ -210,7 +233,7 @@ def test_compute_score_is_score_answers_for_the_same_answer(verl_embedder, items
     row = to_verl_parquet.verl_rows([s], "train")[0]
     gt, info = row["reward_model"]["ground_truth"], row["extra_info"]
     cases = [(om.reference_answer(s), "answer"), (om.reference_answer(other), "answer"), ("", "answer"),
-             (om.reference_answer(s), "both")]
+             (om.reference_answer(s), "both")] + [(a, "answer") for a in layouts(s)[1:]]   # indented, non-strict
     for answer, mask in cases:
         want = reward.score_answers([answer], [om.reference_answer(s)], verl_embedder, situations=[s.situation],
                                     mask_keywords=mask)[0]
@@ -266,7 +289,8 @@ def test_parquet_rows_are_what_verl_reads(tmp_path, items):
     assert len(ds) == len(items)
     for row, s in zip(ds, items):
         assert row["data_source"] == "opgrpo" and row["prompt"] == prompt_messages(s.situation)
-        assert row["reward_model"]["ground_truth"] == reward.split_perspectives(om.reference_answer(s))
+        assert row["reward_model"]["ground_truth"] == reward.split_perspectives(
+            reward.similarity_text(om.reference_answer(s)))
         assert row["extra_info"]["situation"] == s.situation and row["extra_info"]["id"] == s.id
 
 

@@ -57,18 +57,65 @@ def test_the_threshold_is_calibrated_on_training_pairs(minilm):
 
 def test_the_smoke_study_runs_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "study"
-    r = study.main(["--smoke", "--model", tiny_model_dir, "--out", str(out)])
-    rows = {"base implicit", "base explicit", "SFT", "OP-GRPO seed 0", "OP-GRPO seed 1", "OP-GRPO (seed mean)"}
-    assert set(r["means"]) == rows
-    assert all(len(v) == 4 for v in r["per_situation"]["SFT"].values())           # 4 situations
+    r = study.main(["--smoke", "--model", tiny_model_dir, "--out", str(out), "--styles", "bare"])
+    rows = {f"{m} {st}" for m in ("base", "sft", "seed0", "seed1", "seed mean") for st in ("implicit", "bare")}
+    assert set(r["means"]) == rows | {"base explicit"}
+    assert all(len(v) == 4 for v in r["per_situation"]["sft implicit"].values())     # 4 situations
     answers = [json.loads(line) for line in open(out / "answers.jsonl")]
-    assert len(answers) == 5 * 4 * 2                                                 # 5 models x 4 x 2 samples
-    for g in ("OP-GRPO seed 0", "OP-GRPO seed 1"):
+    # per situation: base 2 + 2 (implicit, explicit), SFT and 2 seeds 4 each, and 2 of each of the 4 in "bare"
+    assert len(answers) == 4 * (2 + 2 + 3 * 4 + 4 * 2)
+    assert len({(a["row"], a["prompt"], a["id"], a["sample"]) for a in answers}) == len(answers)
+    for g in ("seed0", "seed1"):
         assert [row["step"] for row in r["training"][g]] == [1, 2]
         assert all({"zero_spread", "entropy", "coverage", "format"} <= set(row) for row in r["training"][g])
-    budget = r["why"]["noise_budget"]["coverage_stage1"]                            # 2 answers: it is measured
-    assert budget["se"] >= 0 and set(budget["by_answers"]) == {4, 8, 16, 32}
-    assert os.path.isfile(out / "report.md") and "sign-flip" in open(out / "report.md").read()
+    budget = r["why"]["noise_budget"]["coverage_stage1"]                            # 4 answers: it is measured
+    assert budget["se"] >= 0 and set(budget["by_answers"]) == {4, 8, 16, 32, 64}
+    assert r["verdict"].startswith("OP-GRPO - SFT Stage-1 coverage") and "with 4 answers" in r["verdict"]
+    text = open(out / "report.md").read()
+    assert "sign-flip" in text and "| bare | SFT | 2 |" in text and "Verdict" in text
     assert os.path.isfile(out / "training.png")
-    again = study.main(["--smoke", "--model", tiny_model_dir, "--out", str(out)])    # every stage is reused
-    assert again["means"] == r["means"]
+    again = study.main(["--smoke", "--model", tiny_model_dir, "--out", str(out), "--styles", "bare"])
+    assert again["means"] == r["means"]                                              # every stage is reused
+    with pytest.raises(ValueError, match="--steps 3: the study in .* was run with 2"):
+        study.main(["--smoke", "--model", tiny_model_dir, "--out", str(out), "--steps", "3"])
+
+
+KILLED = """
+import sys, time
+sys.path.insert(0, {root!r})
+import opgrpo_min, study, support
+slow = opgrpo_min.sample_groups
+def sample_groups(*a, **k):           # a block takes a second, so the kill lands between or within blocks
+    time.sleep(1)
+    return slow(*a, **k)
+opgrpo_min.sample_groups = sample_groups
+items = support.load_situations({data!r})[:4]
+gen = study.argparse.Namespace(seed=0, batch_size=2, max_new_tokens=4)
+study.answer({path!r}, "sft", {model!r}, "implicit", items, 8, gen, {{}})
+"""
+
+
+def test_answering_survives_sigkill_and_a_rerun_makes_only_what_is_missing(tiny_model_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    data = os.path.join(om.HERE, "data", "test.jsonl")
+    straight, killed = str(tmp_path / "straight.jsonl"), str(tmp_path / "killed.jsonl")
+    script = lambda path: KILLED.format(root=om.HERE, data=data, path=path, model=tiny_model_dir)
+    subprocess.run([sys.executable, "-c", script(straight)], check=True, timeout=600)
+    proc = subprocess.Popen([sys.executable, "-c", script(killed)])
+    lines = lambda path: sum(1 for _ in open(path)) if os.path.exists(path) else 0
+    deadline = time.time() + 300
+    while lines(killed) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with open(killed, "a") as f:
+        f.write('{"row": "sft", "prompt": "implic')                 # as if the kill fell mid-write
+    n_before = len(study.read_answers(killed))
+    assert 4 <= n_before < 4 * 8                                   # killed after the first block, before the last
+    subprocess.run([sys.executable, "-c", script(killed)], check=True, timeout=600)
+    a, b = study.read_answers(straight), study.read_answers(killed)
+    assert len(a) == 4 * 8 and a == b                              # every answer once, the same as a straight run
+    assert sum(1 for _ in open(killed)) == 4 * 8                   # the torn line is gone, nothing is doubled
