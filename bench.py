@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import opgrpo_min as om
 import reward
-import support
+import plumbing
 
 SHAPES = {"qwen2.5-3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
                              intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True,
@@ -70,9 +70,9 @@ class SyntheticTokenizer:
 
 
 def build_policy(args):
-    """(model, tokenizer): support.load_policy, or random weights of a named shape (bf16 on a GPU)."""
+    """(model, tokenizer): plumbing.load_policy, or random weights of a named shape (bf16 on a GPU)."""
     if not args.shape:
-        return support.load_policy(args.model, args.device)
+        return plumbing.load_policy(args.model, args.device)
     from transformers import AutoModelForCausalLM, Qwen2Config
     shape = dict(SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {}))
     torch.manual_seed(0)
@@ -121,18 +121,35 @@ class PeakMemory:
 def bench_config(args, steps):
     return om.resolve_config(om.Config(
         device=args.device, steps=steps, prompts_per_step=args.prompts, group_size=args.group_size,
-        max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, beta=args.beta, lr=args.lr,
+        max_new_tokens=args.max_new_tokens, beta=args.beta, lr=args.lr,
         updates_per_step=args.updates_per_step, micro_batch=args.micro_batch, max_prompt_len=10 ** 6,
         gradient_checkpointing=args.gradient_checkpointing, sft_steps=0, sample_every=0, save_every=0, seed=0))
+
+
+@contextlib.contextmanager
+def forced_length(tokens):
+    """Every answer exactly `tokens` long (EOS is banned until then), so every step does the same work:
+    opgrpo_min's sampling config, with min_new_tokens set (as run_trl asks TRL for it)."""
+    real = om.sampling_config
+
+    def forced(*a, **kw):
+        gen = real(*a, **kw)
+        gen.min_new_tokens = tokens
+        return gen
+    om.sampling_config = forced
+    try:
+        yield
+    finally:
+        om.sampling_config = real
 
 
 def run_ours(make_model, tok, items, embedder, args):
     """warmup + steps steps of opgrpo_min.grpo_train (reference = frozen copy, as in train()); per-step rows."""
     cfg = bench_config(args, args.warmup + args.steps)
-    with PeakMemory(args.device) as mem:
+    with PeakMemory(args.device) as mem, forced_length(args.max_new_tokens):
         model = make_model()
         ref = copy.deepcopy(model).requires_grad_(False) if cfg.beta else None  # beta = 0: no reference at all
-        rows = om.grpo_train(model, tok, items, om.op_reward_fn(embedder, cfg), cfg, ref)
+        rows = om.grpo_train(model, tok, items, om.rollout_rewards(embedder, cfg), cfg, ref)
     return dict(rows=rows[args.warmup:], peak_gb=mem.peak)
 
 
@@ -371,7 +388,8 @@ def decode_rollout(model, tracker, P, G, L, T, vocab, steps=0):
 
 def peft_model(model, rank):
     import peft
-    return peft.get_peft_model(model, om.lora_config(rank))
+    from extras.lora import lora_config
+    return peft.get_peft_model(model, lora_config(rank))
 
 
 def materialize(model):
@@ -564,7 +582,7 @@ def main(argv=None):
         result = dict(args=vars(args))
         def save(rows):
             result.update(runs=rows, fits=fits_table(rows))
-            support.write_text(args.out, json.dumps(result, indent=1))
+            plumbing.write_text(args.out, json.dumps(result, indent=1))
         simulate_runs(args, save)
         if args.validate:
             small = argparse.Namespace(**dict(vars(args), shape="small", layers=None, prompts=2, group_size=4,
@@ -572,7 +590,7 @@ def main(argv=None):
             v = result["validation"] = validate_tracker(small)
             print(f"tracker check, the 'small' shape run for real on the CPU: fake {v['fake_peak_gb']:.2f} GB, real run "
                   f"{v['real_rss_rise_gb']:.2f} GB of resident memory: fake / real {v['fake_over_rss']:.3f}")
-        support.write_text(args.out, json.dumps(result, indent=1))
+        plumbing.write_text(args.out, json.dumps(result, indent=1))
         print(f"wrote {args.out}")
         return result
     import transformers
@@ -586,7 +604,7 @@ def main(argv=None):
     bw, mm = measured_rates(args.device, p.dtype)
     del model, p
     embedder = reward.load_embedder(device=args.device)
-    items = support.load_situations(os.path.join(om.HERE, "data", "train.jsonl"))
+    items = plumbing.load_situations(os.path.join(om.HERE, "data", "train.jsonl"))
     result = dict(env=env, args=vars(args), bandwidth_GBps=bw / 1e9, matmul_TFLOPs=mm / 1e12, runs=[])
     prompt_len = max(len(tok([om.chat_prompt(tok, items[i].situation)], add_special_tokens=False).input_ids[0])
                      for step in range(args.warmup + args.steps)   # left padding: every prompt is the longest

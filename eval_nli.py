@@ -5,33 +5,51 @@ For each test situation, reference perspective explanation e_i and sentence s_j 
     p_ij  = P(entailment | premise = e_i, hypothesis = s_j)        any HF sequence-classification NLI model
     score = mean_i max_j p_ij   (an empty answer scores 0)           situation_score
     Accuracy = share of situations with score > 0.33                 summarize
-    coverage = share of e_i matched one-to-one by an s_j at cos >= 0.70   embedding_coverage: offline, no NLI model
+    coverage = share of reference lines 'In the perspective of NAME, e_i' matched one-to-one by an s_j at
+               cos >= 0.70                                         embedding_coverage: offline, no NLI model
 
     python eval_nli.py --model default --model runs/default/sft --model runs/default/checkpoint --prompt both
     python eval_nli.py --answers runs/eval/answers.jsonl --nli roberta-large-mnli    # re-score, no generation
 """
-import argparse
-import csv
-import io
+import dataclasses
 import json
 import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import reward
-from opgrpo_min import chat_prompt, sample_groups
-from support import (ArgumentParser, check_model_path, check_out_dir, find_checkpoint, load_policy, load_situations,
-                     pyplot, read_jsonl, run_cli, save_figure, write_text)
+from opgrpo_min import chat_prompt, check_prompts, sample_groups
+from plumbing import (check_device, check_knobs, check_model_path, claim_out_dir, dataclass_args, load_policy,
+                      load_situations, pyplot, read_jsonl, run_cli, save_figure, write_text)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_NLI = "microsoft/deberta-v2-xlarge-mnli"   # the NLI model of the paper's evaluation code
 ACCURACY_THRESHOLD = 0.33        # a situation counts as covered when its score is strictly above this
 MAX_PROMPT_LEN = 512             # as in training; a longer prompt is an error, never cut
-PARTS = {"answer": "whole answer", "core": "<core perspectives> block", "summary": "<summary> block"}
+
+
+@dataclass
+class Config:  # knobs: '# what it does | its valid range'
+    model: list = None           # policy, repeatable: hub id, dir, run dir or checkpoint; 'default' = SmolLM2-135M
+    prompt: str = "both"         # implicit = the training prompt; explicit: the paper's baseline | implicit, explicit, both
+    answers: str = None          # score this answers JSONL (id, model, prompt, answer) instead of generating
+    data: str = os.path.join(HERE, "data", "test.jsonl")  # test situations
+    nli: list = None             # NLI model, repeatable; 'none' = only the offline metric; None = the paper's
+    sim_model: str = None        # Sentence Transformer of the coverage metric; None = embedded MiniLM
+    max_new_tokens: int = 1200   # paper 1200; ~200 keeps a CPU run short | >= 1
+    temperature: float = 0.7     # test-time sampling, as in the paper | > 0
+    top_p: float = 0.9           # test-time nucleus sampling, as in the paper | in (0, 1]
+    batch_size: int = 32         # prompts per generate call (wider is faster) | >= 1
+    nli_batch_size: int = 32     # (premise, hypothesis) pairs per NLI forward | >= 1
+    device: str = None           # None = cuda when present, else cpu
+    seed: int = 0                # sampling seed | in [0, 4294967295]
+    out: str = "runs/eval"       # answers.jsonl, results.csv/.md, accuracy.png, config.json
+    overwrite: bool = False      # generate into an --out that holds answers: they are moved aside, not deleted
 
 
 # ================================================================ text
@@ -50,13 +68,6 @@ def split_sentences(text):
     return [p.strip() for p in pieces if LETTER.search(p)]
 
 
-def scored_text(answer, part="answer"):
-    """The whole answer or the inside of its <core perspectives> / <summary> block; an answer without the block is
-    scored whole (as reward.split_perspectives does), so an untagged answer is judged, not scored 0."""
-    block = {"core": reward.CORE_BLOCK, "summary": reward.SUMMARY_BLOCK}.get(part)
-    m = block.search(answer) if block else None
-    return m.group(1) if m else answer
-
 
 # ================================================================ NLI
 def entailment_index(config, name="the NLI model"):
@@ -74,32 +85,22 @@ def entailment_index(config, name="the NLI model"):
 
 
 def load_nli(name, device="cpu", batch_size=32):
-    """entail(premises, hypotheses) -> P(entailment) per pair, in batches sorted by length (less padding)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """entail(premises, hypotheses) -> P(entailment) per pair, from transformers' text-classification pipeline on
+    (premise, hypothesis) pairs with every class's softmax score (top_k=None); the class found by entailment_index."""
+    from transformers import pipeline
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForSequenceClassification.from_pretrained(name)
+        clf = pipeline("text-classification", model=name, device=device, top_k=None)
     except OSError as e:
         raise OSError(f"NLI model {name!r} is not available here: no such local directory, not in the Hugging Face "
                       f"cache, and the hub cannot be reached ({str(e).splitlines()[0][:120]}). Download it once where "
                       f"there is network (huggingface-cli download {name}) and pass --nli <dir>; HF_HUB_OFFLINE=1 "
                       f"skips the retries. ") from None
-    k = entailment_index(model.config, f"--nli {name}")
-    if tok.pad_token is None:         # a decoder-based classifier: pad with EOS
-        tok.pad_token = tok.eos_token
-        model.config.pad_token_id = tok.pad_token_id
-    model.to(device).eval()
+    label = clf.model.config.id2label[entailment_index(clf.model.config, f"--nli {name}")]
 
-    @torch.no_grad()
     def entail(premises, hypotheses):
-        order = sorted(range(len(premises)), key=lambda i: len(premises[i]) + len(hypotheses[i]))
-        out = np.zeros(len(premises))
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            enc = tok([premises[i] for i in idx], [hypotheses[i] for i in idx], padding=True, truncation=True,
-                      max_length=min(tok.model_max_length, 512), return_tensors="pt").to(device)
-            out[idx] = model(**enc).logits.float().softmax(-1)[:, k].cpu().numpy()   # [b, classes] -> [b]
-        return out
+        rows = clf([dict(text=p, text_pair=h) for p, h in zip(premises, hypotheses)], batch_size=batch_size,
+                   truncation=True, max_length=512)
+        return np.array([next(x["score"] for x in row if x["label"] == label) for row in rows])
     return entail
 
 
@@ -156,34 +157,32 @@ def summarize(scores, threshold=ACCURACY_THRESHOLD):
 
 # ================================================================ answers
 def resolve_model(name):
-    """None or 'default' -> None (embedded SmolLM2); a run dir -> its checkpoint; a missing local path -> an error."""
+    """None or 'default' -> None (embedded SmolLM2); an opgrpo_min.py run dir -> its checkpoint; a local path that
+    is no model folder -> an error."""
     if name in (None, "default"):
         return None
     if os.path.isdir(os.path.join(name, "checkpoint")):      # a run dir: its config.json is the run's, not a model's
-        return find_checkpoint(name)
-    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
-        raise FileNotFoundError(f"--model {name}: the directory holds no model (no config.json); pass a "
-                                f"save_pretrained directory, e.g. runs/default/checkpoint or runs/default/sft")
+        name = os.path.join(name, "checkpoint")
     check_model_path(name, "--model")
     return name
 
 
-def generate_answers(name, items, styles, args, samples=1):
-    """`samples` answers per situation and prompt style at test-time settings (sample_groups, G = samples). The
-    styles share batches: a CPU decode step costs about the same for 16 or 88 prompts (reading the weights)."""
+def generate_answers(name, items, styles, args):
+    """One answer per situation and prompt style at test-time settings (sample_groups with G = 1). The styles share
+    batches: a CPU decode step costs about the same for 16 or 88 prompts (reading the weights)."""
     model, tok = load_policy(resolve_model(name), args.device)
+    for style in styles:
+        check_prompts(tok, items, MAX_PROMPT_LEN, style)
     todo = [(s, style) for style in styles for s in items]
     torch.manual_seed(args.seed)
     rows = []
     for b in range(0, len(todo), args.batch_size):
         batch = todo[b:b + args.batch_size]
-        prompts = [chat_prompt(tok, s.situation, style) for s, style in batch]
-        texts = sample_groups(model, tok, prompts, samples, args.max_new_tokens, args.temperature, args.top_p,
-                              MAX_PROMPT_LEN).texts                                   # answers of prompt i: i*G..
-        rows += [dict(id=s.id, model=name or "default", prompt=style, answer=texts[i * samples + k],
-                      situation=s.situation, **({"sample": k} if samples > 1 else {}))
-                 for i, (s, style) in enumerate(batch) for k in range(samples)]
-        print(f"[generate] {name}: {len(rows)}/{len(todo) * samples} answers", flush=True)
+        texts = sample_groups(model, tok, [chat_prompt(tok, s.situation, style) for s, style in batch], 1,
+                              args.max_new_tokens, args.temperature, args.top_p).texts
+        rows += [dict(id=s.id, model=name or "default", prompt=style, answer=text, situation=s.situation)
+                 for (s, style), text in zip(batch, texts)]
+        print(f"[generate] {name}: {len(rows)}/{len(todo)} answers", flush=True)
     return rows
 
 
@@ -259,43 +258,25 @@ def plot_accuracy(rows, path):
 # ================================================================ main
 def main(argv=None):
     """Generate (or read) the answers, score them by every metric, write OUT/results.csv, .md and accuracy.png."""
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", help="policy, repeatable: hub id, local dir, opgrpo_min.py run dir "
-                   "or checkpoint; 'default' (the default) = embedded SmolLM2-135M")
-    p.add_argument("--prompt", choices=("implicit", "explicit", "both"), default="both",
-                   help="implicit = the training prompt; explicit asks for perspectives (the paper's baseline)")
-    p.add_argument("--answers", help="score this answers JSONL (id, model, prompt, answer) instead of generating")
-    p.add_argument("--data", default=os.path.join(HERE, "data", "test.jsonl"), help="test situations")
-    p.add_argument("--nli", action="append", help=f"NLI model, repeatable; 'none' = only the offline metric "
-                   f"(default: {PAPER_NLI})")
-    p.add_argument("--score", choices=list(PARTS), default="answer", help="which text of the answer is scored")
-    p.add_argument("--sim-model", help="Sentence Transformer of the coverage metric (default: embedded MiniLM)")
-    p.add_argument("--max-new-tokens", type=int, default=1200, help="paper 1200; ~200 keeps a CPU run short")
-    p.add_argument("--temperature", type=float, default=0.7, help="test-time sampling, as in the paper")
-    p.add_argument("--top-p", type=float, default=0.9, help="test-time nucleus sampling, as in the paper")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (wider is faster)")
-    p.add_argument("--nli-batch-size", type=int, default=32, help="(premise, hypothesis) pairs per NLI forward")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/eval", help="answers.jsonl, results.csv/.md, accuracy.png, config.json")
-    args = p.parse_args(argv)
+    args = dataclass_args(Config, argv, __doc__)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_knobs(args), check_device(args.device)
     if args.answers and args.model:
-        p.error("give --model (generate answers) or --answers (re-score a file), not both")
-    checks = [(k, getattr(args, k) >= 1, ">= 1") for k in ("max_new_tokens", "batch_size", "nli_batch_size")]
-    checks += [("temperature", args.temperature > 0, "> 0"), ("top_p", 0 < args.top_p <= 1, "in (0, 1]")]
-    for k, ok, words in checks:
-        if not ok:  # NaN fails every comparison, so it lands here too
-            p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: must be {words}")
+        raise ValueError("give --model (generate answers) or --answers (re-score a file), not both")
     args.model = args.model or (None if args.answers else ["default"])
     args.nli = args.nli or [PAPER_NLI]
     items, t0 = load_situations(args.data), time.perf_counter()   # inputs first, then any output
     groups = load_answers(args.answers, items) if args.answers else None
     for name in args.model or []:
         resolve_model(name)                                      # a bad path fails before any generation
-    check_model_path(args.sim_model, "--sim-model")
-    check_out_dir(args.out)
-    print("config:", json.dumps(vars(args)))
-    write_text(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=1))
+    check_model_path(args.sim_model, "--sim-model", tokenizer=False)
+    for name in [n for n in args.nli if n.lower() != "none"]:
+        check_model_path(name, "--nli")
+    claim_out_dir(args.out, () if args.answers else ("answers.jsonl",), args.overwrite, "re-score it with --answers "
+                  f"{args.out}/answers.jsonl, use another --out, or ")
+    config = dataclasses.asdict(args)
+    print("config:", json.dumps(config))
+    write_text(os.path.join(args.out, "config.json"), json.dumps(config, indent=1))
     if not args.answers:  # ---- generate, then read back from the file, so both paths score the same way
         styles = ["implicit", "explicit"] if args.prompt == "both" else [args.prompt]
         rows = [r for name in args.model for r in generate_answers(name, items, styles, args)]
@@ -304,15 +285,15 @@ def main(argv=None):
         print(f"[generate] {len(rows)} answers in {time.perf_counter() - t0:.0f} s -> {args.answers}")
         groups = load_answers(args.answers, items)
     t1 = time.perf_counter()
-    texts = {key: [scored_text(a, args.score) for a in answers] for key, answers in groups.items()}
+    texts = groups
 
     # ---- offline metric, then each NLI backbone that can be loaded
     short = lambda name: os.path.basename(name.rstrip("/"))
     embedder = reward.load_embedder(args.sim_model, device=args.device)
     sim_name = short(args.sim_model or "all-MiniLM-L6-v2")
     results = {(*key, f"coverage {sim_name}"): embedding_coverage(t, items, embedder) for key, t in texts.items()}
-    notes = [f"Scored text: {PARTS[args.score]}. Accuracy: share of situations with score > {ACCURACY_THRESHOLD}. "
-             f"Coverage: share of reference perspectives matched at cosine >= {reward.COVERAGE_THRESHOLD}."]
+    notes = [f"Accuracy: share of situations with score > {ACCURACY_THRESHOLD}. Coverage: share of reference "
+             f"perspective lines matched at cosine >= {reward.COVERAGE_THRESHOLD}."]
     for name in [n for n in args.nli if n.lower() != "none"]:
         try:
             entail = load_nli(name, args.device, args.nli_batch_size)
@@ -323,11 +304,8 @@ def main(argv=None):
             continue
         results.update({(*key, f"NLI {short(name)}"): nli_scores(t, items, entail) for key, t in texts.items()})
     rows = report_rows(results, items)
-    csv_text = io.StringIO()
-    w = csv.DictWriter(csv_text, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    write_text(os.path.join(args.out, "results.csv"), csv_text.getvalue())
+    import pandas as pd
+    write_text(os.path.join(args.out, "results.csv"), pd.DataFrame(rows).to_csv(index=False))
     table = markdown_table(rows, notes)
     print(table)
     write_text(os.path.join(args.out, "results.md"), table + "\n")

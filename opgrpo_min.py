@@ -4,7 +4,7 @@ Fu, Son, Bogunovic, "Overton Pluralistic Reinforcement Learning for Large Langua
 GRPO as in DeepSeekMath (Shao et al. 2024, eq. 3-4). One step of RL reads as
 
     rollout:     G answers per prompt, sampled from the current policy       sample_groups
-    reward:      the OP reward of reward.py, one number per answer           reward.score_answers
+    reward:      the OP reward of reward.py, one number per answer           rollout_rewards
     advantages:  A_i = (r_i - mean(r_group)) / (std(r_group) + eps)          group_advantages
     update:      clipped ratio loss + beta * k3 KL to the frozen reference   token_logprobs, grpo_loss
 
@@ -13,6 +13,7 @@ GRPO as in DeepSeekMath (Shao et al. 2024, eq. 3-4). One step of RL reads as
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -25,118 +26,79 @@ import numpy as np
 import torch
 
 import reward
-from support import (StopAfterStep, atomic_save, check_model_path, check_out_dir, dataclass_args, find_checkpoint,
-                     load_policy, load_situations, load_trainer_state, oom_hint, plot_rewards, resumed_config,
-                     rows_up_to, run_cli, save_checkpoint, set_rng_state, write_text)
+from plumbing import (DataError, StopAfterStep, atomic_save, check_device, check_knobs, check_model_path,
+                      claim_out_dir, dataclass_args, load_policy, load_situations, model_fingerprint, oom_hint,
+                      plot_rewards, run_cli, save_checkpoint, sha256_of, write_text)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# ================================================================ config
+# ================================================================ knobs: '# what it does | its valid range'
 @dataclass
 class Config:
     # -- models and data
-    model: str = None            # policy: hub id, local dir or .gguf file; None = embedded SmolLM2-135M-Instruct
+    model: str = None            # policy: hub id or local dir; None = embedded SmolLM2-135M-Instruct
     sim_model: str = None        # similarity estimator (Sentence Transformer); None = embedded all-MiniLM-L6-v2
-    train_data: str = os.path.join(HERE, "data", "train.jsonl")  # our JSONL, the authors' CSV or ValueKaleidoscope JSON
-    out: str = "runs/opgrpo"     # metrics, config, plot, checkpoints
+    train_data: str = os.path.join(HERE, "data", "train.jsonl")  # our JSONL (tools/convert_data.py converts others)
+    out: str = "runs/opgrpo"     # metrics, config, plot, sft/ and checkpoint/; a folder that holds a run is refused
+    overwrite: bool = False      # start over in an --out that holds a run: the old run is moved aside, not deleted
     resume: str = None           # continue the run saved in this dir (model, optimizer, RNG, step)
-    seed: int = 0                # same seed, same metrics on CPU
+    seed: int = 0                # same seed, same metrics on CPU | in [0, 4294967295]
     device: str = None           # None = cuda when present, else cpu
-    preset: str = None           # 'cpu' or 'gpu' defaults below; None = by device
-    dtype: str = None            # policy weights: bfloat16 or float32; None = bfloat16 on cuda, float32 on cpu
+    preset: str = None           # 'cpu' or 'gpu' defaults below; None = by device | cpu, gpu
+    dtype: str = None            # policy weights; None = bfloat16 on cuda, float32 on cpu | bfloat16, float32
     trust_remote_code: bool = False  # only for hub models that need their own code
     # -- stage 0: SFT warm start (paper: 1 epoch, lr 1e-5, cosine, 10% warm-up, AdamW(0.9, 0.95), wd 0.01)
-    sft_steps: int = None        # None = one epoch (gpu preset); 0 skips SFT (e.g. --model is an SFT checkpoint)
-    sft_batch: int = 4           # situations per SFT step
-    sft_lr: float = None         # paper 1e-5
+    sft_steps: int = None        # None = one epoch (gpu preset); 0 skips SFT (--model is an SFT checkpoint) | >= 0
+    sft_batch: int = 4           # situations per SFT step | >= 1
+    sft_lr: float = None         # paper 1e-5 | in (0, 1)
     # -- stage 2: GRPO
-    steps: int = None            # RL steps (paper about 150)
-    prompts_per_step: int = None # paper 1024; what fits one machine is far fewer
-    group_size: int = None       # G answers per prompt (paper 10)
-    max_new_tokens: int = None   # paper 800
-    min_new_tokens: int = 0      # force at least this many answer tokens (bench.py: the same work every step)
-    max_prompt_len: int = 512    # longer prompts are rejected with an error (the situation would be cut)
-    temperature: float = 1.0     # sampling temperature; log-probs use the same one
-    top_p: float = 1.0           # nucleus sampling during training (paper 1.0); top_k is always off
-    lr: float = None             # paper 1e-6 constant for a 3B model; a 135M model needs more to move in minutes
-    weight_decay: float = 0.01   # AdamW
-    grad_clip: float = 1.0       # max global grad norm
-    clip_eps: float = 0.2        # PPO ratio clip
-    dual_clip: float = 3.0       # cap of the loss for negative advantages (recipe: 3); 0 disables
-    beta: float = 0.001          # weight of the k3 KL to the reference (DeepSeekMath used 0.04); 0 drops the reference
-    adv_eps: float = 1e-6        # eps in A = (r - mean) / (std + eps)
-    updates_per_step: int = 4    # mini-batch updates per batch of rollouts (paper 4): ratio != 1 after the first
-    micro_batch: int = None      # answers per forward/backward; gradients accumulate over a mini-batch
-    gradient_checkpointing: int = None  # 1: recompute activations in the backward: less memory, one more forward
-    lora_rank: int = 0           # > 0: train a LoRA adapter of this rank (pip install peft); reference = adapter off
+    steps: int = None            # RL steps (paper about 150) | >= 1
+    prompts_per_step: int = None # paper 1024; what fits one machine is far fewer | >= 1
+    group_size: int = None       # G answers per prompt (paper 10); one answer has no spread, so no advantage | >= 2
+    max_new_tokens: int = None   # paper 800 | >= 1
+    max_prompt_len: int = 512    # a longer prompt is refused when the data loads (the situation would be cut) | >= 1
+    temperature: float = 1.0     # sampling temperature; log-probs use the same one | > 0
+    top_p: float = 1.0           # nucleus sampling during training (paper 1.0); top_k is always off | in (0, 1]
+    lr: float = None             # paper 1e-6 for a 3B model; a 135M model needs more to move in minutes | in (0, 1)
+    weight_decay: float = 0.01   # AdamW | >= 0
+    grad_clip: float = 1.0       # max global grad norm | > 0
+    clip_eps: float = 0.2        # PPO ratio clip | in (0, 1)
+    dual_clip: float = 3.0       # cap of the loss for negative advantages (Ye et al. 2020; recipe: 3) | 0 or > 1
+    beta: float = 0.001          # weight of the k3 KL to the reference (DeepSeekMath 0.04); 0 drops it | >= 0
+    adv_eps: float = 1e-6        # eps in A = (r - mean) / (std + eps) | > 0
+    updates_per_step: int = 4    # mini-batch updates per batch of rollouts (paper 4): ratio != 1 after the first | >= 1
+    micro_batch: int = None      # answers per forward/backward; gradients accumulate over a mini-batch | >= 1
+    gradient_checkpointing: int = None  # 1: recompute activations in the backward, less memory | 0 or 1
+    lora_rank: int = 0           # > 0: train a LoRA adapter of this rank (pip install peft) | >= 0
     # -- reward options (reward.py has the paper's defaults)
-    mask_keywords: str = "answer"  # 'answer' (paper), 'both' or 'none'
-    min_perspectives: int = 0    # uniqueness is 0 below this many perspectives (paper: 0, i.e. off)
-    coverage_threshold: float = reward.COVERAGE_THRESHOLD  # cosine from which a perspective is covered (paper 0.70)
+    mask_keywords: str = "answer"  # 'answer' (paper), 'both' or 'none' | answer, both, none
+    min_perspectives: int = 0    # uniqueness is 0 below this many perspectives (paper: 0, i.e. off) | >= 0
+    coverage_threshold: float = reward.COVERAGE_THRESHOLD  # cosine that covers a perspective (paper 0.70) | in [-1, 1]
     # -- logging
-    sample_every: int = 5        # print one sampled answer every N steps
-    save_every: int = 10         # checkpoint every N steps (and at the end, and on Ctrl-C)
+    sample_every: int = 5        # print one sampled answer every N steps (0: never) | >= 0
+    save_every: int = 10         # checkpoint every N steps, and at the end and on Ctrl-C (0: only those) | >= 0
 
 
 PRESETS = {  # knobs left at None above take these
     "cpu": dict(sft_steps=12, sft_lr=1e-4, steps=16, prompts_per_step=2, group_size=4, max_new_tokens=128, lr=5e-6,
-                micro_batch=8, gradient_checkpointing=0),  # ~15 min on 2 cores; one SFT epoch alone takes longer
+                micro_batch=8, gradient_checkpointing=0),  # ~11 min on 2 cores; one SFT epoch alone takes longer
     "gpu": dict(sft_lr=1e-5, steps=150, prompts_per_step=8, group_size=10, max_new_tokens=800, lr=1e-6, micro_batch=8,
                 gradient_checkpointing=1),
 }
 
 
-VALID = {  # knob: (test, the range in words); --help shows the range, and a value outside it is one clear error
-    "steps": (lambda v: v >= 1, ">= 1"), "prompts_per_step": (lambda v: v >= 1, ">= 1"),
-    "group_size": (lambda v: v >= 2, ">= 2: one answer has no spread, so no advantage"),
-    "max_new_tokens": (lambda v: v >= 1, ">= 1"), "min_new_tokens": (lambda v: v >= 0, ">= 0"),
-    "max_prompt_len": (lambda v: v >= 1, ">= 1"), "sft_batch": (lambda v: v >= 1, ">= 1"),
-    "sft_steps": (lambda v: v >= 0, ">= 0"), "sft_lr": (lambda v: v > 0, "> 0"), "lr": (lambda v: v > 0, "> 0"),
-    "temperature": (lambda v: v > 0, "> 0"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"), "grad_clip": (lambda v: v > 0, "> 0"),
-    "clip_eps": (lambda v: 0 < v < 1, "in (0, 1)"), "dual_clip": (lambda v: v == 0 or v > 1, "0 (off) or > 1"),
-    "beta": (lambda v: v >= 0, ">= 0"), "adv_eps": (lambda v: v > 0, "> 0"),
-    "updates_per_step": (lambda v: v >= 1, ">= 1"), "micro_batch": (lambda v: v >= 1, ">= 1"),
-    "gradient_checkpointing": (lambda v: v in (0, 1), "0 or 1"), "lora_rank": (lambda v: v >= 0, ">= 0"),
-    "mask_keywords": (lambda v: v in reward.MASK_MODES, " or ".join(reward.MASK_MODES)),
-    "min_perspectives": (lambda v: v >= 0, ">= 0"),
-    "coverage_threshold": (lambda v: -1 <= v <= 1, "a cosine in [-1, 1]"),
-    "sample_every": (lambda v: v >= 0, ">= 0 (0: never)"),
-    "save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"), "preset": (lambda v: v in PRESETS, "cpu or gpu"),
-    "dtype": (lambda v: v in ("bfloat16", "float32"), "bfloat16 or float32"),
-}
-
-
-def resolve_config(cfg):
-    """Fill the device, preset and the knobs the preset owns; refuse a value outside its range (NaN included)."""
-    cfg = dataclasses.replace(cfg)
-    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {cfg.device}: use cpu, cuda or cuda:N")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device}: torch sees no CUDA GPU on this machine: use --device cpu")
-    cfg.preset = cfg.preset or ("gpu" if cfg.device.startswith("cuda") else "cpu")
-    cfg.dtype = cfg.dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")
-    for k, v in PRESETS.get(cfg.preset, {}).items():
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, v)
-    for k, (ok, words) in VALID.items():
-        v = getattr(cfg, k)
-        if v is not None and not ok(v):
-            raise ValueError(f"--{k.replace('_', '-')} {v}: must be {words}")
-    if cfg.updates_per_step > cfg.prompts_per_step * cfg.group_size:
-        raise ValueError("--updates-per-step cannot exceed the number of answers per step")
-    if cfg.min_new_tokens > cfg.max_new_tokens:
-        raise ValueError("--min-new-tokens cannot exceed --max-new-tokens")
-    return cfg
-
-
-# ================================================================ data
+# ================================================================ data: prompts and the reference answer
 IMPLICIT_PROMPT = "Provide a structured comprehensive analysis and your opinions on this topic: {situation}\n\n"
 EXPLICIT_PROMPT = ("Provide a multi-perspective analysis of this topic: {situation}\n"
                    "Write each sentence as one distinct perspective, in the form "
                    "'In the perspective of <name>, <explanation>'.\n\n")
+PROMPT_STYLES = {  # implicit: what SFT and GRPO train on; explicit: the paper's baseline; the rest: never trained on
+    "implicit": IMPLICIT_PROMPT, "explicit": EXPLICIT_PROMPT,
+    "bare": "What do you think about: {situation}",
+    "brief": "Briefly, your view on: {situation}",
+    "advisor": "You are an advisor. {situation}",
+}
 
 
 def reference_answer(s):
@@ -151,86 +113,35 @@ def reference_answer(s):
     return f"<core perspectives>\n{lines}\n</core perspectives>\n\n<summary>\n{summary}\n</summary>"
 
 
-PROMPT_STYLES = {  # implicit: what SFT and GRPO train on; explicit: the paper's baseline; the rest: never trained on
-    "implicit": IMPLICIT_PROMPT, "explicit": EXPLICIT_PROMPT,
-    "bare": "What do you think about: {situation}",
-    "brief": "Briefly, your view on: {situation}",
-    "advisor": "You are an advisor. {situation}",
-}
-
-
 def chat_prompt(tokenizer, situation, style="implicit"):
     """The user turn in one of PROMPT_STYLES (implicit by default), wrapped in the model's own chat template."""
     msgs = [{"role": "user", "content": PROMPT_STYLES[style].format(situation=situation)}]
     return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
-# ================================================================ models: LoRA and the optimizer
-def lora_config(rank):
-    """The LoRA adapter of --lora-rank: every linear layer of the blocks, alpha = 2 x rank, no dropout (dropout
-    would make the sampler and the learner differ). peft keeps the adapter in float32 on a bf16 model."""
-    from peft import LoraConfig
-    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
+def check_prompts(tokenizer, items, max_prompt_len, style="implicit"):
+    """Every situation's chat prompt fits max_prompt_len tokens (cutting one would cut the situation): a DataError
+    that names the situation's file and line otherwise."""
+    for s in items:
+        n = len(tokenizer(chat_prompt(tokenizer, s.situation, style), add_special_tokens=False).input_ids)
+        if n > max_prompt_len:
+            raise DataError(f"{s.where or s.id}: the prompt of situation {s.id!r} has {n} tokens, over "
+                            f"--max-prompt-len {max_prompt_len}: raise it or shorten the situation")
 
 
-def with_lora(model, rank):
-    """The model frozen, with a fresh LoRA adapter (peft) that trains instead: optimizer state for the adapter only,
-    and with the adapter off (model.disable_adapter()) the model is the base again, so the reference needs no copy."""
-    try:
-        from peft import get_peft_model
-    except ImportError:
-        raise ImportError("--lora-rank needs peft: pip install peft (or pip install -r requirements-extra.txt)") from None
-    return get_peft_model(model, lora_config(rank))
-
-
+# ================================================================ stage 0: SFT warm start
 def adamw(model, lr, **kw):
     """AdamW with its fused kernel: one pass over the weights per step instead of several (on a 2-core CPU
     0.07 s instead of 0.61 s per step for 135M parameters; the same update up to float rounding).
     Only trainable weights (a LoRA adapter, or all). bfloat16 weights (the GPU path) get float32 master copies:
-    see MasterAdamW."""
+    extras/precision.py."""
     params = [p for p in model.parameters() if p.requires_grad]
     if all(p.dtype == torch.float32 for p in params):
         return torch.optim.AdamW(params, lr=lr, fused=True, **kw)
+    from extras.precision import MasterAdamW
     return MasterAdamW(params, lr=lr, fused=True, **kw)
 
 
-class MasterAdamW(torch.optim.AdamW):
-    """AdamW on float32 master copies of low-precision weights. bfloat16 keeps 8 significant bits, so near 0.02 its
-    spacing is 1.2e-4 and a step of lr 1e-6 rounds back to the same weight: plain AdamW at the paper's lr leaves 98 %
-    of N(0, 0.02) bf16 weights unchanged after 10 steps. The masters add up the small steps; the bf16 weights that
-    generate and run the forward are rounded from them after every step. Cost: 4 more bytes per parameter."""
-    def __init__(self, params, **kw):
-        self.low = list(params)
-        super().__init__([p.detach().float() for p in self.low], **kw)
-        self.master = self.param_groups[0]["params"]                 # the float32 copies AdamW steps on
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for p, m in zip(self.low, self.master):
-            m.grad, p.grad = (None if p.grad is None else p.grad.float()), None   # freed as they go: peak memory
-        loss = super().step(closure)
-        for p, m in zip(self.low, self.master):
-            p.copy_(m)
-            m.grad = None
-        return loss
-
-    def zero_grad(self, set_to_none=True):
-        for p in self.low:
-            p.grad = None
-        super().zero_grad(set_to_none)
-
-    def state_dict(self):  # the masters too: a resumed run continues from them, not from the rounded weights
-        return dict(super().state_dict(), master=list(self.master))
-
-    def load_state_dict(self, state):  # a float32 run's state has no masters: they stay the loaded weights
-        with torch.no_grad():
-            for m, saved in zip(self.master, state.get("master", [])):
-                m.copy_(saved)
-        super().load_state_dict({k: v for k, v in state.items() if k != "master"})
-
-
-# ================================================================ stage 0: SFT warm start
 def sft_examples(tokenizer, items, max_len):
     """(input_ids, labels) per situation: chat prompt -> reference answer + EOS; labels -100 on the prompt."""
     out = []
@@ -282,19 +193,15 @@ class Rollout:
 
 
 @torch.no_grad()
-def sample_groups(model, tokenizer, prompts, group_size, max_new_tokens, temperature=1.0, top_p=1.0,
-                  max_prompt_len=512, min_new_tokens=0):
-    """Rollout: one batched, KV-cached `generate` call for all P*G answers (left padding)."""
+def sample_groups(model, tokenizer, prompts, group_size, max_new_tokens, temperature=1.0, top_p=1.0):
+    """Rollout: one batched, KV-cached `generate` call for all P*G answers (left padding; check_prompts has made
+    sure that no prompt is too long)."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    too_long = [i for i, n in enumerate(enc.attention_mask.sum(1).tolist()) if n > max_prompt_len]
-    if too_long:  # cutting a prompt would cut the situation: reject rather than train on a half question
-        raise ValueError(f"prompt {too_long[0]} has {int(enc.attention_mask[too_long[0]].sum())} tokens, "
-                         f"over --max-prompt-len {max_prompt_len}; raise it or shorten the situation")
     ids = enc.input_ids.repeat_interleave(group_size, 0).to(model.device)                 # [P*G, L]
     attn = enc.attention_mask.repeat_interleave(group_size, 0).to(model.device)           # [P*G, L]
     vocab, eos = len(tokenizer), _eos_ids(model, tokenizer)
     extra = model.get_output_embeddings().weight.shape[0] - vocab  # Qwen pads its output layer
-    gen = sampling_config(temperature, top_p, max_new_tokens, min_new_tokens, tokenizer.pad_token_id, eos,
+    gen = sampling_config(temperature, top_p, max_new_tokens, tokenizer.pad_token_id, eos,
                           suppress=list(range(vocab, vocab + extra)) if extra > 0 else None)
     with own_sampling_only(model):
         out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)
@@ -308,13 +215,14 @@ def sample_groups(model, tokenizer, prompts, group_size, max_new_tokens, tempera
     return Rollout(out, torch.cat([attn, answer_mask], 1), answer_mask, texts, group_ids)
 
 
-def sampling_config(temperature, top_p, max_new_tokens, min_new_tokens, pad_id, eos_ids, suppress=None):
+def sampling_config(temperature, top_p, max_new_tokens, pad_id, eos_ids, suppress=None):
     """The sampler is pi(. | q, a_<t) at `temperature`, cut to its top_p nucleus, and nothing else: that is the
-    distribution token_logprobs scores (top_p = 1: exactly). top_k 0 is off."""
+    distribution token_logprobs scores (top_p = 1: exactly). top_k 0 is off; `suppress` names the ids of an output
+    layer padded past the tokenizer, which token_logprobs leaves out of its softmax too."""
     from transformers import GenerationConfig
     return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, pad_token_id=pad_id,
-                            eos_token_id=eos_ids, suppress_tokens=suppress)
+                            max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids,
+                            suppress_tokens=suppress)
 
 
 @contextlib.contextmanager
@@ -335,6 +243,19 @@ def _eos_ids(model, tokenizer):
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     return sorted(e for e in eos if e is not None)
+
+
+def rollout_rewards(embedder, cfg):
+    """The loop's reward function: (rollout, the situation of each answer) -> (R per answer, the mean of each term).
+    R is reward.score_answers' total against the situation's reference answer."""
+    def fn(roll, items):
+        parts = reward.score_answers(roll.texts, [reference_answer(s) for s in items], embedder,
+                                     situations=[s.situation for s in items], mask_keywords=cfg.mask_keywords,
+                                     min_perspectives=cfg.min_perspectives, coverage_threshold=cfg.coverage_threshold)
+        means = {k: float(np.mean([getattr(p, k) for p in parts])) for k in ("coverage", "rate", "uniqueness",
+                                                                                 "format", "tag")}
+        return [p.total for p in parts], means
+    return fn
 
 
 def group_advantages(rewards, group_size, eps=1e-6):
@@ -375,15 +296,22 @@ def token_logprobs(model, input_ids, attention_mask, answer_len, temperature=1.0
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.001, dual_clip=3.0,
               num_tokens=None):
-    """Per-token GRPO objective (DeepSeekMath eq. 3), token-mean over the batch:
-        ratio_t = exp(logp_t - old_t)
-        pg_t    = -min(ratio_t A, clip(ratio_t, 1-e, 1+e) A)        (for A < 0 capped at -c A: dual clip)
-        kl_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1         (k3 estimator, >= 0)
+    """The GRPO loss of a batch of answers: the per-token terms of DeepSeekMath eq. 3, averaged over every answer
+    token of the batch (the recipe's token-mean; eq. 3 itself averages per answer, 1/G sum_i 1/|o_i| sum_t), with the
+    dual clip of Ye et al. (2020) for negative advantages:
+        ratio_t = exp(logp_t - old_t)                                 (log-ratio clamped to [-20, 20] first)
+        pg_t    = -min(ratio_t A, clip(ratio_t, 1 - e, 1 + e) A);   for A < 0 then min(pg_t, -c A)   (dual clip)
+        kl_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1         (k3 estimator, >= 0; log-ratio clamped too)
         loss    = sum_t mask_t (pg_t + beta kl_t) / num_tokens
-    Token-mean (not a mean per answer) keeps long answers from being down-weighted per token.
-    num_tokens defaults to mask.sum(); pass the mini-batch total when accumulating micro-batches.
-    Example: A = 1, ratio 1.5, e = 0.2 -> pg = -min(1.5, 1.2) = -1.2 and the clipped branch has no gradient.
-    Shapes: logp, old_logp, ref_logp, mask [B, T]; advantages [B]. ref_logp may be None (beta = 0)."""
+    The token-mean keeps long answers from being down-weighted per token.
+    Takes logp, old_logp, ref_logp: float tensors [B, T] of log-probs (logp carries the gradient; ref_logp None or
+    beta 0: kl_t = 0); advantages: float tensor [B], one per answer, the same for all its tokens; mask: [B, T], 1 on
+    answer tokens (EOS included), 0 on padding; dual_clip c: 0 turns it off; num_tokens: the divisor, by default
+    mask.sum() (at least 1), or the mini-batch's total when micro-batches accumulate.
+    Returns (loss, stats): loss a 0-d tensor that carries the gradient; stats a dict of Python floats, each a mean
+    over the tokens where mask is 1: "kl" of kl_t, "ratio" of ratio_t, and "clip_frac", the share of those tokens
+    whose clip is active (ratio_t > 1 + e with A > 0, or ratio_t < 1 - e with A < 0).
+    Example: A = 1, ratio 1.5, e = 0.2 -> pg = -min(1.5, 1.2) = -1.2; the clipped branch has no gradient."""
     mask = mask.float()
     num_tokens = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     A = advantages[:, None]                                                              # [B, 1]
@@ -468,18 +396,6 @@ def clock(model):
     return time.perf_counter()
 
 
-def op_reward_fn(embedder, cfg):
-    """The OP reward of reward.py as the loop's reward function: (rollout, situations) -> (rewards, means)."""
-    def fn(roll, items):
-        parts = reward.score_answers(roll.texts, [reference_answer(s) for s in items], embedder,
-                                     situations=[s.situation for s in items], mask_keywords=cfg.mask_keywords,
-                                     min_perspectives=cfg.min_perspectives, coverage_threshold=cfg.coverage_threshold)
-        means = {k: float(np.mean([getattr(p, k) for p in parts])) for k in ("coverage", "rate", "uniqueness",
-                                                                                 "format", "tag")}
-        return [p.total for p in parts], means
-    return fn
-
-
 def prompts_for_step(n_items, step, per_step, seed):
     """Indices of the situations of one step: a fresh seeded permutation each epoch, so the data
     order depends only on (seed, step) and a resumed run sees exactly what a straight run sees."""
@@ -491,9 +407,11 @@ def prompts_for_step(n_items, step, per_step, seed):
 
 
 # ================================================================ the training loop
-def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimizer=None, start_step=0, out=None):
+def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimizer=None, start_step=0, out=None,
+               fingerprints=None):
     """Stage 2. Each step: rollout -> reward -> group advantages -> log-probs -> mini-batch updates.
-    Returns the list of per-step metric rows (also appended to out/metrics.jsonl when `out` is set)."""
+    Returns the list of per-step metric rows (also appended to out/metrics.jsonl when `out` is set; its checkpoints
+    carry `fingerprints`, what a resume checks)."""
     from tqdm.auto import tqdm
     optimizer = optimizer or adamw(model, cfg.lr, weight_decay=cfg.weight_decay)
     vocab, G = len(tokenizer), cfg.group_size
@@ -506,8 +424,7 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
             batch = [items[i] for i in prompts_for_step(len(items), step, cfg.prompts_per_step, cfg.seed)]
             model.eval()
             roll = sample_groups(model, tokenizer, [chat_prompt(tokenizer, s.situation) for s in batch], G,
-                                 cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_len,
-                                 cfg.min_new_tokens)
+                                 cfg.max_new_tokens, cfg.temperature, cfg.top_p)
             assert roll.group_ids.tolist() == [i // G for i in range(len(batch) * G)], "answers left their group"
             t1 = clock(model)
             # ---- reward and group-normalised advantages
@@ -550,7 +467,7 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
                 with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
                 if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                    save_checkpoint(out, model, tokenizer, optimizer, step + 1, cfg)
+                    save_checkpoint(out, model, tokenizer, optimizer, step + 1, cfg, fingerprints)
             if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                 tqdm.write(f"--- step {step + 1}, {batch[0].situation!r}, reward {rewards[0]:.2f}:\n{roll.texts[0]}\n")
             if bad_steps >= 3:
@@ -560,7 +477,7 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
                 break
     done = start_step + len(rows)
     if out and (not cfg.save_every or done % cfg.save_every):
-        save_checkpoint(out, model, tokenizer, optimizer, done, cfg)
+        save_checkpoint(out, model, tokenizer, optimizer, done, cfg, fingerprints)
     if stop.requested:
         print(f"\ninterrupted: checkpoint of step {done} saved; continue with --resume {out}", file=sys.stderr)
         raise KeyboardInterrupt
@@ -569,35 +486,60 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
 
 # ================================================================ main
 RESUMABLE = ("steps", "save_every", "sample_every")  # the knobs a resume may change: they extend or report a run
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "sft")  # what makes a folder hold a run
+
+
+def resolve_config(cfg):
+    """Fill the device, preset and the knobs the preset owns; refuse a value outside its range (NaN and inf too)."""
+    cfg = dataclasses.replace(cfg)
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(cfg.device)
+    cfg.preset = cfg.preset or ("gpu" if cfg.device.startswith("cuda") else "cpu")
+    cfg.dtype = cfg.dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")
+    for k, v in PRESETS.get(cfg.preset, {}).items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    check_knobs(cfg)
+    if cfg.updates_per_step > cfg.prompts_per_step * cfg.group_size:
+        raise ValueError("--updates-per-step cannot exceed the number of answers per step")
+    return cfg
 
 
 def train(cfg):
-    """The whole job: load data and models, SFT warm start, frozen reference, GRPO; or resume it."""
-    if cfg.resume:
-        ckpt = find_checkpoint(cfg.resume)
-        state, tensors = load_trainer_state(ckpt, Config)
-        cfg = resumed_config(cfg, state["config"], RESUMABLE)
+    """The whole job: check every input, SFT warm start, frozen reference, GRPO; or continue a run (--resume)."""
+    if cfg.resume:  # the saved run's knobs; extras/resume.py refuses anything that would not continue it exactly
+        from extras import resume
+        cfg, ckpt, state, tensors, history = resume.load(cfg, Config, RESUMABLE)
     cfg = resolve_config(cfg)
     items = load_situations(cfg.train_data)               # every input is checked before anything is written
-    check_model_path(cfg.model, "--model"), check_model_path(cfg.sim_model, "--sim-model")
-    check_out_dir(cfg.out)
+    check_model_path(cfg.model, "--model"), check_model_path(cfg.sim_model, "--sim-model", tokenizer=False)
+    if not cfg.resume:
+        claim_out_dir(cfg.out, RUN_FILES, cfg.overwrite, f"continue it with --resume {cfg.out}, or ", dry_run=True)
+    dtype, sft_dir = getattr(torch, cfg.dtype), os.path.join(cfg.out, "sft")
+    reference = sft_dir if cfg.sft_steps != 0 else cfg.model       # the KL reference: the policy at the start of RL
+
+    # ---- models: the policy (from the checkpoint on a resume), its prompts checked, then the output folder
+    if cfg.resume and cfg.lora_rank:      # the checkpoint holds the adapter; its frozen base is the reference
+        from extras.lora import saved_adapter
+        model, tok = load_policy(reference, cfg.device, dtype, cfg.trust_remote_code)
+        model = saved_adapter(model, ckpt)
+    else:
+        model, tok = load_policy(ckpt if cfg.resume else cfg.model, cfg.device, dtype, cfg.trust_remote_code)
+    check_prompts(tok, items, cfg.max_prompt_len)
+    prints = dict(data=sha256_of(cfg.train_data), chat_template=hashlib.sha256(
+        str(tok.chat_template).encode()).hexdigest())
+    if cfg.resume:
+        resume.check_same(state["fingerprints"], dict(prints, reference=model_fingerprint(reference)), cfg.out)
+    else:
+        claim_out_dir(cfg.out, RUN_FILES, cfg.overwrite, f"continue it with --resume {cfg.out}, or ")
     print("config:", json.dumps(dataclasses.asdict(cfg), indent=1))
     write_text(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-
-    # ---- data and models
     embedder = reward.load_embedder(cfg.sim_model, device=cfg.device)
-    sft_dir, metrics = os.path.join(cfg.out, "sft"), os.path.join(cfg.out, "metrics.jsonl")
-    start_src = sft_dir if os.path.isdir(sft_dir) else cfg.model       # the policy at the start of RL
-    if cfg.resume and cfg.lora_rank:  # the checkpoint holds the adapter; the frozen base is the start of RL
-        from peft import PeftModel
-        base, tok = load_policy(start_src, cfg.device, getattr(torch, cfg.dtype), cfg.trust_remote_code)
-        model = PeftModel.from_pretrained(base, ckpt, is_trainable=True)
-    elif cfg.resume:
-        model, tok = load_policy(ckpt, cfg.device, getattr(torch, cfg.dtype), cfg.trust_remote_code)
-    else:
-        model, tok = load_policy(cfg.model, cfg.device, getattr(torch, cfg.dtype), cfg.trust_remote_code)
-        if cfg.sft_steps != 0:  # ---- stage 0: SFT warm start, kept as its own checkpoint (the paper's SFT row)
+    if not cfg.resume:
+        if cfg.lora_rank:
+            from extras.lora import with_lora
+        if cfg.sft_steps != 0:  # ---- stage 0: SFT warm start, kept as its own model (the paper's SFT row)
             model = with_lora(model, cfg.lora_rank) if cfg.lora_rank else model
             with oom_hint("--sft-batch"):
                 sft_warmup(model, tok, items, cfg)
@@ -609,24 +551,24 @@ def train(cfg):
         if cfg.lora_rank:
             ref = model
         elif cfg.resume:
-            ref = load_policy(start_src, cfg.device, getattr(torch, cfg.dtype), cfg.trust_remote_code)[0]
+            ref = load_policy(reference, cfg.device, dtype, cfg.trust_remote_code)[0]
         else:
             import copy
             ref = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = adamw(model, cfg.lr, weight_decay=cfg.weight_decay)
-    start = 0
+    optimizer, metrics = adamw(model, cfg.lr, weight_decay=cfg.weight_decay), os.path.join(cfg.out, "metrics.jsonl")
     if cfg.resume:
         optimizer.load_state_dict(tensors["optimizer"])
-        set_rng_state(state["rng"], tensors)
-        start = state["step"]
-        write_text(metrics, "".join(rows_up_to(metrics, start)))
+        resume.set_rng_state(state["rng"], tensors)
+        start, prints = state["step"], state["fingerprints"]
+        write_text(metrics, "".join(history))
         print(f"resumed from {cfg.out} at step {start}")
     else:
+        start, prints = 0, dict(prints, reference=model_fingerprint(reference))
         write_text(metrics, "")
 
     # ---- stage 2: GRPO
     with oom_hint("--micro-batch first, then --group-size, --max-new-tokens or --prompts-per-step"):
-        grpo_train(model, tok, items, op_reward_fn(embedder, cfg), cfg, ref, optimizer, start, cfg.out)
+        grpo_train(model, tok, items, rollout_rewards(embedder, cfg), cfg, ref, optimizer, start, cfg.out, prints)
     rows = [json.loads(line) for line in open(metrics, encoding="utf-8")]
     if rows:
         plot_rewards(cfg.out, rows)
@@ -637,8 +579,9 @@ def train(cfg):
 
 
 def parse_args(argv=None):
-    """Config fields as --flags (the comment beside a field is its help); only the flags given are recorded."""
-    return dataclass_args(Config, VALID, argv, __doc__)
+    """Config fields as --flags (the comment beside a field is its help and range); only the flags given are
+    recorded."""
+    return dataclass_args(Config, argv, __doc__)
 
 
 def main(argv=None):

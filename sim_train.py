@@ -11,29 +11,52 @@ better at telling "same perspective" from "different perspective", and measures 
 
     python sim_train.py --out runs/sim_minilm                       # offline: positives = our paraphrases
     python sim_train.py --judge Qwen/Qwen2.5-7B-Instruct --out ...  # the paper's way: an LLM judges pairs
+    python sim_train.py --judge gpt-4.1 --judge-url https://api.openai.com/v1 --out ...   # a judge behind an API
     python opgrpo_min.py --sim-model runs/sim_minilm                # then train the policy with it
 """
-import argparse
+import dataclasses
 import json
 import os
 import random
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import set_seed
-from transformers.trainer_callback import ProgressCallback
 
 import reward
-from support import (ArgumentParser, DataError, check_model_path, check_out_dir, load_policy, load_situations,
-                     read_jsonl, run_cli, write_text)
+from plumbing import (check_knobs, check_model_path, claim_out_dir, dataclass_args, load_policy, load_situations,
+                      run_cli, write_text)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JUDGE_THRESHOLD = 0.75   # paper: only pairs with base cosine >= 0.75 go to the judge
-EMBEDDED = "embedded"    # --judge with no model name: the embedded SmolLM2-135M (weak judge, see README)
+EMBEDDED = "embedded"    # --judge embedded: the embedded SmolLM2-135M (a weak judge, see docs/training.md)
 JUDGE_QUESTION = ("Do these two statements express the same meaning or perspective?\n\nA: {a}\nB: {b}\n\n"
                   "Answer with Yes or No.")
 FIELDS = ("anchor", "positive", "negative")
+MODEL_FILES = ("sim_eval.json", "model.safetensors", "triplets.jsonl")  # what makes --out hold a trained model
+
+
+# ================================================================ knobs: '# what it does | its valid range'
+@dataclass
+class Config:
+    data: str = os.path.join(HERE, "data", "train.jsonl")  # situations to mine from
+    eval_data: str = None        # also report on every situation of this file (e.g. data/test.jsonl)
+    base: str = None             # Sentence Transformer to start from: hub id or dir; None = embedded MiniLM
+    out: str = "runs/sim_minilm" # the model, triplets.jsonl, sim_eval.json; a folder that holds a model is refused
+    overwrite: bool = False      # train into an --out that holds a model: the old one is moved aside, not deleted
+    judge: str = None            # mine with an LLM judge (paper): a causal LM, 'embedded', or the --judge-url model
+    judge_url: str = None        # an OpenAI-compatible endpoint that serves --judge (e.g. http://localhost:8000/v1)
+    judge_threshold: float = JUDGE_THRESHOLD  # base cosine from which a pair is judged (paper 0.75) | in [-1, 1]
+    scale: float = 64.0          # MNRL scale = 1 / temperature (paper ~60-70, ST 20) | > 0
+    batch_size: int = 32         # paper 32; also the number of in-batch negatives | >= 2
+    epochs: int = 2              # paper 2 | >= 1
+    lr: float = 2e-5             # paper about 2e-5 | in (0, 1)
+    warmup: float = 0.03         # share of the steps with linear warm-up (paper 3 %) | in [0, 1)
+    no_duplicates: bool = False  # no text twice in a batch (ST's NO_DUPLICATES sampler)
+    held_out: float = 0.1        # share of situations held out for evaluation | in (0, 1)
+    seed: int = 0                # shuffles, split and training | in [0, 4294967295]
 
 
 # ================================================================ data: triplets
@@ -51,24 +74,6 @@ def mine_triplets(situations, model):
                      negative=s.perspectives[int(S[i].argmax())].explanation)
                 for i, p in enumerate(s.perspectives) if p.paraphrase and len(E) > 1]
     return out
-
-
-def judge_margins(model, tokenizer, pairs, batch_size=8):
-    """logit('Yes') - logit('No') of the next token after the judge question (in the model's chat template), one
-    forward per batch of pairs and no generation: > 0 means the model says Yes. 'Yes' / ' Yes' both count."""
-    from tqdm.auto import tqdm
-    ids = {w: sorted({tokenizer.encode(v, add_special_tokens=False)[0] for v in (w, " " + w)}) for w in ("Yes", "No")}
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": JUDGE_QUESTION.format(a=a, b=b)}],
-                                             add_generation_prompt=True, tokenize=False) for a, b in pairs]
-    tokenizer.padding_side, margins = "left", []            # left padding: every prompt's last token is at -1
-    for k in tqdm(range(0, len(prompts), batch_size), desc="judge", disable=len(prompts) <= batch_size):
-        enc = tokenizer(prompts[k:k + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(model.device)
-        pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)           # [b, T]: padding does not shift RoPE
-        with torch.no_grad():
-            last = model(**enc, position_ids=pos).logits[:, -1].float()       # [b, vocab]
-        margins += (last[:, ids["Yes"]].max(-1).values - last[:, ids["No"]].max(-1).values).tolist()
-    return np.array(margins)
 
 
 def judge_triplets(situations, model, judge, threshold=JUDGE_THRESHOLD):
@@ -135,13 +140,6 @@ def evaluate(model, situations, triplets):
 
 
 # ================================================================ train
-class LossOnBar(ProgressCallback):
-    """The loss on the progress bar, instead of ProgressCallback's print of every logged step."""
-    def on_log(self, args, state, control, logs=None, **kw):
-        if self.training_bar is not None and "loss" in (logs or {}):
-            self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}")
-
-
 def train(model, triplets, scale=64.0, batch_size=32, epochs=2, lr=2e-5, warmup=0.03, seed=0, no_duplicates=False):
     """MultipleNegativesRankingLoss through sentence-transformers' own trainer: for anchor a_k of a batch, softmax
     cross-entropy over scale x cos(a_k, d) for every positive and hard negative d of the batch, target its own
@@ -164,117 +162,76 @@ def train(model, triplets, scale=64.0, batch_size=32, epochs=2, lr=2e-5, warmup=
             report_to="none", logging_steps=1, use_cpu=model.device.type == "cpu")
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
                                              loss=MultipleNegativesRankingLoss(model, scale=scale))
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(LossOnBar)
         trainer.train()
     model.eval()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
 # ================================================================ main
-def load_triplets(args, model, device, named):
-    """{split: triplets}, read from an existing --triplets file (the user may have edited it) or mined and written
-    there. A triplet's split is its situation's: a held-out situation is never trained on, even from a reused file."""
-    path = args.triplets or os.path.join(args.out, "triplets.jsonl")
-    reuse = bool(args.triplets) and os.path.isfile(path)
-    if reuse:
-        rows = []
-        for n, row in read_jsonl(path, "triplets"):
-            if not all(isinstance(row.get(k), str) for k in ("situation",) + FIELDS):
-                raise DataError(f"{path}, line {n}: a triplet needs the text fields situation, {', '.join(FIELDS)}")
-            rows.append(row)
-        print(f"reusing {len(rows)} triplets from {path}")
-    else:
-        for ss, where in ((named["train"] + named["eval"], args.data), (named["extra"], args.eval_data)):
-            if ss and not args.judge and not any(p.paraphrase for s in ss for p in s.perspectives):
-                raise ValueError(f"{where}: no perspective has a 'paraphrase', so there is no offline positive. "
-                                 f"Add a 'paraphrase' field to the perspectives, or pass --judge MODEL (the paper's "
-                                 f"way: an LLM picks the positives among similar sentences)")
-        everything = named["train"] + named["eval"] + named["extra"]
-        if args.judge:
-            lm, tok = load_policy(None if args.judge == EMBEDDED else args.judge, device)
-            rows = judge_triplets(everything, model, lambda pairs: judge_margins(lm, tok, pairs) > 0,
-                                  args.judge_threshold)
-        else:
-            rows = mine_triplets(everything, model)
-    split = {s.id: name for name, ss in named.items() for s in ss}
-    for r in rows:
-        if r["situation"] not in split:
-            raise ValueError(f"{path}: a triplet of situation {r['situation']!r}, which is in neither --data nor "
-                             f"--eval-data: pass the files it was mined from, or delete the file")
-        r["split"] = split[r["situation"]]
-    if not reuse:
-        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-        print(f"wrote {len(rows)} triplets to {path}")
-    return {name: [r for r in rows if r["split"] == name] for name in named}
-
-
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=os.path.join(HERE, "data", "train.jsonl"), help="situations to mine from")
-    p.add_argument("--eval-data", help="also report on every situation of this file (e.g. data/test.jsonl)")
-    p.add_argument("--base", help="Sentence Transformer to start from: hub id or dir (default: embedded MiniLM)")
-    p.add_argument("--out", default="runs/sim_minilm", help="where the model, triplets and results go")
-    p.add_argument("--triplets", help="triplets JSONL (default OUT/triplets.jsonl); an existing file is reused")
-    p.add_argument("--judge", nargs="?", const=EMBEDDED, help="mine with this causal LM as judge (no "
-                   "name: the embedded SmolLM2, which judges poorly); default: offline paraphrase triplets")
-    p.add_argument("--judge-threshold", type=float, default=JUDGE_THRESHOLD, help="base cosine to be judged")
-    p.add_argument("--scale", type=float, default=64.0, help="MNRL scale = 1 / temperature (paper ~60-70, ST 20)")
-    p.add_argument("--batch-size", type=int, default=32, help="paper 32; also the number of in-batch negatives")
-    p.add_argument("--epochs", type=int, default=2, help="paper 2")
-    p.add_argument("--lr", type=float, default=2e-5, help="paper about 2e-5")
-    p.add_argument("--warmup", type=float, default=0.03, help="share of the steps with linear warm-up (paper 3 %%)")
-    p.add_argument("--no-duplicates", action="store_true", help="no text twice in a batch (ST's NO_DUPLICATES sampler)")
-    p.add_argument("--held-out", type=float, default=0.1, help="share of situations held out for evaluation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads; on a busy shared CPU 1 can be several x faster")
-    args = p.parse_args(argv)
-    for k, ok, words in (("epochs", args.epochs >= 1, ">= 1"), ("batch_size", args.batch_size >= 2, ">= 2"),
-                         ("lr", args.lr > 0, "> 0"), ("scale", args.scale > 0, "> 0"),
-                         ("warmup", 0 <= args.warmup < 1, "in [0, 1)"),
-                         ("held_out", 0 < args.held_out < 1, "in (0, 1)"),
-                         ("judge_threshold", -1 <= args.judge_threshold <= 1, "a cosine in [-1, 1]"),
-                         ("threads", args.threads is None or args.threads >= 1, ">= 1")):
-        if not ok:  # NaN fails every comparison, so it lands here too
-            p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: must be {words}")
-    return args
+def judge_for(cfg, device):
+    """The pair judge of --judge: a list of (a, b) pairs -> list of bools, "Yes" = the same meaning or perspective.
+    With --judge-url the model behind that OpenAI-compatible endpoint answers (eval_judge.py's client); else a local
+    causal LM, read from its next-token logits (extras/local_judge.py)."""
+    if cfg.judge_url:
+        from eval_judge import ask_yes_no
+        return lambda pairs: ask_yes_no(pairs, cfg.judge, JUDGE_QUESTION, base_url=cfg.judge_url)
+    from extras.local_judge import judge_margins
+    lm, tok = load_policy(None if cfg.judge == EMBEDDED else cfg.judge, device)
+    return lambda pairs: judge_margins(lm, tok, pairs, JUDGE_QUESTION) > 0
 
 
 def main(argv=None):
     """Mine, measure, train, save, measure the saved model again; print the table, write OUT/sim_eval.json."""
-    args = parse_args(argv)
-    print("config:", json.dumps(vars(args)))
+    cfg = dataclass_args(Config, argv, __doc__)
+    check_knobs(cfg)
     t0, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    set_seed(args.seed)
-    named = dict(zip(("train", "eval"), split_by_situation(load_situations(args.data), args.held_out, args.seed)))
-    named["extra"] = load_situations(args.eval_data) if args.eval_data else []
+    named = dict(zip(("train", "eval"), split_by_situation(load_situations(cfg.data), cfg.held_out, cfg.seed)))
+    named["extra"] = load_situations(cfg.eval_data) if cfg.eval_data else []
+    everything = named["train"] + named["eval"] + named["extra"]   # inputs first, then any output
     if {s.id for s in named["extra"]} & {s.id for s in named["train"] + named["eval"]}:
-        raise ValueError(f"--eval-data {args.eval_data} shares situation ids with --data: use another set")
-    check_model_path(args.base, "--base")
-    check_model_path(None if args.judge == EMBEDDED else args.judge, "--judge")
-    check_out_dir(args.out)                                                   # inputs first, then any output
-    model = reward.load_embedder(args.base, device=device)
-    triplets = load_triplets(args, model, device, named)
+        raise ValueError(f"--eval-data {cfg.eval_data} shares situation ids with --data: use another set")
+    for ss, where in ((named["train"] + named["eval"], cfg.data), (named["extra"], cfg.eval_data)):
+        if ss and not cfg.judge and not any(p.paraphrase for s in ss for p in s.perspectives):
+            raise ValueError(f"{where}: no perspective has a 'paraphrase', so there is no offline positive. Add a "
+                             f"'paraphrase' field to the perspectives, or pass --judge MODEL (the paper's way: an LLM "
+                             f"picks the positives among similar sentences)")
+    if cfg.judge_url and not cfg.judge:
+        raise ValueError(f"--judge-url {cfg.judge_url}: name the model it serves with --judge MODEL")
+    check_model_path(cfg.base, "--base", tokenizer=False)
+    if not cfg.judge_url:
+        check_model_path(None if cfg.judge == EMBEDDED else cfg.judge, "--judge")
+    claim_out_dir(cfg.out, MODEL_FILES, cfg.overwrite, "use another --out, or ")
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    set_seed(cfg.seed)
+    model = reward.load_embedder(cfg.base, device=device)
+    rows = (judge_triplets(everything, model, judge_for(cfg, device), cfg.judge_threshold) if cfg.judge
+            else mine_triplets(everything, model))
+    split = {s.id: name for name, ss in named.items() for s in ss}     # a triplet's split is its situation's
+    rows = [dict(r, split=split[r["situation"]]) for r in rows]
+    write_text(os.path.join(cfg.out, "triplets.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    triplets = {name: [r for r in rows if r["split"] == name] for name in named}
+    print(f"wrote {len(rows)} triplets to {cfg.out}/triplets.jsonl")
     sets = {name: (named[name], triplets[name]) for name in ("eval", "extra") if named[name]}
 
     before = {k: evaluate(model, *v) for k, v in sets.items()}
-    losses = train(model, triplets["train"], args.scale, args.batch_size, args.epochs, args.lr, args.warmup, args.seed,
-                   args.no_duplicates)
-    model.save(args.out)
-    saved = reward.load_embedder(args.out, device=device)                     # measure what reward.py will load
+    losses = train(model, triplets["train"], cfg.scale, cfg.batch_size, cfg.epochs, cfg.lr, cfg.warmup, cfg.seed,
+                   cfg.no_duplicates)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise RuntimeError(f"training diverged (weights are not finite): lower --lr or --scale; nothing was saved "
+                           f"in {cfg.out} but triplets.jsonl")
+    model.save(cfg.out)
+    saved = reward.load_embedder(cfg.out, device=device)                     # measure what reward.py will load
     after = {k: evaluate(saved, *v) for k, v in sets.items()}
-    result = dict(config=vars(args), n_train_triplets=len(triplets["train"]), before=before, after=after,
-                  losses=losses, wall_s=round(time.time() - t0, 1))
-    write_text(os.path.join(args.out, "sim_eval.json"), json.dumps(result, indent=1))
+    result = dict(config=dataclasses.asdict(cfg), n_train_triplets=len(triplets["train"]), before=before,
+                  after=after, losses=losses, wall_s=round(time.time() - t0, 1))
+    write_text(os.path.join(cfg.out, "sim_eval.json"), json.dumps(result, indent=1))
     for k in sets:
-        print(f"\n{'held-out' if k == 'eval' else args.eval_data}: {before[k]['n_situations']} situations, "
+        print(f"\n{'held-out' if k == 'eval' else cfg.eval_data}: {before[k]['n_situations']} situations, "
               f"{before[k]['n_triplets']} triplets\n{'':18}{'before':>8}{'after':>8}")
         for m in [m for m in before[k] if not m.startswith("n_")]:          # the figures, in evaluate's order
             cells = ["-" if d[k][m] is None else f"{d[k][m]:.3f}" for d in (before, after)]
             print(f"{m:18}{cells[0]:>8}{cells[1]:>8}")
-    print(f"\nsaved to {args.out} (use it: opgrpo_min.py --sim-model {args.out}); wall time {result['wall_s']} s")
+    print(f"\nsaved to {cfg.out} (use it: opgrpo_min.py --sim-model {cfg.out}); wall time {result['wall_s']} s")
     return result
 
 

@@ -30,8 +30,9 @@ import torch
 import eval_nli
 import opgrpo_min as om
 import reward
-import support
+import plumbing
 import sim_train
+from stats import paired
 
 FULL = dict(sft_steps=31, steps=12, prompts_per_step=2, group_size=4, max_new_tokens=160, lr=5e-6, seeds=3,
             answers=16, base_answers=4, style_answers=4, eval_tokens=160, sim_epochs=2, situations=None,
@@ -138,25 +139,6 @@ def noise_budget(a, b, n_seeds=1, answers=(4, 8, 16, 32)):
                 by_answers={m: dict(se=v, detectable=2.8 * v) for m, v in se.items()})
 
 
-def paired(a, b, n_boot=10000, seed=0):
-    """Mean of the per-situation differences a - b, its 95 % bootstrap interval (situations resampled), and the
-    two-sided p-value of a paired sign-flip permutation test (H0: the difference is symmetric around 0).
-
-    >>> r = paired([1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0]); r["mean"], r["p"]
-    (1.0, 0.125)
-    """
-    d = np.asarray(a, float) - np.asarray(b, float)                                        # [n]
-    rng = np.random.default_rng(seed)
-    boot = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)                            # [n_boot]
-    if len(d) <= 16:   # every sign pattern: the exact test
-        signs = np.array(np.meshgrid(*[[1, -1]] * len(d))).reshape(len(d), -1).T           # [2^n, n]
-    else:
-        signs = rng.choice([1, -1], (n_boot, len(d)))                                      # [n_boot, n]
-    null = np.abs((signs * d).mean(1))
-    p = float((null >= abs(d.mean()) - 1e-12).mean())
-    return dict(mean=float(d.mean()), lo=float(np.percentile(boot, 2.5)), hi=float(np.percentile(boot, 97.5)), p=p)
-
-
 # ================================================================ answers: appended as they are made
 def design(S, styles):
     """[(model row, prompt style, answers per situation)] of the study: base in the implicit and the explicit
@@ -177,7 +159,7 @@ def read_answers(path):
     if raw and not raw.endswith(b"\n"):
         with open(path, "r+b") as f:
             f.truncate(raw.rfind(b"\n") + 1)
-    return {(r["row"], r["prompt"], r["id"], r["sample"]): r for _, r in support.read_jsonl(path, "answers")}
+    return {(r["row"], r["prompt"], r["id"], r["sample"]): r for _, r in plumbing.read_jsonl(path, "answers")}
 
 
 def block_seed(seed, row, style, batch, block):
@@ -200,11 +182,12 @@ def answer(path, row, source, style, items, n, gen, loaded):
                 continue
             if row not in loaded:
                 loaded.clear()
-                loaded[row] = support.load_policy(eval_nli.resolve_model(source), "cpu")
+                loaded[row] = plumbing.load_policy(eval_nli.resolve_model(source), "cpu")
             model, tok = loaded[row]
             torch.manual_seed(block_seed(gen.seed, row, style, b // gen.batch_size, k))
+            om.check_prompts(tok, batch, eval_nli.MAX_PROMPT_LEN, style)
             texts = om.sample_groups(model, tok, [om.chat_prompt(tok, s.situation, style) for s in batch], BLOCK,
-                                     gen.max_new_tokens, 0.7, 0.9, eval_nli.MAX_PROMPT_LEN).texts  # prompt i: i*4..
+                                     gen.max_new_tokens, 0.7, 0.9).texts                  # prompt i: i*4 .. i*4+3
             new = [dict(row=row, prompt=style, id=s.id, sample=j, answer=texts[i * BLOCK + j - k * BLOCK],
                         model=source or "default", situation=s.situation)
                    for i, s in enumerate(batch) for j in samples if (row, style, s.id, j) not in have]
@@ -270,12 +253,12 @@ def run(args):
     if bad:
         raise ValueError(f"--rows {args.rows}: no row {bad[0]!r} in this study; its rows are "
                          f"{', '.join(dict.fromkeys(m for m, _, _ in plan))}")
-    train_items = support.load_situations(args.train_data)          # every input is checked before any output
-    test_items = support.load_situations(args.test_data)[:S["situations"]]
+    train_items = plumbing.load_situations(args.train_data)          # every input is checked before any output
+    test_items = plumbing.load_situations(args.test_data)[:S["situations"]]
     out, t0 = args.out, time.time()
-    support.check_out_dir(out)
+    plumbing.claim_out_dir(out)
     settings_path, fixed = check_settings(out, S, args)
-    support.write_text(settings_path, json.dumps(fixed, indent=1))
+    plumbing.write_text(settings_path, json.dumps(fixed, indent=1))
     timings_path = os.path.join(out, "timings.json")
     timings = json.load(open(timings_path, encoding="utf-8")) if os.path.isfile(timings_path) else {}
     log = lambda msg: print(f"[study {time.time() - t0:5.0f} s] {msg}", flush=True)
@@ -285,15 +268,16 @@ def run(args):
         result = fn(*a)
         if time.time() - t > 1:   # a stage that was already there costs nothing and keeps its time
             timings[stage] = round(time.time() - t)
-            support.write_text(timings_path, json.dumps(timings, indent=1))
+            plumbing.write_text(timings_path, json.dumps(timings, indent=1))
         return result
 
     # ---- 1. Stage 1: the similarity estimator the reward uses
     sim_dir = os.path.join(out, "sim")
     if not os.path.isfile(os.path.join(sim_dir, "sim_eval.json")):
         log("stage 1: sim_train.py")
+        again = ["--overwrite"] if os.path.isdir(sim_dir) else []  # a killed stage 1 left a part of its output
         timed("stage 1 (sim_train)", sim_train.main, ["--data", args.train_data, "--out", sim_dir,
-                                                      "--epochs", str(S["sim_epochs"])])
+                                                      "--epochs", str(S["sim_epochs"])] + again)
     stage1, minilm = reward.load_embedder(sim_dir), reward.load_embedder(args.sim_base)
     threshold, bal, n_pos, n_neg = calibrated_threshold(minilm, train_items)
     log(f"untuned MiniLM threshold {threshold:.3f} (balanced accuracy {bal:.3f} on {n_pos} training paraphrase "
@@ -372,10 +356,10 @@ def run(args):
                   why=why, per_situation={key(k): t for k, t in table.items()}, training=training,
                   timings=dict(timings, **{"scoring and report": round(time.time() - t5)}),
                   wall_s=round(time.time() - t0))
-    support.write_text(os.path.join(out, "study.json"), json.dumps(result, indent=1))
+    plumbing.write_text(os.path.join(out, "study.json"), json.dumps(result, indent=1))
     plot_training(os.path.join(out, "training.png"), training)
     text = report(result, test_items, answers)
-    support.write_text(os.path.join(out, "report.md"), text)
+    plumbing.write_text(os.path.join(out, "report.md"), text)
     log(f"done: {out}/report.md")
     print(text)
     return result
@@ -399,7 +383,7 @@ def verdict(d, budget, answers, n_seeds, target=0.012):
 def plot_training(png, training):
     """The diagnostics of every seed's metrics.jsonl over the GRPO steps: reward, coverage and format terms, the
     share of zero-spread groups (no learning signal), the entropy of the sampled tokens, and the KL."""
-    plt = support.pyplot(png)
+    plt = plumbing.pyplot(png)
     if plt is None:
         return
     keys = ("reward", "coverage", "format", "zero_spread", "entropy", "kl")
@@ -412,7 +396,7 @@ def plot_training(png, training):
     for ax in axes[1]:
         ax.set_xlabel("GRPO step")
     fig.tight_layout()
-    support.save_figure(plt, fig, png, dpi=110)
+    plumbing.save_figure(plt, fig, png, dpi=110)
 
 
 NAMES = dict(base="base", sft="SFT", **{"seed mean": "OP-GRPO (seed mean)"})
@@ -473,7 +457,7 @@ def report(r, items, answers):
 
 
 def parse_args(argv=None):
-    p = support.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = plumbing.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny settings, a few minutes: the pipeline, not a result")
     p.add_argument("--out", default="runs/study", help="everything; a stage whose output is there is not run again")
     p.add_argument("--model", help="policy: hub id or local dir (default: the embedded SmolLM2-135M-Instruct)")
@@ -493,7 +477,7 @@ def parse_args(argv=None):
     if args.batch_size < 1 or not 0 <= args.seed < 2 ** 32:
         p.error("--batch-size must be >= 1 and --seed in [0, 2^32)")
     for k in ("model", "sim_base"):
-        support.check_model_path(getattr(args, k), "--" + k.replace("_", "-"))
+        plumbing.check_model_path(getattr(args, k), "--" + k.replace("_", "-"))
     return args
 
 
@@ -502,4 +486,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    support.run_cli(main)
+    plumbing.run_cli(main)

@@ -35,7 +35,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CORE = ("opgrpo_min.py", "reward.py", "eval_nli.py", "sim_train.py", "support.py")  # where functions are looked up
+CORE = ("opgrpo_min.py", "reward.py", "eval_nli.py", "sim_train.py", "plumbing.py")  # where functions are looked up
 MANIFEST = "assignment.json"     # written by make into the student copy; grade reads it
 POINTS = 10                      # per blanked function
 TIMEOUT = 600                    # seconds a pytest run of grade may take (--timeout)

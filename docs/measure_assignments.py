@@ -40,8 +40,8 @@ import torch            # noqa: E402
 import opgrpo_min as om  # noqa: E402
 import reward           # noqa: E402
 import teach            # noqa: E402
-try:                    # data classes and model files live in support.py, or in opgrpo_min.py before it existed
-    import support as plumbing  # noqa: E402
+try:                    # data classes and model files live in plumbing.py, or in opgrpo_min.py before it existed
+    import plumbing as plumbing  # noqa: E402
 except ImportError:
     plumbing = om
 Situation, Perspective, load_situations, default_policy_source = (

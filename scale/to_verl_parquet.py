@@ -20,7 +20,7 @@ if ROOT not in sys.path:  # run as a script: the core modules and the scale pack
     sys.path.insert(0, ROOT)
 import opgrpo_min as om  # noqa: E402
 import reward  # noqa: E402
-import support
+import plumbing
 from scale import prompt_messages  # noqa: E402
 
 DATA_SOURCE = "opgrpo"
@@ -41,7 +41,7 @@ def write_parquet(rows, path):
     """rows -> one parquet file, written whole or not at all."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    with support.replaced(path) as tmp:
+    with plumbing.replaced(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
 
 
@@ -49,20 +49,20 @@ def read_parquet(path):
     """The Situations of a file that verl_rows wrote (the reader back: to_verl_parquet's output round-trips)."""
     import pyarrow.parquet as pq
     if not os.path.isfile(path):
-        raise support.DataError(f"{path}: no such parquet file")
+        raise plumbing.DataError(f"{path}: no such parquet file")
     items = []
     for n, row in enumerate(pq.read_table(path).to_pylist()):
         try:
             info = row["extra_info"]
-            items.append(support.Situation(id=info["id"], situation=info["situation"], domain=info["domain"],
-                                           perspectives=[support.Perspective(**p) for p in info["perspectives"]]))
+            items.append(plumbing.Situation(id=info["id"], situation=info["situation"], domain=info["domain"],
+                                           perspectives=[plumbing.Perspective(**p) for p in info["perspectives"]]))
         except (KeyError, TypeError) as e:
-            raise support.DataError(f"{path}, row {n}: not a row written by scale/to_verl_parquet.py ({e!r})") from None
+            raise plumbing.DataError(f"{path}, row {n}: not a row written by scale/to_verl_parquet.py ({e!r})") from None
     return items
 
 
 def main(argv=None):
-    p = support.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = plumbing.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-data", default=os.path.join(om.HERE, "data", "train.jsonl"),
                    help="our JSONL, the authors' CSV or ValueKaleidoscope JSON (default: data/train.jsonl)")
     p.add_argument("--test-data", default=os.path.join(om.HERE, "data", "test.jsonl"),
@@ -70,8 +70,8 @@ def main(argv=None):
     p.add_argument("--out", default="runs/verl_data", help="folder for train.parquet and test.parquet")
     args = p.parse_args(argv)
     splits = [("train", args.train_data)] + ([("test", args.test_data)] if args.test_data else [])
-    data = {split: support.load_situations(path) for split, path in splits}  # every file checked before any is written
-    support.check_out_dir(args.out)
+    data = {split: plumbing.load_situations(path) for split, path in splits}  # every file checked before any is written
+    plumbing.claim_out_dir(args.out)
     for split, items in data.items():
         path = os.path.join(args.out, f"{split}.parquet")
         write_parquet(verl_rows(items, split), path)
@@ -79,4 +79,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    support.run_cli(main)
+    plumbing.run_cli(main)

@@ -21,7 +21,7 @@ if ROOT not in sys.path:  # run as a script: the core modules and the scale pack
     sys.path.insert(0, ROOT)
 import opgrpo_min as om  # noqa: E402
 import reward  # noqa: E402
-import support
+import plumbing
 from scale import prompt_messages  # noqa: E402
 
 # ================================================================ config: opgrpo_min's knobs, the paper's values
@@ -30,10 +30,10 @@ DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(om.Config)}, **om.P
             "sft_steps": 0,             # --model is normally the warm start that opgrpo_min.py saved (runs/x/sft)
             "out": "runs/trl_opgrpo"}
 HELP = {
-    "model": "policy: hub id, local dir (e.g. runs/x/sft or runs/x/checkpoint from opgrpo_min.py) or .gguf; "
+    "model": "policy: hub id or local dir (e.g. runs/x/sft or runs/x/checkpoint from opgrpo_min.py); "
              "default: the embedded SmolLM2-135M-Instruct",
     "sim_model": "Sentence Transformer of the reward: hub id or local dir; default: the embedded all-MiniLM-L6-v2",
-    "train_data": "situations: our JSONL, the authors' CSV or ValueKaleidoscope JSON",
+    "train_data": "situations: our JSONL (tools/convert_data.py converts the authors' CSV or ValueKaleidoscope JSON)",
     "out": "folder for TRL's checkpoints, sft/ and final/",
     "seed": "seed of TRL's data order, sampling and init",
     "sft_steps": "0: no SFT; N: N steps of TRL's SFTTrainer on the reference answers; -1: one epoch (the paper)",
@@ -56,7 +56,7 @@ HELP = {
 
 def parse_args(argv=None):
     """The knobs above plus TRL-only ones; opgrpo_min.resolve_config checks every range, with its messages."""
-    p = support.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = plumbing.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for k, words in HELP.items():
         flag, d = "--" + k.replace("_", "-"), DEFAULTS[k]
         if isinstance(d, bool):
@@ -184,22 +184,23 @@ def sft_warm_start(model, tok, items, a):
 def train(a, reward_fn=None):
     """Load and check the inputs, warm-start if asked, run GRPO; returns the trainer (its state.log_history holds
     the per-step rows). reward_fn defaults to TRLReward with the chosen similarity model."""
-    items = support.load_situations(a.train_data)  # every input is checked before anything is loaded or written
-    support.check_model_path(a.model, "--model"), support.check_model_path(a.sim_model, "--sim-model")
-    support.check_out_dir(a.out)
+    items = plumbing.load_situations(a.train_data)  # every input is checked before anything is loaded or written
+    plumbing.check_model_path(a.model, "--model"), plumbing.check_model_path(a.sim_model, "--sim-model")
+    plumbing.claim_out_dir(a.out)
     from trl import GRPOTrainer
     cfg = grpo_config(a, int(os.environ.get("WORLD_SIZE", "1"))) if a.steps else None  # checked before any SFT
     model, tok = a.model, None
-    if model is None or model.endswith(".gguf"):  # opgrpo_min's loader converts these to a plain model
-        model, tok = support.load_policy(model, device="cpu", trust_remote_code=a.trust_remote_code)
+    if model is None:  # the embedded GGUF: opgrpo_min's loader converts it to a plain model
+        model, tok = plumbing.load_policy(model, device="cpu", trust_remote_code=a.trust_remote_code)
     if a.sft_steps:
         model, tok = sft_warm_start(model, tok, items, a), None  # the reference model is the warm start
     if cfg is None:
         return None
     if reward_fn is None:  # after GRPOConfig has set up the processes: each loads the embedder on its own GPU
         reward_fn = TRLReward(a.sim_model, mask_keywords=a.mask_keywords, min_perspectives=a.min_perspectives)
+    from extras.lora import lora_config
     trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=cfg, train_dataset=grpo_dataset(items),
-                          processing_class=tok, peft_config=om.lora_config(a.lora_rank) if a.lora_rank else None)
+                          processing_class=tok, peft_config=lora_config(a.lora_rank) if a.lora_rank else None)
     trainer.train()
     trainer.save_model(os.path.join(a.out, "final"))
     return trainer
@@ -210,4 +211,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    support.run_cli(main)
+    plumbing.run_cli(main)

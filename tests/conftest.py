@@ -7,15 +7,15 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 2 cores; fewer beside another job
 
 
 @pytest.fixture(scope="session")
 def default_tokenizer_dir(tmp_path_factory):
     """The SmolLM2 tokenizer, converted from the embedded GGUF once and saved as a plain directory."""
     from transformers import AutoTokenizer
-    import support
-    src, gguf = support.default_policy_source()
+    import plumbing
+    src, gguf = plumbing.default_policy_source()
     path = tmp_path_factory.mktemp("tokenizer")
     AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(path)
     return str(path)
@@ -40,8 +40,8 @@ def tiny_model_dir(default_tokenizer_dir, tmp_path_factory):
 @pytest.fixture
 def tiny_policy(tiny_model_dir):
     """(model, tokenizer) of the tiny model, fresh for each test."""
-    import support
-    return support.load_policy(tiny_model_dir, device="cpu")
+    import plumbing
+    return plumbing.load_policy(tiny_model_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,9 @@ import torch
 import eval_nli
 import reward
 from eval_nli import (embedding_coverage, entailment_index, load_answers, load_nli, nli_scores, resolve_model,
-                      scored_text, situation_score, split_sentences, summarize)
+                      situation_score, split_sentences, summarize)
 from opgrpo_min import reference_answer
-from support import Perspective, Situation, load_situations
+from plumbing import Perspective, Situation, load_situations
 
 TEST_DATA = os.path.join(os.path.dirname(eval_nli.__file__), "data", "test.jsonl")
 
@@ -73,14 +73,6 @@ def test_sentences_end_at_end_marks_and_line_breaks_and_tags_are_not_sentences()
     assert split_sentences("  \n- \n---") == []
 
 
-def test_scored_text_is_the_block_asked_for_or_the_whole_answer_without_it():
-    answer = "<core perspectives>\ncore\n</core perspectives>\n<summary>\nsum\n</summary>"
-    assert scored_text(answer) == answer
-    assert scored_text(answer, "core").strip() == "core" and scored_text(answer, "summary").strip() == "sum"
-    assert scored_text("untagged prose", "summary") == "untagged prose"
-
-
-# ================================================================ the NLI score
 def test_situation_score_is_the_mean_over_perspectives_of_the_max_over_sentences():
     entail = fake_entail({("ea", "s1."): 0.9, ("ea", "s2."): 0.2, ("eb", "s1."): 0.1, ("eb", "s2."): 0.5,
                           ("ec", "s3."): 0.4})
@@ -118,14 +110,17 @@ def test_nli_model_without_an_entailment_label_is_a_clear_error(tmp_path):
         load_nli(path)
 
 
-def test_nli_predictor_returns_the_probability_of_the_entailment_class(nli_dir):
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_nli_pipeline_gives_the_entailment_probability_of_a_plain_forward(nli_dir, batch_size):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    premises, hypotheses = ["Lying hurts trust.", "Rules matter."], ["Trust suffers from lies.", "x"]
-    got = load_nli(nli_dir, batch_size=1)(premises, hypotheses)
+    premises = ["Lying hurts trust.", "Rules matter.", "A much longer premise about duties " * 40]   # truncated at 512
+    hypotheses = ["Trust suffers from lies.", "x", "Duties bind."]
+    got = load_nli(nli_dir, batch_size=batch_size)(premises, hypotheses)
     tok, model = AutoTokenizer.from_pretrained(nli_dir), AutoModelForSequenceClassification.from_pretrained(nli_dir)
-    with torch.no_grad():
-        probs = model(**tok(premises, hypotheses, padding=True, return_tensors="pt")).logits.softmax(-1)
-    assert got == pytest.approx(probs[:, 1].numpy(), abs=1e-5)         # column 1: 'entailment' in this model
+    with torch.no_grad():                                               # one pair at a time: no padding at all
+        probs = torch.cat([model(**tok(p, h, truncation=True, max_length=512, return_tensors="pt")).logits.softmax(-1)
+                           for p, h in zip(premises, hypotheses)])
+    assert got == pytest.approx(probs[:, 1].numpy(), abs=1e-6)         # column 1: 'entailment' in this model
     assert not np.allclose(got, probs[:, 0].numpy())
 
 
@@ -169,10 +164,11 @@ def test_a_checkpoint_that_does_not_exist_is_a_clear_error(tmp_path):
     assert not (tmp_path / "o" / "answers.jsonl").exists()
     run = tmp_path / "run"
     run.mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="not a model folder: it holds no weights"):
         resolve_model(str(run))
     (run / "checkpoint").mkdir()
-    (run / "checkpoint" / "trainer_state.json").touch()                 # an opgrpo_min.py run dir -> its checkpoint
+    for name in ("model.safetensors", "tokenizer.json"):                # an opgrpo_min.py run dir -> its checkpoint
+        (run / "checkpoint" / name).touch()
     assert resolve_model(str(run)) == str(run / "checkpoint")
     assert resolve_model("default") is None and resolve_model("owner/hub-model") == "owner/hub-model"
 
@@ -190,7 +186,7 @@ def test_full_run_generates_scores_and_rescores_the_same_numbers(tiny_model_dir,
     assert {r["metric"] for r in rows} == {"coverage all-MiniLM-L6-v2", f"NLI {os.path.basename(nli_dir)}"}
     assert [r["stratum"] for r in rows[:4]] == ["all", "3", "4", "5"] and rows[1]["n"] == "2"
     assert all(0 <= float(r["accuracy"]) <= 1 for r in rows)
-    assert "Scored text: whole answer" in (out / "results.md").read_text()
+    assert "Accuracy: share of situations with score > 0.33" in (out / "results.md").read_text()
     assert (out / "accuracy.png").exists() and (out / "config.json").exists()
 
     random.Random(0).shuffle(answers)                                   # re-score without generating
@@ -201,10 +197,17 @@ def test_full_run_generates_scores_and_rescores_the_same_numbers(tiny_model_dir,
     assert [float(r["mean"]) for r in again] == pytest.approx([float(r["mean"]) for r in rows])
 
 
-def test_an_unavailable_nli_model_is_reported_and_coverage_is_still_computed(small_data, tmp_path, capsys):
+def test_an_unavailable_nli_model_is_reported_and_coverage_is_still_computed(small_data, tmp_path, capsys,
+                                                                              monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rows = [dict(id=s.id, model="m", prompt="implicit", answer=reference_answer(s)) for s in load_situations(small_data)]
-    eval_nli.main(["--answers", write_jsonl(tmp_path / "a.jsonl", rows), "--data", small_data,
-                   "--nli", str(tmp_path / "no-such-nli"), "--out", str(tmp_path / "out")])
+    answers = write_jsonl(tmp_path / "a.jsonl", rows)
+    with pytest.raises(FileNotFoundError, match="--nli .*no-such-nli: no such file or directory"):
+        eval_nli.main(["--answers", answers, "--data", small_data, "--nli", str(tmp_path / "no-such-nli"),
+                       "--out", str(tmp_path / "out")])                   # a path that is not there: refused
+    assert not (tmp_path / "out").exists()
+    eval_nli.main(["--answers", answers, "--data", small_data, "--nli", "no-owner/no-such-nli-model",
+                   "--out", str(tmp_path / "out")])                     # a hub id the hub cannot give here
     assert "is not available here" in capsys.readouterr().err
     table = (tmp_path / "out" / "results.md").read_text()
     assert "not available here (offline), no NLI rows" in table

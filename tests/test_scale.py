@@ -10,7 +10,7 @@ import torch
 
 import opgrpo_min as om
 import reward
-import support
+import plumbing
 from scale import prompt_messages, to_verl_parquet, trl_opgrpo, verl_reward
 from test_reward import REF, SITUATION, BagOfWords  # test_reward.py's stand-in embedder and hand-made reference
 
@@ -20,7 +20,7 @@ TRAIN = os.path.join(ROOT, "data", "train.jsonl")
 
 @pytest.fixture(scope="module")
 def items():
-    return support.load_situations(TRAIN)
+    return plumbing.load_situations(TRAIN)
 
 
 def totals(answers, references, embedder, **options):
@@ -59,7 +59,7 @@ def test_trl_script_help_runs_as_a_file_and_lists_the_paper_knobs():
                                          (["--model", "./no/such/dir"], "--model ./no/such/dir: no such file")])
 def test_trl_script_bad_input_is_one_line_error(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
-        support.run_cli(trl_opgrpo.main, argv)
+        plumbing.run_cli(trl_opgrpo.main, argv)
     message = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
     assert words in message and "\n" not in message.strip()
 
@@ -297,5 +297,5 @@ def test_parquet_rows_are_what_verl_reads(tmp_path, items):
 def test_reading_a_parquet_from_elsewhere_names_the_row(tmp_path):
     pytest.importorskip("pyarrow")
     to_verl_parquet.write_parquet([dict(data_source="gsm8k", prompt="2 + 2?")], str(tmp_path / "x.parquet"))
-    with pytest.raises(support.DataError, match=r"x.parquet, row 0: not a row written by scale/to_verl_parquet.py"):
+    with pytest.raises(plumbing.DataError, match=r"x.parquet, row 0: not a row written by scale/to_verl_parquet.py"):
         to_verl_parquet.read_parquet(str(tmp_path / "x.parquet"))

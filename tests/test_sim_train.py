@@ -8,7 +8,7 @@ import torch
 
 import reward
 import sim_train
-from support import Perspective, Situation
+from plumbing import Perspective, Situation
 
 
 @pytest.fixture
@@ -69,8 +69,9 @@ def test_judge_triplets_ask_nothing_below_the_threshold(minilm):
 def test_judge_margins_are_one_number_per_pair_and_do_not_depend_on_padding(tiny_policy):
     model, tok = tiny_policy
     pairs = [("a", "b"), (HONESTY[0], COST[1]), (DEBT[0], "a much longer sentence " * 8)]
-    batched = sim_train.judge_margins(model, tok, pairs, batch_size=3)
-    alone = np.concatenate([sim_train.judge_margins(model, tok, [p], batch_size=1) for p in pairs])
+    from extras.local_judge import judge_margins
+    batched = judge_margins(model, tok, pairs, sim_train.JUDGE_QUESTION, batch_size=3)
+    alone = np.concatenate([judge_margins(model, tok, [p], sim_train.JUDGE_QUESTION, batch_size=1) for p in pairs])
     assert batched.shape == (3,) and np.isfinite(batched).all()
     np.testing.assert_allclose(batched, alone, atol=1e-4)
 
@@ -189,7 +190,7 @@ def test_the_cli_trains_on_no_held_out_situation_and_saves_a_model_reward_can_lo
     write(tmp_path / "d.jsonl", items)
     out = tmp_path / "out"
     result = sim_train.main(["--data", str(tmp_path / "d.jsonl"), "--out", str(out), "--batch-size", "8",
-                             "--epochs", "1", "--held-out", "0.25", "--threads", "1"])
+                             "--epochs", "1", "--held-out", "0.25"])
     rows = [json.loads(line) for line in open(out / "triplets.jsonl")]
     held = {r["situation"] for r in rows if r["split"] == "eval"}
     assert len(held) == 4 and held.isdisjoint(r["situation"] for r in rows if r["split"] == "train")

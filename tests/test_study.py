@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import opgrpo_min as om
-import support
+import plumbing
 import study
 
 
@@ -50,7 +50,7 @@ def test_answer_stats_count_distinct_perspectives_format_and_repeats(minilm):
 
 
 def test_the_threshold_is_calibrated_on_training_pairs(minilm):
-    items = support.load_situations(om.Config.train_data)[:10]
+    items = plumbing.load_situations(om.Config.train_data)[:10]
     t, bal, n_pos, n_neg = study.calibrated_threshold(minilm, items)
     assert 0 < t < 1 and bal > 0.5 and n_pos == sum(1 for s in items for p in s.perspectives if p.paraphrase)
 
@@ -83,13 +83,13 @@ def test_the_smoke_study_runs_end_to_end(tiny_model_dir, tmp_path):
 KILLED = """
 import sys, time
 sys.path.insert(0, {root!r})
-import opgrpo_min, study, support
+import opgrpo_min, study, plumbing
 slow = opgrpo_min.sample_groups
 def sample_groups(*a, **k):           # a block takes a second, so the kill lands between or within blocks
     time.sleep(1)
     return slow(*a, **k)
 opgrpo_min.sample_groups = sample_groups
-items = support.load_situations({data!r})[:4]
+items = plumbing.load_situations({data!r})[:4]
 gen = study.argparse.Namespace(seed=0, batch_size=2, max_new_tokens=4)
 study.answer({path!r}, "sft", {model!r}, "implicit", items, 8, gen, {{}})
 """

