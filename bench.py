@@ -29,7 +29,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import opgrpo_min as om
-import reward
 import plumbing
 
 SHAPES = {"qwen2.5-3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
@@ -235,13 +234,13 @@ def measured_rates(device, dtype):
     b, x = torch.empty_like(a), torch.randn(n, n, device=device, dtype=dtype)
     bw = mm = 0.0
     for _ in range(5):
-        t0 = om.clock(x)
+        t0 = plumbing.clock(x)
         b.copy_(a)
-        bw = max(bw, 2 * n_bytes / (om.clock(x) - t0))                     # read + write
-        t0 = om.clock(x)
+        bw = max(bw, 2 * n_bytes / (plumbing.clock(x) - t0))                     # read + write
+        t0 = plumbing.clock(x)
         for _ in range(4):
             x @ x
-        mm = max(mm, 4 * 2 * n ** 3 / (om.clock(x) - t0))
+        mm = max(mm, 4 * 2 * n ** 3 / (plumbing.clock(x) - t0))
     return bw, mm
 
 
@@ -468,7 +467,7 @@ def simulate_step(a, fake=True):
                     ref_logp = om.token_logprobs(ref or model, roll.input_ids, roll.attention_mask, T,
                                                  cfg.temperature, cfg.micro_batch, vocab)
         tracker.phase = "update"
-        with om.training(model, cfg.gradient_checkpointing):
+        with plumbing.training(model, cfg.gradient_checkpointing):
             om.grpo_update(model, opt, roll, adv, old, ref_logp, cfg, vocab)
     return dict(tracker.result(), seconds=time.perf_counter() - t0)
 
@@ -603,7 +602,7 @@ def main(argv=None):
     shape = (model.config, sum(q.numel() for q in model.parameters()), p.element_size())
     bw, mm = measured_rates(args.device, p.dtype)
     del model, p
-    embedder = reward.load_embedder(device=args.device)
+    embedder = plumbing.load_embedder(device=args.device)
     items = plumbing.load_situations(os.path.join(om.HERE, "data", "train.jsonl"))
     result = dict(env=env, args=vars(args), bandwidth_GBps=bw / 1e9, matmul_TFLOPs=mm / 1e12, runs=[])
     prompt_len = max(len(tok([om.chat_prompt(tok, items[i].situation)], add_special_tokens=False).input_ids[0])

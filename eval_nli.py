@@ -24,8 +24,8 @@ import torch
 
 import reward
 from opgrpo_min import chat_prompt, check_prompts, sample_groups
-from plumbing import (check_device, check_knobs, check_model_path, claim_out_dir, dataclass_args, load_policy,
-                      load_situations, pyplot, read_jsonl, run_cli, save_figure, write_text)
+from plumbing import (check_device, check_knobs, check_model_path, claim_out_dir, dataclass_args, load_embedder,
+                      load_policy, load_situations, pyplot, resolve_model, run_cli, save_figure, write_text)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_NLI = "microsoft/deberta-v2-xlarge-mnli"   # the NLI model of the paper's evaluation code
@@ -34,20 +34,20 @@ MAX_PROMPT_LEN = 512             # as in training; a longer prompt is an error, 
 
 
 @dataclass
-class Config:  # knobs: '# what it does | its valid range'
+class Config:  # knobs: '# what it does | values it takes'
     model: list = None           # policy, repeatable: hub id, dir, run dir or checkpoint; 'default' = SmolLM2-135M
-    prompt: str = "both"         # implicit = the training prompt; explicit: the paper's baseline | implicit, explicit, both
+    prompt: str = "both"         # implicit: as trained; explicit: the baseline | v in ("implicit", "explicit", "both")
     answers: str = None          # score this answers JSONL (id, model, prompt, answer) instead of generating
     data: str = os.path.join(HERE, "data", "test.jsonl")  # test situations
     nli: list = None             # NLI model, repeatable; 'none' = only the offline metric; None = the paper's
     sim_model: str = None        # Sentence Transformer of the coverage metric; None = embedded MiniLM
-    max_new_tokens: int = 1200   # paper 1200; ~200 keeps a CPU run short | >= 1
-    temperature: float = 0.7     # test-time sampling, as in the paper | > 0
-    top_p: float = 0.9           # test-time nucleus sampling, as in the paper | in (0, 1]
-    batch_size: int = 32         # prompts per generate call (wider is faster) | >= 1
-    nli_batch_size: int = 32     # (premise, hypothesis) pairs per NLI forward | >= 1
+    max_new_tokens: int = 1200   # paper 1200; ~200 keeps a CPU run short | v >= 1
+    temperature: float = 0.7     # test-time sampling, as in the paper | v > 0
+    top_p: float = 0.9           # test-time nucleus sampling, as in the paper | 0 < v <= 1
+    batch_size: int = 32         # prompts per generate call (wider is faster) | v >= 1
+    nli_batch_size: int = 32     # (premise, hypothesis) pairs per NLI forward | v >= 1
     device: str = None           # None = cuda when present, else cpu
-    seed: int = 0                # sampling seed | in [0, 4294967295]
+    seed: int = 0                # sampling seed | 0 <= v < 2**32
     out: str = "runs/eval"       # answers.jsonl, results.csv/.md, accuracy.png, config.json
     overwrite: bool = False      # generate into an --out that holds answers: they are moved aside, not deleted
 
@@ -156,17 +156,6 @@ def summarize(scores, threshold=ACCURACY_THRESHOLD):
 
 
 # ================================================================ answers
-def resolve_model(name):
-    """None or 'default' -> None (embedded SmolLM2); an opgrpo_min.py run dir -> its checkpoint; a local path that
-    is no model folder -> an error."""
-    if name in (None, "default"):
-        return None
-    if os.path.isdir(os.path.join(name, "checkpoint")):      # a run dir: its config.json is the run's, not a model's
-        name = os.path.join(name, "checkpoint")
-    check_model_path(name, "--model")
-    return name
-
-
 def generate_answers(name, items, styles, args):
     """One answer per situation and prompt style at test-time settings (sample_groups with G = 1). The styles share
     batches: a CPU decode step costs about the same for 16 or 88 prompts (reading the weights)."""
@@ -184,32 +173,6 @@ def generate_answers(name, items, styles, args):
                  for (s, style), text in zip(batch, texts)]
         print(f"[generate] {name}: {len(rows)}/{len(todo)} answers", flush=True)
     return rows
-
-
-def load_answers(path, items):
-    """{(model, prompt): answers in the order of `items`}, matched by id (never by row order). Every id must be in
-    the test set, and every (model, prompt) must answer every test situation exactly once; a null answer is empty."""
-    known, groups = {s.id for s in items}, {}
-    for n, row in read_jsonl(path, "answers"):
-        missing = [k for k in ("id", "model", "prompt", "answer") if k not in row]
-        if missing:
-            raise ValueError(f"{path}, line {n}: expected a JSON object with id, model, prompt, answer "
-                             f"(missing {', '.join(missing)})")
-        key, sid = (row["model"], row["prompt"]), str(row["id"])
-        if sid not in known:
-            raise ValueError(f"{path}, line {n}: id {sid!r} is not in the test set; the answers were made for "
-                             f"another data file: pass that file as --data")
-        if sid in groups.setdefault(key, {}):
-            raise ValueError(f"{path}, line {n}: a second answer of model {key[0]!r}, prompt {key[1]!r} to {sid!r}")
-        groups[key][sid] = row["answer"] if isinstance(row["answer"], str) else ""
-    if not groups:
-        raise ValueError(f"{path}: no answers in the file")
-    for (model, prompt), answers in groups.items():
-        missing = [s.id for s in items if s.id not in answers]
-        if missing:
-            raise ValueError(f"{path}: model {model!r}, prompt {prompt!r} has no answer for {len(missing)} test "
-                             f"situation(s), e.g. {missing[0]!r}: regenerate, or pass the matching --data")
-    return {key: [answers[s.id] for s in items] for key, answers in groups.items()}
 
 
 # ================================================================ report
@@ -266,7 +229,9 @@ def main(argv=None):
     args.model = args.model or (None if args.answers else ["default"])
     args.nli = args.nli or [PAPER_NLI]
     items, t0 = load_situations(args.data), time.perf_counter()   # inputs first, then any output
-    groups = load_answers(args.answers, items) if args.answers else None
+    if args.answers:   # re-score a file: every row checked against the test set (extras/answers.py)
+        from extras.answers import load_answers
+        groups = load_answers(args.answers, items)
     for name in args.model or []:
         resolve_model(name)                                      # a bad path fails before any generation
     check_model_path(args.sim_model, "--sim-model", tokenizer=False)
@@ -277,19 +242,20 @@ def main(argv=None):
     config = dataclasses.asdict(args)
     print("config:", json.dumps(config))
     write_text(os.path.join(args.out, "config.json"), json.dumps(config, indent=1))
-    if not args.answers:  # ---- generate, then read back from the file, so both paths score the same way
+    if not args.answers:  # ---- generate, saved to answers.jsonl (--answers re-scores it)
         styles = ["implicit", "explicit"] if args.prompt == "both" else [args.prompt]
         rows = [r for name in args.model for r in generate_answers(name, items, styles, args)]
-        args.answers = os.path.join(args.out, "answers.jsonl")
-        write_text(args.answers, "".join(json.dumps(r) + "\n" for r in rows))
-        print(f"[generate] {len(rows)} answers in {time.perf_counter() - t0:.0f} s -> {args.answers}")
-        groups = load_answers(args.answers, items)
+        write_text(os.path.join(args.out, "answers.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+        print(f"[generate] {len(rows)} answers in {time.perf_counter() - t0:.0f} s -> {args.out}/answers.jsonl")
+        groups = {}
+        for r in rows:                               # each (model, prompt): its answers in the order of items
+            groups.setdefault((r["model"], r["prompt"]), []).append(r["answer"])
     t1 = time.perf_counter()
     texts = groups
 
     # ---- offline metric, then each NLI backbone that can be loaded
     short = lambda name: os.path.basename(name.rstrip("/"))
-    embedder = reward.load_embedder(args.sim_model, device=args.device)
+    embedder = load_embedder(args.sim_model, device=args.device)
     sim_name = short(args.sim_model or "all-MiniLM-L6-v2")
     results = {(*key, f"coverage {sim_name}"): embedding_coverage(t, items, embedder) for key, t in texts.items()}
     notes = [f"Accuracy: share of situations with score > {ACCURACY_THRESHOLD}. Coverage: share of reference "

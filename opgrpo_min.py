@@ -19,7 +19,6 @@ import math
 import os
 import random
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,13 +26,14 @@ import torch
 
 import reward
 from plumbing import (DataError, StopAfterStep, atomic_save, check_device, check_knobs, check_model_path,
-                      claim_out_dir, dataclass_args, load_policy, load_situations, model_fingerprint, oom_hint,
-                      plot_rewards, run_cli, save_checkpoint, sha256_of, write_text)
+                      claim_out_dir, clock, dataclass_args, load_embedder, load_policy, load_situations,
+                      model_fingerprint, oom_hint, plot_rewards, run_cli, save_checkpoint, sha256_of, training,
+                      write_text)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# ================================================================ knobs: '# what it does | its valid range'
+# ================================================================ knobs: '# what it does | values it takes'
 @dataclass
 class Config:
     # -- models and data
@@ -43,41 +43,41 @@ class Config:
     out: str = "runs/opgrpo"     # metrics, config, plot, sft/ and checkpoint/; a folder that holds a run is refused
     overwrite: bool = False      # start over in an --out that holds a run: the old run is moved aside, not deleted
     resume: str = None           # continue the run saved in this dir (model, optimizer, RNG, step)
-    seed: int = 0                # same seed, same metrics on CPU | in [0, 4294967295]
+    seed: int = 0                # same seed, same metrics on CPU | 0 <= v < 2**32
     device: str = None           # None = cuda when present, else cpu
-    preset: str = None           # 'cpu' or 'gpu' defaults below; None = by device | cpu, gpu
-    dtype: str = None            # policy weights; None = bfloat16 on cuda, float32 on cpu | bfloat16, float32
+    preset: str = None           # 'cpu' or 'gpu' defaults below; None = by device | v in ("cpu", "gpu")
+    dtype: str = None            # policy weights; None = bfloat16 on cuda, else float32 | v in ("bfloat16", "float32")
     trust_remote_code: bool = False  # only for hub models that need their own code
     # -- stage 0: SFT warm start (paper: 1 epoch, lr 1e-5, cosine, 10% warm-up, AdamW(0.9, 0.95), wd 0.01)
-    sft_steps: int = None        # None = one epoch (gpu preset); 0 skips SFT (--model is an SFT checkpoint) | >= 0
-    sft_batch: int = 4           # situations per SFT step | >= 1
-    sft_lr: float = None         # paper 1e-5 | in (0, 1)
+    sft_steps: int = None        # None = one epoch (gpu preset); 0 skips SFT (--model is an SFT model) | v >= 0
+    sft_batch: int = 4           # situations per SFT step | v >= 1
+    sft_lr: float = None         # paper 1e-5 | 0 < v < 1
     # -- stage 2: GRPO
-    steps: int = None            # RL steps (paper about 150) | >= 1
-    prompts_per_step: int = None # paper 1024; what fits one machine is far fewer | >= 1
-    group_size: int = None       # G answers per prompt (paper 10); one answer has no spread, so no advantage | >= 2
-    max_new_tokens: int = None   # paper 800 | >= 1
-    max_prompt_len: int = 512    # a longer prompt is refused when the data loads (the situation would be cut) | >= 1
-    temperature: float = 1.0     # sampling temperature; log-probs use the same one | > 0
-    top_p: float = 1.0           # nucleus sampling during training (paper 1.0); top_k is always off | in (0, 1]
-    lr: float = None             # paper 1e-6 for a 3B model; a 135M model needs more to move in minutes | in (0, 1)
-    weight_decay: float = 0.01   # AdamW | >= 0
-    grad_clip: float = 1.0       # max global grad norm | > 0
-    clip_eps: float = 0.2        # PPO ratio clip | in (0, 1)
-    dual_clip: float = 3.0       # cap of the loss for negative advantages (Ye et al. 2020; recipe: 3) | 0 or > 1
-    beta: float = 0.001          # weight of the k3 KL to the reference (DeepSeekMath 0.04); 0 drops it | >= 0
-    adv_eps: float = 1e-6        # eps in A = (r - mean) / (std + eps) | > 0
-    updates_per_step: int = 4    # mini-batch updates per batch of rollouts (paper 4): ratio != 1 after the first | >= 1
-    micro_batch: int = None      # answers per forward/backward; gradients accumulate over a mini-batch | >= 1
-    gradient_checkpointing: int = None  # 1: recompute activations in the backward, less memory | 0 or 1
-    lora_rank: int = 0           # > 0: train a LoRA adapter of this rank (pip install peft) | >= 0
+    steps: int = None            # RL steps (paper about 150) | v >= 1
+    prompts_per_step: int = None # paper 1024; what fits one machine is far fewer | v >= 1
+    group_size: int = None       # G answers per prompt (paper 10); one has no spread, so no advantage | v >= 2
+    max_new_tokens: int = None   # paper 800 | v >= 1
+    max_prompt_len: int = 512    # a longer prompt is refused at load (it would cut the situation) | v >= 1
+    temperature: float = 1.0     # sampling temperature; log-probs use the same one | v > 0
+    top_p: float = 1.0           # nucleus sampling in training (paper 1.0); top_k is always off | 0 < v <= 1
+    lr: float = None             # paper 1e-6 (3B); a 135M model needs more to move in minutes | 0 < v < 1
+    weight_decay: float = 0.01   # AdamW | v >= 0
+    grad_clip: float = 1.0       # max global grad norm | v > 0
+    clip_eps: float = 0.2        # PPO ratio clip | 0 < v < 1
+    dual_clip: float = 3.0       # loss cap for A < 0 (Ye et al. 2020; recipe 3); 0 = off | v == 0 or v > 1
+    beta: float = 0.001          # weight of the k3 KL to the reference (DeepSeekMath 0.04) | v >= 0
+    adv_eps: float = 1e-6        # eps in A = (r - mean) / (std + eps) | v > 0
+    updates_per_step: int = 4    # mini-batch updates per rollout batch (paper 4): ratio != 1 after one | v >= 1
+    micro_batch: int = None      # answers per forward/backward; gradients add up over a mini-batch | v >= 1
+    gradient_checkpointing: int = None  # 1: recompute activations in the backward: less memory | v in (0, 1)
+    lora_rank: int = 0           # > 0: train a LoRA adapter of this rank (pip install peft) | v >= 0
     # -- reward options (reward.py has the paper's defaults)
-    mask_keywords: str = "answer"  # 'answer' (paper), 'both' or 'none' | answer, both, none
-    min_perspectives: int = 0    # uniqueness is 0 below this many perspectives (paper: 0, i.e. off) | >= 0
-    coverage_threshold: float = reward.COVERAGE_THRESHOLD  # cosine that covers a perspective (paper 0.70) | in [-1, 1]
+    mask_keywords: str = "answer"  # 'answer' (paper), 'both' or 'none' | v in reward.MASK_MODES
+    min_perspectives: int = 0    # uniqueness is 0 below this many perspectives (paper: 0, off) | v >= 0
+    coverage_threshold: float = reward.COVERAGE_THRESHOLD  # cosine that covers one (paper 0.70) | -1 <= v <= 1
     # -- logging
-    sample_every: int = 5        # print one sampled answer every N steps (0: never) | >= 0
-    save_every: int = 10         # checkpoint every N steps, and at the end and on Ctrl-C (0: only those) | >= 0
+    sample_every: int = 5        # print one sampled answer every N steps (0: never) | v >= 0
+    save_every: int = 10         # checkpoint every N steps, at the end and on Ctrl-C (0: only those) | v >= 0
 
 
 PRESETS = {  # knobs left at None above take these
@@ -373,29 +373,6 @@ def grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab):
     return stats
 
 
-@contextlib.contextmanager
-def training(model, checkpointing):
-    """model.train() for a block of updates, with gradient checkpointing if asked; eval mode (and the KV cache that
-    generation needs) again after it. transformers 5.23 renamed gradient_checkpointing_* to activation_*."""
-    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    model.train()
-    if checkpointing:
-        getattr(model, f"{kind}_checkpointing_enable")()
-    try:
-        yield
-    finally:
-        if checkpointing:
-            getattr(model, f"{kind}_checkpointing_disable")()
-        model.eval()
-
-
-def clock(model):
-    """time.perf_counter() after the GPU has finished its queued work, so phase timings are true."""
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    return time.perf_counter()
-
-
 def prompts_for_step(n_items, step, per_step, seed):
     """Indices of the situations of one step: a fresh seeded permutation each epoch, so the data
     order depends only on (seed, step) and a resumed run sees exactly what a straight run sees."""
@@ -535,7 +512,7 @@ def train(cfg):
     print("config:", json.dumps(dataclasses.asdict(cfg), indent=1))
     write_text(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    embedder = reward.load_embedder(cfg.sim_model, device=cfg.device)
+    embedder = load_embedder(cfg.sim_model, device=cfg.device)
     if not cfg.resume:
         if cfg.lora_rank:
             from extras.lora import with_lora

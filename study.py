@@ -182,7 +182,7 @@ def answer(path, row, source, style, items, n, gen, loaded):
                 continue
             if row not in loaded:
                 loaded.clear()
-                loaded[row] = plumbing.load_policy(eval_nli.resolve_model(source), "cpu")
+                loaded[row] = plumbing.load_policy(plumbing.resolve_model(source), "cpu")
             model, tok = loaded[row]
             torch.manual_seed(block_seed(gen.seed, row, style, b // gen.batch_size, k))
             om.check_prompts(tok, batch, eval_nli.MAX_PROMPT_LEN, style)
@@ -278,7 +278,7 @@ def run(args):
         again = ["--overwrite"] if os.path.isdir(sim_dir) else []  # a killed stage 1 left a part of its output
         timed("stage 1 (sim_train)", sim_train.main, ["--data", args.train_data, "--out", sim_dir,
                                                       "--epochs", str(S["sim_epochs"])] + again)
-    stage1, minilm = reward.load_embedder(sim_dir), reward.load_embedder(args.sim_base)
+    stage1, minilm = plumbing.load_embedder(sim_dir), plumbing.load_embedder(args.sim_base)
     threshold, bal, n_pos, n_neg = calibrated_threshold(minilm, train_items)
     log(f"untuned MiniLM threshold {threshold:.3f} (balanced accuracy {bal:.3f} on {n_pos} training paraphrase "
         f"pairs and {n_neg} non-pairs)")

@@ -207,7 +207,7 @@ def estimator(args):
     path = args.sim or (os.path.join(STUDY, "sim") if os.path.isdir(os.path.join(STUDY, "sim")) else "minilm")
     path = None if path == "minilm" else path
     print(f"similarity model: {path or 'embedded all-MiniLM-L6-v2'}")
-    return Memo(reward.load_embedder(path, device="cpu"))
+    return Memo(plumbing.load_embedder(path, device="cpu"))
 
 
 def study_groups():

@@ -139,7 +139,7 @@ class TRLReward:
                  coverage_threshold=reward.COVERAGE_THRESHOLD, uniqueness_threshold=reward.UNIQUENESS_THRESHOLD):
         if mask_keywords not in reward.MASK_MODES:   # before the embedder loads, not at the first step
             raise ValueError(f"mask_keywords must be one of {reward.MASK_MODES}, got {mask_keywords!r}")
-        self.embedder = embedder if hasattr(embedder, "encode") else reward.load_embedder(embedder)
+        self.embedder = embedder if hasattr(embedder, "encode") else plumbing.load_embedder(embedder)
         self.options = dict(mask_keywords=mask_keywords, min_perspectives=min_perspectives,
                             coverage_threshold=coverage_threshold, uniqueness_threshold=uniqueness_threshold)
         self.__name__ = "op_reward"                               # TRL logs a reward function by its __name__

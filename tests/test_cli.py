@@ -2,7 +2,6 @@
 command line and survives SIGKILL at any moment, and nothing a run rewrites can be lost half-way."""
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import torch
 
 import eval_nli
 import opgrpo_min as om
-import reward
 from tools import convert_data, score_answers
 import plumbing
 from extras import resume

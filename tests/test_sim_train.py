@@ -8,6 +8,7 @@ import torch
 
 import reward
 import sim_train
+from extras.judge import judge_triplets
 from plumbing import Perspective, Situation
 
 
@@ -52,7 +53,7 @@ def test_judge_triplets_take_first_yes_as_positive_and_most_similar_no_as_negati
     def judge(pairs):                       # says Yes exactly to (explanation, its own paraphrase)
         asked.extend(pairs)
         return [pair in same for pair in pairs]
-    rows = sim_train.judge_triplets([s], minilm, judge, threshold=-1.0)  # -1: every pair is a candidate
+    rows = judge_triplets([s], minilm, judge, threshold=-1.0)  # -1: every pair is a candidate
     assert len(asked) == 3 * 5              # each explanation against the other 5 sentences of the pool
     assert [(r["anchor"], r["positive"]) for r in rows] == [HONESTY, COST, DEBT]
     E = reward.unit_embeddings(minilm, [t for pair in (HONESTY, COST, DEBT) for t in pair])
@@ -62,16 +63,16 @@ def test_judge_triplets_take_first_yes_as_positive_and_most_similar_no_as_negati
 
 
 def test_judge_triplets_ask_nothing_below_the_threshold(minilm):
-    rows = sim_train.judge_triplets([situation("s1", HONESTY, COST)], minilm, lambda p: 1 / 0, threshold=1.01)
+    rows = judge_triplets([situation("s1", HONESTY, COST)], minilm, lambda p: 1 / 0, threshold=1.01)
     assert rows == []
 
 
 def test_judge_margins_are_one_number_per_pair_and_do_not_depend_on_padding(tiny_policy):
     model, tok = tiny_policy
     pairs = [("a", "b"), (HONESTY[0], COST[1]), (DEBT[0], "a much longer sentence " * 8)]
-    from extras.local_judge import judge_margins
-    batched = judge_margins(model, tok, pairs, sim_train.JUDGE_QUESTION, batch_size=3)
-    alone = np.concatenate([judge_margins(model, tok, [p], sim_train.JUDGE_QUESTION, batch_size=1) for p in pairs])
+    from extras.judge import JUDGE_QUESTION, judge_margins
+    batched = judge_margins(model, tok, pairs, JUDGE_QUESTION, batch_size=3)
+    alone = np.concatenate([judge_margins(model, tok, [p], JUDGE_QUESTION, batch_size=1) for p in pairs])
     assert batched.shape == (3,) and np.isfinite(batched).all()
     np.testing.assert_allclose(batched, alone, atol=1e-4)
 
@@ -113,8 +114,8 @@ TRAPS = [
 
 
 def test_a_short_training_run_raises_triplet_accuracy_where_the_base_model_is_wrong(one_thread):
-    import reward
-    model = reward.load_embedder(device="cpu")
+    import plumbing
+    model = plumbing.load_embedder(device="cpu")
     rows = [dict(anchor=a, positive=p, negative=n) for a, p, n in TRAPS]
     before = sim_train.evaluate(model, [], rows)["triplet_accuracy"]
     losses = sim_train.train(model, rows, scale=20.0, batch_size=5, epochs=4, lr=3e-4, warmup=0.0)
@@ -127,7 +128,7 @@ def test_a_short_training_run_raises_triplet_accuracy_where_the_base_model_is_wr
 def test_no_duplicates_keeps_a_text_out_of_a_batch_that_already_holds_it(monkeypatch, one_thread, no_duplicates):
     """Each triplet's negative is the next triplet's anchor, as in mined data: a plain batch of all 6 holds 5 texts
     twice; with no_duplicates no batch holds any text twice."""
-    import reward
+    import plumbing
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     seen, forward = [], MultipleNegativesRankingLoss.forward
 
@@ -139,7 +140,7 @@ def test_no_duplicates_keeps_a_text_out_of_a_batch_that_already_holds_it(monkeyp
     words = "alpha beta gamma delta epsilon zeta eta".split()
     rows = [dict(anchor=f"the {words[k]} view", positive=f"a {words[k]} opinion", negative=f"the {words[k + 1]} view")
             for k in range(6)]
-    sim_train.train(reward.load_embedder(device="cpu"), rows, batch_size=6, epochs=1, no_duplicates=no_duplicates)
+    sim_train.train(plumbing.load_embedder(device="cpu"), rows, batch_size=6, epochs=1, no_duplicates=no_duplicates)
     repeats = sum(len(b) - len(set(b)) for b in seen)
     assert seen and ((repeats == 0) if no_duplicates else (len(seen) == 1 and repeats == 5))
 
@@ -184,7 +185,7 @@ def test_data_without_paraphrases_and_without_judge_says_how_to_get_triplets(tmp
 
 
 def test_the_cli_trains_on_no_held_out_situation_and_saves_a_model_reward_can_load(tmp_path, one_thread):
-    import reward
+    import plumbing
     items = [situation(f"s{k}", (a, p), (n, p + " Indeed.")) for k, (a, p, n) in enumerate(TRAPS * 2)]
     items = [type(s)(f"{s.id}-{k}", s.situation, s.perspectives) for k, s in enumerate(items)]
     write(tmp_path / "d.jsonl", items)
@@ -196,4 +197,4 @@ def test_the_cli_trains_on_no_held_out_situation_and_saves_a_model_reward_can_lo
     assert len(held) == 4 and held.isdisjoint(r["situation"] for r in rows if r["split"] == "train")
     assert result["n_train_triplets"] == 24 and result["before"]["eval"]["n_triplets"] == 8
     assert set(json.load(open(out / "sim_eval.json"))["after"]["eval"]) >= {"triplet_accuracy", "match_recall"}
-    assert reward.load_embedder(str(out)).encode(["x"]).shape == (1, 384)
+    assert plumbing.load_embedder(str(out)).encode(["x"]).shape == (1, 384)

@@ -41,7 +41,7 @@ def main(argv=None):
     plumbing.claim_out_dir(args.out)
     ss = [items[str(r["id"])] for r in rows]
     parts = reward.score_answers([r["answer"] for r in rows], [om.reference_answer(s) for s in ss],
-                                 reward.load_embedder(args.sim_model), situations=[s.situation for s in ss],
+                                 plumbing.load_embedder(args.sim_model), situations=[s.situation for s in ss],
                                  mask_keywords=args.mask_keywords)
     plumbing.write_text(os.path.join(args.out, "scores.jsonl"),
                        "".join(json.dumps(dict(id=r["id"], **vars(b))) + "\n" for r, b in zip(rows, parts)))
