@@ -329,9 +329,12 @@ def test_overwrite_moves_the_earlier_run_aside_and_keeps_it_whole(run_dir, tmp_p
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1]
 
 
-def test_the_table_covers_every_script_and_the_readme_states_its_size():
+def test_the_table_covers_every_script_and_the_docs_state_its_size():
+    from collections import Counter
     assert {s for s, _ in CASES} == set(SCRIPTS)
-    assert f"{len(CASES)} bad inputs" in open(os.path.join(REPO, "README.md")).read()
+    text = " ".join(open(os.path.join(REPO, "docs", "testing.md")).read().split())
+    assert f"{len(CASES)} bad inputs" in text
+    assert all(f"`{script}` {n}" in text for script, n in Counter(s for s, _ in CASES).items())
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
