@@ -71,7 +71,9 @@ def split_sentences(text):
 
 # ================================================================ NLI
 def entailment_index(config, name="the NLI model"):
-    """Index of the 'entailment' (or 'entail', any case) class in config.id2label: MNLI heads disagree on the order.
+    """The int index of the 'entailment' (or 'entail', any case, spaces around ignored) class in config.id2label
+    ({int or str index: label}): MNLI heads disagree on the order. None or more than one such label: a ValueError
+    that starts with `name`, shows the labels and says "no 'entailment' label" (or "more than one").
 
     >>> entailment_index(type("C", (), {"id2label": {0: "contradiction", 1: "entailment", 2: "neutral"}}))
     1
@@ -105,7 +107,8 @@ def load_nli(name, device="cpu", batch_size=32):
 
 
 def situation_score(P):
-    """mean over reference perspectives i of max over answer sentences j of P[i, j]; no sentence -> 0.
+    """The situation score, a float: the mean over reference perspectives i of the max over answer sentences j of
+    P[i, j] (P: [n_ref, n_sentences], a nested list or numpy array of probabilities); no sentence (or an empty P) -> 0.0.
 
     >>> situation_score(np.array([[0.9, 0.2], [0.1, 0.5]]))     # (0.9 + 0.5) / 2
     0.7
@@ -144,7 +147,8 @@ def embedding_coverage(texts, items, embedder, threshold=reward.COVERAGE_THRESHO
 
 
 def summarize(scores, threshold=ACCURACY_THRESHOLD):
-    """n, mean, sample std (ddof 1; NaN for one score), standard error std / sqrt(n), and Accuracy = share > 0.33.
+    """A dict of floats over the situation scores: n (an int), mean, std (the sample std, ddof 1; NaN for one
+    score), se = std / sqrt(n), and accuracy = the share of scores strictly above `threshold` (0.33).
 
     >>> summarize([0.33, 0.34, 0.2, 1.0])["accuracy"]              # 0.33 itself does not count
     0.5

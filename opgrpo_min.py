@@ -260,6 +260,8 @@ def rollout_rewards(embedder, cfg):
 
 def group_advantages(rewards, group_size, eps=1e-6):
     """A_i = (r_i - mean(r_g)) / (std(r_g) + eps) over each group g of G answers to one prompt.
+    Takes rewards: P*G floats (a list, numpy array or tensor), the G answers of prompt p at p*G .. p*G+G-1; returns
+    a float32 torch tensor [P*G] in the same order (the loop indexes it with torch index tensors).
     std is the population std (divide by G): it is defined for any G >= 2 and matches the recipe's
     numpy-style std; the sample std (G - 1) would only rescale all advantages of a group by a constant.
     A group whose answers all score the same has no signal and gets A = 0.
@@ -271,10 +273,13 @@ def group_advantages(rewards, group_size, eps=1e-6):
 
 def token_logprobs(model, input_ids, attention_mask, answer_len, temperature=1.0, micro_batch=8, vocab=None,
                    entropy=False):
-    """log pi(a_t | q, a_<t) of the answer tokens (the last `answer_len` columns), in float32,
-    at the sampling temperature. Full-vocabulary logits are computed only for answer positions
-    (logits_to_keep) and turned to float32 one row at a time, never for the whole batch.
-    entropy=True also returns H_t = -sum_v pi(v) log pi(v) of each position's distribution (a diagnostic, no grad)."""
+    """log pi(a_t | q, a_<t) of the answer tokens, the last `answer_len` = T columns of input_ids [B, L+T] (long;
+    left-padded prompts, attention_mask [B, L+T] 0 on the padding): a float32 tensor [B, T] that carries the gradient.
+    pi is softmax(logits / temperature) over the first `vocab` logits (None: all), the logits of token t taken at the
+    position before it; position ids count real tokens only (cumsum(attention_mask) - 1, at least 0), so left padding
+    changes nothing. Rows go through the model micro_batch at a time; full-vocabulary logits are computed only for
+    answer positions (logits_to_keep) and turned to float32 one row at a time, never for the whole batch.
+    entropy=True returns (logp, H), H [B, T] = -sum_v pi(v) log pi(v) of each position's distribution (no grad)."""
     pos = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens only
     rows, ents = [], []
     for i in range(0, input_ids.shape[0], micro_batch):

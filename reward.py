@@ -106,7 +106,8 @@ WORD = re.compile(r"\w+")
 
 
 def prompt_keywords(situation):
-    """The situation's words, lower-cased, stopwords aside (the authors took the whole prompt's, 'assistant' too).
+    """The set of the situation's words (WORD: runs of \\w), lower-cased, less STOPWORDS and any that are not
+    alphanumeric (an underscore), as the authors' code keeps them (their words came from the whole prompt).
 
     >>> sorted(prompt_keywords("Lying to my friend about her cooking"))
     ['cooking', 'friend', 'lying']
@@ -115,7 +116,9 @@ def prompt_keywords(situation):
 
 
 def mask_words(text, keywords):
-    """Every word of `text` in `keywords` (ignoring case) becomes [KW]; punctuation stays (the authors' code lost it).
+    """`text` with every word (WORD) whose lower-case form is in `keywords` (a set of lower-case words) replaced by
+    MASK_TOKEN '[KW]'; everything else, punctuation and spacing included, stays (the authors' code lost it). No
+    keywords: the text as it is.
 
     >>> mask_words("In the perspective of honesty, lying hurts.", {"lying"})
     'In the perspective of honesty, [KW] hurts.'
@@ -129,6 +132,10 @@ def greedy_matches(sim, threshold=COVERAGE_THRESHOLD):
     >= threshold and the maximum of its row and column, match it and remove row i and column j. The largest remaining
     cell always is the maximum of its row and column, so this is plain greedy matching: a reference whose best
     candidate went to another falls back on its next best. Ties go to the first cell in row-major order.
+    Takes sim [n_ref, n_cand]: a nested list, numpy array or torch tensor of any float dtype (bfloat16 and float16
+    tensors become float32; other inputs that are not float32 become float64), compared with the threshold in that
+    precision, so a float32 cosine of 0.7 counts as 0.7 at threshold 0.7. Returns a list of (i, j) pairs of Python
+    ints, in the order they were matched; an empty matrix gives []. A matrix that is not 2-D or holds NaN: ValueError.
 
     >>> greedy_matches([[0.9, 0.8], [0.95, 0.1]])    # both references prefer candidate 0
     [(1, 0), (0, 1)]
@@ -145,8 +152,8 @@ def greedy_matches(sim, threshold=COVERAGE_THRESHOLD):
 
 
 def ladder_bucket(rate):
-    """0 if rate == 0, else 1 + the number of edges (0.2, 0.4, 0.6, 0.8) that rate reaches; exact for rate = k / n,
-    as k / n and the literal 0.2 are both the double nearest to 1/5.
+    """The ladder's bucket, an int: 0 if rate <= 0, else 1 + the number of edges (0.2, 0.4, 0.6, 0.8) that rate
+    reaches (rate >= edge); exact for rate = k / n, as k / n and the literal 0.2 are both the double nearest to 1/5.
 
     >>> [ladder_bucket(k / 5) for k in range(6)]
     [0, 2, 3, 4, 5, 5]
@@ -155,7 +162,9 @@ def ladder_bucket(rate):
 
 
 def coverage_reward(sim, threshold=COVERAGE_THRESHOLD):
-    """R_cov = 0.3 x ladder_bucket(#matches / #references) from reference x candidate cosines -> (R_cov, rate, pairs).
+    """R_cov = 0.3 x ladder_bucket(#matches / #references) from reference x candidate cosines sim [n_ref, n_cand]
+    (as greedy_matches takes it) -> (R_cov float, rate float, pairs: greedy_matches' list). No reference or no
+    candidate: rate 0.0 and R_cov 0.0; a bad matrix: greedy_matches' ValueError.
 
     >>> coverage_reward([[0.9, 0.2], [0.3, 0.75], [0.1, 0.1]])[:2]   # 2 of 3 covered: bucket 4
     (1.2, 0.6666666666666666)
@@ -168,6 +177,8 @@ def coverage_reward(sim, threshold=COVERAGE_THRESHOLD):
 # ---------------------------------------------------------------- 2. uniqueness
 def redundant_flags(sim_cc, threshold=UNIQUENESS_THRESHOLD):
     """For each perspective i not yet flagged, flag every later j with cos(i, j) >= threshold; a flagged one flags none.
+    Takes sim_cc [n, n], the answer's perspectives against themselves (as greedy_matches takes a matrix, compared in
+    the same precision; not square: ValueError). Returns a numpy bool array [n]; n = 0 gives an empty one.
 
     >>> redundant_flags([[1, .8, .5], [.8, 1, .8], [.5, .8, 1]]).tolist()     # A~B, B~C, A and C apart
     [False, True, False]
@@ -181,7 +192,8 @@ def redundant_flags(sim_cc, threshold=UNIQUENESS_THRESHOLD):
 
 
 def uniqueness_bucket(u):
-    """u == 1 -> 1.0; u > 0.8 -> 0.75; u > 0.6 -> 0.4; else 0 (so exactly 0.8 -> 0.4, exactly 0.6 -> 0).
+    """The uniqueness step, a float: u == 1 -> 1.0; u > 0.8 -> 0.75; u > 0.6 -> 0.4; else 0.0 (so exactly 0.8 ->
+    0.4, exactly 0.6 -> 0.0).
 
     >>> [uniqueness_bucket(u) for u in (1, 5 / 6, 4 / 5, 3 / 4, 3 / 5)]
     [1.0, 0.75, 0.4, 0.4, 0.0]
@@ -190,8 +202,9 @@ def uniqueness_bucket(u):
 
 
 def uniqueness_reward(sim_cc, threshold=UNIQUENESS_THRESHOLD, min_perspectives=0):
-    """R_uniq = 0.3 x uniqueness_bucket(u), u = (n - #redundant) / n -> (R_uniq, u). One perspective has u = 1 as in
-    the paper, but R_uniq = 0 below min_perspectives; none has u = 0 (the authors' u = 1 paid an empty answer).
+    """R_uniq = 0.3 x uniqueness_bucket(u), u = (n - #redundant) / n, from sim_cc [n, n] (redundant_flags at
+    `threshold`) -> (R_uniq float, u float). One perspective has u = 1 as in the paper; no perspective has u = 0.0
+    (the authors' u = 1 paid an empty answer). With fewer than min_perspectives perspectives R_uniq is 0.0 (u as is).
 
     >>> uniqueness_reward([[1, .9], [.9, 1]])       # the second repeats the first: u = 1/2
     (0.0, 0.5)
@@ -210,12 +223,15 @@ TAGGED_ANSWER = re.compile(rf"\s*{CORE_BLOCK.pattern}\s*{SUMMARY_BLOCK.pattern}\
 
 
 def format_score(text):
-    """R_fmt = 0.1 x max(0, points - 0.5 x repeats + summary term), in [0, 0.2]. Segments: split_perspectives of the
-    first <core perspectives> block, else of the whole text (as the authors' format score); a segment carries a perspective if it contains 'In/From the perspective of X' (X runs to the first , . or newline).
+    """R_fmt = 0.1 x max(0, points - 0.5 x repeats + summary term), a float in [0, 0.2], of the answer `text`.
+    Segments: split_perspectives of the inside of the first <core perspectives> block (CORE_BLOCK), else of the whole
+    text (as the authors' format score). A segment carries a perspective if PERSPECTIVE_NAME finds 'In/From the
+    perspective of X' in it; X, stripped and lower-cased, is its name (X runs to the first , . or newline).
     points: 2 if >= 70 % of the segments carry one, 1 if >= 30 %, else 0 (no segments: 0).
     repeats: 1 per segment equal to an earlier one (ignoring case), 1 per name X equal to an earlier one.
     summary term, by the share f of the names (repeats included) found in the <summary> block (ignoring case):
-    f >= .75 -> 0, >= .5 -> -0.5, >= .25 -> -0.75, else -1; no names -> 0; names but no <summary> -> -1
+    f >= .75 -> 0, >= .5 -> -0.5, >= .25 -> -0.75, else -1; no names -> 0; names but no <summary> -> -1 (a name is
+    found if it is a substring of the lower-cased inside of the first <summary> block, SUMMARY_BLOCK)
     (the authors' code then searched the whole text, so an untagged answer escaped the term).
 
     >>> round(format_score("In the perspective of A, a.\\nIn the perspective of B, b.\\n<summary>A.</summary>"), 3)
@@ -233,7 +249,9 @@ def format_score(text):
 
 
 def tag_reward(text):
-    """R_tag = 0 if the answer is one non-empty <core perspectives> block, then one non-empty <summary>, else -0.2.
+    """R_tag, a float: 0.0 if the whole answer is one <core perspectives> block, then one <summary> block, with only
+    whitespace around and between them, tags in any case (and any whitespace inside 'core perspectives'), both
+    blocks holding more than whitespace and no other of these four tags anywhere; else TAG_PENALTY -0.2.
 
     >>> tag_reward("<core perspectives>x</core perspectives>\\n<summary>y</summary>"), tag_reward("x")
     (0.0, -0.2)

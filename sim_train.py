@@ -58,9 +58,11 @@ class Config:
 
 # ================================================================ data: triplets
 def mine_triplets(situations, model):
-    """Offline triplets, one per perspective i that has a paraphrase: anchor = explanation i (load_situations has
-    stripped 'In the perspective of X,'), positive = its paraphrase, negative = the explanation j != i of the same
-    situation with the largest cos(i, j) under `model`.
+    """Offline triplets, one per perspective i that has a paraphrase, in the order of situations and perspectives:
+    anchor = explanation i (the bare sentence, no 'In the perspective of X,'), positive = its paraphrase, negative =
+    the explanation j != i of the same situation with the largest cos(i, j) (ties: the first j). Cosines come from
+    reward.unit_embeddings(model, the explanations); a situation with one perspective gives none. Returns a list of
+    dicts {"situation": its id, "anchor", "positive", "negative"}.
     Example: explanations [a, b, c] with cos(a, c) > cos(a, b) give (a, paraphrase of a, c)."""
     vec = reward.unit_embeddings(model, [p.explanation for s in situations for p in s.perspectives])
     out = []
@@ -112,16 +114,21 @@ def evaluate(model, situations, triplets):
 
 
 # ================================================================ train
+def mnrl(model, scale):
+    """The Stage-1 loss, sentence-transformers' MultipleNegativesRankingLoss at `scale` (the paper: about 60-70)."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    return MultipleNegativesRankingLoss(model, scale=scale)
+
+
 def train(model, triplets, scale=64.0, batch_size=32, epochs=2, lr=2e-5, warmup=0.03, seed=0, no_duplicates=False):
     """MultipleNegativesRankingLoss through sentence-transformers' own trainer: for anchor a_k of a batch, softmax
     cross-entropy over scale x cos(a_k, d) for every positive and hard negative d of the batch, target its own
     positive. AdamW, linear warm-up then linear decay, grad clip 1.0. Returns the per-step losses.
     Our hard negatives are other triplets' anchors, so a plain batch can hold a text twice: anchor b then meets its
-    own text as a negative it can never beat. `no_duplicates` keeps such texts apart (see the README)."""
+    own text as a negative it can never beat. `no_duplicates` keeps such texts apart (docs/training.md)."""
     import tempfile
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     if len(triplets) < batch_size:
         raise ValueError(f"only {len(triplets)} training triplets, fewer than one batch of {batch_size}: add "
                          f"situations, lower --batch-size, or with --judge lower --judge-threshold")
@@ -133,7 +140,7 @@ def train(model, triplets, scale=64.0, batch_size=32, epochs=2, lr=2e-5, warmup=
             batch_sampler="no_duplicates" if no_duplicates else "batch_sampler", save_strategy="no",
             report_to="none", logging_steps=1, use_cpu=model.device.type == "cpu")
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
-                                             loss=MultipleNegativesRankingLoss(model, scale=scale))
+                                             loss=mnrl(model, scale))
         trainer.train()
     model.eval()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -1,33 +1,31 @@
-"""Assignments built on this project: blank the functions a student should write, then grade the student's copy.
+"""The teaching kit: blank the functions a student should write, then grade only what the student wrote.
 
-    python teach.py list                                                  # the assignable functions and their tests
+    python teach.py list                                                  # the assignable functions, points, tests
     python teach.py make --blank group_advantages,grpo_loss --out hw1     # a student copy with those bodies removed
+    python teach.py make --blank none --plant 17 --out hw2-17             # a full copy with student 17's planted bug
     python teach.py grade hw1                                             # points per function and a total
 
-make copies the project (the files git tracks or would track: scripts, tests/, data/, scale/, requirements,
-README; not runs/, .git or docs/, which is the teacher's: what students should observe, the bugs to plant). Each
-named function keeps its decorators, signature and docstring, worked example included; its body becomes
-`raise NotImplementedError`. Functions are found by name with `ast` in the core scripts,
-wherever they live today. make writes assignment.json into the copy: what was blanked, and a hash of every file
-under tests/ so that grade can tell when a test was edited.
+make copies the project (what git tracks or would track; not runs/, .git, nor the teacher's files of TEACHER_ONLY).
+Each named function keeps its decorators, signature and docstring, worked example and contract included; its body
+becomes `raise NotImplementedError`. A test that would show a blanked function's body (marked
+@pytest.mark.reveals("NAME")) is left out of the copy, and a link to a file the copy lacks becomes plain text.
+With --plant SEED the copy gets one of the bugs of docs/planted_bugs.json (chosen by SEED) among a seeded half of its
+decoys (rewrites that change nothing), and every file of the copy carries the same time: neither a diff of two
+copies nor `ls -lt` points at the bug.
 
-grade runs, in the copy, the tests that check each blanked function by hand-computed values (ASSIGNABLE below),
-all in one pytest run, and counts each function's cases. If that run hangs past --timeout or crashes, each function
-runs again on its own, so a student's endless loop costs only that function's points.
-
-Points rule: every blanked function is worth 10 points, shared equally by its test cases (a parametrised test counts
-once per case): points = 10 x passed / cases. A skipped case counts as not passed. A function whose test file does
-not import, or whose tests run longer than --timeout, scores 0.
-Some functions are graded through others (measured: blank one, run every test of the table): coverage_reward's
-tests also need greedy_matches and ladder_bucket, format_score's need split_perspectives, uniqueness_reward's need
-redundant_flags and uniqueness_bucket, and redundant_flags' call uniqueness_reward. Blank such functions together
-and the caller scores only once its callees work: set the callees first, or say so in the assignment.
+grade takes only the source of each assigned function from the copy and puts it into a fresh copy of this project
+(the teacher's), where the project's own tests run: nothing else of the student's files takes part (no conftest.py,
+pytest.ini, sitecustomize, edited test or module-level code). A function is worth its points in ASSIGNABLE, shared
+equally by its test cases: points x passed / cases. A function whose tests do not import or run past --timeout scores
+0, and is shown as such. Every failing check prints the rule it checks; --verbose prints pytest's whole report.
+Write everything a function needs inside it: the module's own imports are there, helpers written beside it are not.
 """
 import argparse
 import ast
-import hashlib
 import json
 import os
+import random
+import re
 import shutil
 import subprocess
 import sys
@@ -35,12 +33,13 @@ import tempfile
 import xml.etree.ElementTree as ET
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CORE = ("opgrpo_min.py", "reward.py", "eval_nli.py", "sim_train.py", "plumbing.py")  # where functions are looked up
-MANIFEST = "assignment.json"     # written by make into the student copy; grade reads it
-POINTS = 10                      # per blanked function
-TIMEOUT = 600                    # seconds a pytest run of grade may take (--timeout)
+CORE = ("opgrpo_min.py", "reward.py", "eval_nli.py", "sim_train.py", "extras/judge.py")  # where functions are
+MANIFEST = "assignment.json"     # written by make into the student copy: what was assigned, and its points
+TIMEOUT = 120                    # seconds the tests of one function may run (--timeout)
 TODO = "write this function (its docstring says what it must do)"   # the message of a blanked body
-TEACHER_ONLY = ("runs", "docs")  # top-level folders make leaves out: results, and what would give answers away
+TEACHER_ONLY = ("runs", "docs/assignments.md", "docs/measure_assignments.py", "docs/planted_bugs.json")
+BUGS = os.path.join(HERE, "docs", "planted_bugs.json")   # {"bugs": {name: [script, old, new]}, "decoys": [...]}
+FIXED_TIME = 1767225600          # 2026-01-01 00:00 UTC: the time every file of a planted copy carries
 
 
 def tests(file, *names):
@@ -48,63 +47,66 @@ def tests(file, *names):
 
 
 # ================================================================ what can be assigned, and what grades it
-# function -> the tests that check it by hand-computed values. They call pure functions or the tiny models of
-# tests/conftest.py; nothing trains. The comments name the paper's stage (README, "Paper to code").
+# function -> (points, the tests that check it by hand-computed values). They call pure functions or the tiny models
+# of tests/conftest.py; nothing trains. The comments name the paper's stage (docs/paper_to_code.md).
 ASSIGNABLE = {
     # GRPO (DeepSeekMath eq. 3-4): opgrpo_min.py
-    "group_advantages": tests("test_opgrpo_min.py", "test_group_advantages_hand_example",
-                              "test_group_advantages_are_per_group_and_zero_without_spread"),
-    "token_logprobs": tests("test_opgrpo_min.py",
-                            "test_token_logprobs_match_a_plain_forward_and_ignore_left_padding"),
-    "grpo_loss": tests("test_opgrpo_min.py", "test_grpo_loss_clip_cases_by_hand",
-                       "test_dual_clip_off_leaves_the_ppo_loss",
-                       "test_k3_kl_is_zero_at_the_reference_and_matches_its_formula",
-                       "test_loss_is_a_token_mean_and_ignores_masked_tokens"),
+    "group_advantages": (10, tests("test_opgrpo_min.py", "test_group_advantages_hand_example",
+                                   "test_group_advantages_are_per_group_and_zero_without_spread")),
+    "token_logprobs": (15, tests("test_opgrpo_min.py",
+                                 "test_token_logprobs_match_a_plain_forward_and_ignore_left_padding")),
+    "grpo_loss": (20, tests("test_opgrpo_min.py", "test_grpo_loss_clip_cases_by_hand",
+                            "test_dual_clip_off_leaves_the_ppo_loss",
+                            "test_k3_kl_is_zero_at_the_reference_and_matches_its_formula",
+                            "test_loss_is_a_token_mean_and_ignores_masked_tokens")),
     # Stage 2, the reward: reward.py
-    "split_perspectives": tests("test_reward.py", "test_split_cuts_before_each_opener_that_starts_the_text_or_a_line",
-                                "test_split_ignores_indented_openers_and_openers_inside_a_line"),
-    "greedy_matches": tests("test_reward.py", "test_coverage_threshold_is_inclusive_also_in_float32_and_torch",
-                            "test_coverage_non_mutual_maximum_falls_back_to_the_next_best_candidate",
-                            "test_coverage_ties_go_to_the_lowest_reference_then_the_lowest_candidate"),
-    "ladder_bucket": tests("test_reward.py", "test_coverage_bucket_edges_are_half_open",
-                           "test_coverage_bucket_is_exact_for_every_fraction_matches_over_references"),
-    "coverage_reward": tests("test_reward.py", "test_coverage_reward_of_k_matches_out_of_five_references",
-                             "test_coverage_bucket_one_needs_a_rate_below_one_fifth",
-                             "test_coverage_matching_is_one_to_one", "test_coverage_of_an_empty_answer_is_zero",
-                             "test_coverage_rejects_bad_matrices_clearly"),
-    "redundant_flags": tests("test_reward.py", "test_a_flagged_perspective_flags_nobody",
-                             "test_uniqueness_threshold_is_inclusive"),
-    "uniqueness_bucket": tests("test_reward.py", "test_uniqueness_bucket_edges_are_open_below"),
-    "uniqueness_reward": tests("test_reward.py", "test_uniqueness_reward_buckets",
-                               "test_one_perspective_gets_full_uniqueness_unless_min_perspectives_asks_for_more",
-                               "test_uniqueness_of_no_perspectives_is_zero"),
-    "format_score": tests("test_reward.py",
-                          "test_format_full_marks_for_perspective_lines_and_a_summary_naming_them",
-                          "test_format_summary_term_by_share_of_names",
-                          "test_format_names_without_a_summary_cost_the_full_summary_term",
-                          "test_format_segment_share_edges_are_inclusive",
-                          "test_format_duplicate_sentences_and_names_cost_half_a_point_each",
-                          "test_format_of_prose_and_of_an_empty_answer_is_zero"),
-    "tag_reward": tests("test_reward.py", "test_tag_accepts_exactly_one_core_block_then_one_summary",
-                        "test_tag_penalises_everything_else"),
-    "prompt_keywords": tests("test_reward.py", "test_prompt_keywords_are_the_situations_content_words"),
-    "mask_words": tests("test_reward.py",
-                        "test_mask_words_replaces_keywords_whatever_their_case_and_keeps_punctuation"),
-    # Stage 1, the similarity estimator's triplets: sim_train.py (the real MiniLM embeds, a fake judge answers)
-    "mine_triplets": tests("test_sim_train.py",
-                           "test_mine_triplets_pairs_each_explanation_with_its_paraphrase_and_most_similar_sibling",
-                           "test_mine_triplets_skips_perspectives_without_paraphrase_or_sibling"),
-    "judge_triplets": tests("test_sim_train.py",
-                            "test_judge_triplets_take_first_yes_as_positive_and_most_similar_no_as_negative",
-                            "test_judge_triplets_ask_nothing_below_the_threshold"),
+    "split_perspectives": (5, tests("test_reward.py", "test_split_cuts_before_each_opener_that_starts_the_text_or_a_line",
+                                    "test_split_ignores_indented_openers_and_openers_inside_a_line")),
+    "greedy_matches": (10, tests("test_reward.py", "test_coverage_threshold_is_inclusive_also_in_float32_and_torch",
+                                 "test_coverage_non_mutual_maximum_falls_back_to_the_next_best_candidate",
+                                 "test_coverage_ties_go_to_the_lowest_reference_then_the_lowest_candidate",
+                                 "test_coverage_matching_is_one_to_one")),
+    "ladder_bucket": (5, tests("test_reward.py", "test_coverage_bucket_edges_are_half_open",
+                               "test_coverage_bucket_is_exact_for_every_fraction_matches_over_references")),
+    "coverage_reward": (5, tests("test_reward.py", "test_coverage_reward_of_k_matches_out_of_five_references",
+                                 "test_coverage_bucket_one_needs_a_rate_below_one_fifth",
+                                 "test_coverage_of_an_empty_answer_is_zero",
+                                 "test_coverage_rejects_bad_matrices_clearly")),
+    "redundant_flags": (10, tests("test_reward.py", "test_a_flagged_perspective_flags_nobody",
+                                  "test_uniqueness_threshold_is_inclusive")),
+    "uniqueness_bucket": (5, tests("test_reward.py", "test_uniqueness_bucket_edges_are_open_below")),
+    "uniqueness_reward": (5, tests("test_reward.py", "test_uniqueness_reward_buckets",
+                                   "test_one_perspective_gets_full_uniqueness_unless_min_perspectives_asks_for_more",
+                                   "test_uniqueness_of_no_perspectives_is_zero")),
+    "format_score": (10, tests("test_reward.py",
+                               "test_format_full_marks_for_perspective_lines_and_a_summary_naming_them",
+                               "test_format_summary_term_by_share_of_names",
+                               "test_format_names_without_a_summary_cost_the_full_summary_term",
+                               "test_format_segment_share_edges_are_inclusive",
+                               "test_format_duplicate_sentences_and_names_cost_half_a_point_each",
+                               "test_format_of_prose_and_of_an_empty_answer_is_zero")),
+    "tag_reward": (5, tests("test_reward.py", "test_tag_accepts_exactly_one_core_block_then_one_summary",
+                            "test_tag_penalises_everything_else")),
+    "prompt_keywords": (5, tests("test_reward.py", "test_prompt_keywords_are_the_situations_content_words",
+                                 "test_stopwords_are_nltks_english_list")),
+    "mask_words": (5, tests("test_reward.py",
+                            "test_mask_words_replaces_keywords_whatever_their_case_and_keeps_punctuation")),
+    # Stage 1, the similarity estimator's triplets: sim_train.py and extras/judge.py (a fake judge answers)
+    "mine_triplets": (10, tests("test_sim_train.py",
+                                "test_mine_triplets_pairs_each_explanation_with_its_paraphrase_and_most_similar_sibling",
+                                "test_mine_triplets_skips_perspectives_without_paraphrase_or_sibling")),
+    "judge_triplets": (10, tests("test_sim_train.py",
+                                 "test_judge_triplets_take_first_yes_as_positive_and_most_similar_no_as_negative",
+                                 "test_judge_triplets_ask_nothing_below_the_threshold")),
     # Evaluation (Modular Pluralism's NLI score): eval_nli.py
-    "situation_score": tests("test_eval_nli.py",
-                             "test_situation_score_is_the_mean_over_perspectives_of_the_max_over_sentences",
-                             "test_an_empty_answer_scores_zero_and_sends_no_pair_to_the_nli_model"),
-    "summarize": tests("test_eval_nli.py",
-                       "test_summary_uses_the_sample_std_and_accuracy_counts_scores_strictly_above_0_33"),
-    "entailment_index": tests("test_eval_nli.py", "test_entailment_index_is_read_from_id2label_in_any_order_and_case",
-                              "test_nli_model_without_an_entailment_label_is_a_clear_error"),
+    "situation_score": (5, tests("test_eval_nli.py",
+                                 "test_situation_score_is_the_mean_over_perspectives_of_the_max_over_sentences",
+                                 "test_an_empty_answer_scores_zero_and_sends_no_pair_to_the_nli_model")),
+    "summarize": (5, tests("test_eval_nli.py",
+                           "test_summary_uses_the_sample_std_and_accuracy_counts_scores_strictly_above_0_33")),
+    "entailment_index": (5, tests("test_eval_nli.py",
+                                  "test_entailment_index_is_read_from_id2label_in_any_order_and_case",
+                                  "test_nli_model_without_an_entailment_label_is_a_clear_error")),
 }
 
 
@@ -112,7 +114,7 @@ class TeachError(ValueError):
     """Bad input to make or grade: main prints it as one line."""
 
 
-# ================================================================ make: find, blank, copy
+# ================================================================ finding and replacing functions
 def read(path):
     with open(path, encoding="utf-8") as f:
         return f.read()
@@ -132,6 +134,12 @@ def find_functions(root, names):
             where = " and ".join(found) if found else "none of " + ", ".join(CORE)
             raise TeachError(f"{name} must be defined once at the top level of a core script; it is in {where}")
     return {name: found[0] for name, found in places.items()}
+
+
+def spans(source, names, kind=ast.FunctionDef):
+    """{name: (first line, last line)} (1-based, decorators included) of the top-level defs of `names`."""
+    return {node.name: (min([d.lineno for d in node.decorator_list] + [node.lineno]), node.end_lineno)
+            for node in ast.parse(source).body if isinstance(node, kind) and node.name in names}
 
 
 def indent(line):
@@ -171,11 +179,47 @@ def blank_source(source, names):
     return "".join(lines)
 
 
+def replace_functions(source, new):
+    """`source` with each top-level function named in `new` ({name: its whole source}) put in its place."""
+    lines = source.splitlines(keepends=True)
+    for name, (first, last) in sorted(spans(source, new).items(), key=lambda kv: -kv[1][0]):
+        lines[first - 1:last] = [new[name].rstrip("\n") + "\n"]
+    return "".join(lines)
+
+
+def without_revealing_tests(source, blanked):
+    """A test file without the tests marked @pytest.mark.reveals(NAME) for a blanked NAME: they spell out its body."""
+    cut = []
+    for node in ast.parse(source).body:
+        marks = [d for d in getattr(node, "decorator_list", []) if isinstance(d, ast.Call)
+                 and ast.unparse(d.func).endswith("mark.reveals")]
+        if any(isinstance(a, ast.Constant) and a.value in blanked for m in marks for a in m.args):
+            cut.append((min(d.lineno for d in node.decorator_list), node.end_lineno))
+    lines = source.splitlines(keepends=True)
+    for first, last in sorted(cut, reverse=True):
+        lines[first - 1:last] = []
+    return "".join(lines)
+
+
+LINK = re.compile(r"\[([^\]]+)\]\(([^)#\s]+)(#[^)]*)?\)")
+
+
+def without_broken_links(text, here, copy):
+    """Markdown whose relative links to files the copy lacks become their plain text (the teacher's docs)."""
+    def fix(m):
+        target = m.group(2)
+        if re.match(r"[a-z]+:", target) or os.path.exists(os.path.join(copy, here, target)):
+            return m.group(0)
+        return m.group(1)
+    return LINK.sub(fix, text)
+
+
+# ================================================================ make
 def copied(rel):
     """Whether make copies the file at `rel` (relative to the project)."""
     parts = rel.split(os.sep)
-    return parts[0] not in TEACHER_ONLY and not {".git", "__pycache__", ".pytest_cache"} & set(parts) \
-        and not rel.endswith(".pyc")
+    return not (rel.startswith(TEACHER_ONLY) or {".git", "__pycache__", ".pytest_cache"} & set(parts)
+                or rel.endswith(".pyc"))
 
 
 def project_files(root):
@@ -192,24 +236,19 @@ def project_files(root):
     if files is None:
         files = []
         for here, dirs, names in os.walk(root):
-            dirs[:] = [d for d in dirs if copied(os.path.relpath(os.path.join(here, d), root))]   # never enter runs/
+            dirs[:] = [d for d in dirs if copied(os.path.relpath(os.path.join(here, d), root) + os.sep)]
             files += [os.path.relpath(os.path.join(here, n), root) for n in names]
     files = [f for f in files if f and copied(f) and os.path.isfile(os.path.join(root, f))]
     copies = [os.path.dirname(f) + os.sep for f in files if os.path.basename(f) == MANIFEST and os.sep in f]
     return sorted(f for f in files if not f.startswith(tuple(copies)))   # nor student copies made inside root
 
 
-def file_hash(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def parse_names(text):
-    """--blank's value: 'a, b' -> ['a', 'b']; 'all' -> every assignable function."""
+    """--blank's value: 'a, b' -> ['a', 'b']; 'all' -> every assignable function; 'none' -> []."""
     names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     if not names:
-        raise TeachError(f"--blank {text!r} names no function; give names separated by commas, or 'all'")
-    return list(ASSIGNABLE) if names == ["all"] else names
+        raise TeachError(f"--blank {text!r} names no function; give names separated by commas, 'all' or 'none'")
+    return list(ASSIGNABLE) if names == ["all"] else [] if names == ["none"] else names
 
 
 def check_names(names):
@@ -220,10 +259,29 @@ def check_names(names):
                          f"{', '.join(ASSIGNABLE)} (python teach.py list)")
 
 
-def make(names, out, root=HERE):
+def planted(texts, seed, root=HERE):
+    """The scripts in `texts` ({script: source}) with the bug that `seed` picks from docs/planted_bugs.json, among a
+    seeded half of its decoys. Returns (the bug's name, the new texts)."""
+    path = os.path.join(root, "docs", "planted_bugs.json")
+    if not os.path.isfile(path):
+        raise TeachError(f"--plant needs the teacher's bug list {path}; it is not in a student copy")
+    table = json.loads(read(path))
+    names = sorted(table["bugs"])
+    bug = names[seed % len(names)]
+    rng = random.Random(seed)
+    edits = [table["bugs"][bug]] + [d for d in table["decoys"] if rng.random() < 0.5]
+    for script, old, new in edits:
+        text = texts.setdefault(script, read(os.path.join(root, script)))
+        if text.count(old) != 1:
+            raise TeachError(f"{path}: {old!r} is not in {script} exactly once; update the bug list")
+        texts[script] = text.replace(old, new)
+    return bug, texts
+
+
+def make(names, out, root=HERE, plant=None):
     """Write a student copy of the project under root to `out` (new, or an empty directory) with the named functions
-    blanked (none: a plain copy), plus its manifest. Everything is checked before anything is written; the copy
-    appears whole or not at all. Returns the manifest."""
+    blanked (none: a plain copy) and, with `plant`, a planted bug. Everything is checked before anything is written;
+    the copy appears whole or not at all. Returns the manifest."""
     check_names(names)
     out = os.path.abspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -231,9 +289,12 @@ def make(names, out, root=HERE):
     if os.path.isdir(out) and os.listdir(out):
         raise TeachError(f"--out {out}: the directory is not empty; give a new directory, so no work is overwritten")
     where = find_functions(root, names)
-    blanked = {script: blank_source(read(os.path.join(root, script)), [n for n in names if where[n] == script])
-               for script in sorted(set(where.values()))}
-    for script, text in blanked.items():                            # a blanked file that does not parse: our bug
+    texts = {script: blank_source(read(os.path.join(root, script)), [n for n in names if where[n] == script])
+             for script in sorted(set(where.values()))}
+    bug = None
+    if plant is not None:
+        bug, texts = planted(texts, plant, root)
+    for script, text in texts.items():                              # a copy that does not parse: our bug
         compile(text, os.path.join(out, script), "exec")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -242,47 +303,66 @@ def make(names, out, root=HERE):
         for rel in project_files(root):
             os.makedirs(os.path.join(tmp, os.path.dirname(rel)), exist_ok=True)
             shutil.copy2(os.path.join(root, rel), os.path.join(tmp, rel))
-        for script, text in blanked.items():
-            with open(os.path.join(tmp, script), "w", encoding="utf-8") as f:
+            if rel.startswith("tests" + os.sep) and rel.endswith(".py"):
+                texts[rel] = without_revealing_tests(read(os.path.join(root, rel)), names)
+        for rel, text in texts.items():
+            with open(os.path.join(tmp, rel), "w", encoding="utf-8") as f:
                 f.write(text)
-        test_files = sorted(os.path.relpath(os.path.join(here, n), tmp)
-                            for here, _, ns in os.walk(os.path.join(tmp, "tests")) for n in ns if n.endswith(".py"))
-        manifest = dict(blanked={n: where[n] for n in names}, points_per_function=POINTS,
-                        tests={rel: file_hash(os.path.join(tmp, rel)) for rel in test_files})
+        for rel in [f for f in project_files(root) if f.endswith(".md")]:
+            with open(os.path.join(tmp, rel), "w", encoding="utf-8") as f:
+                f.write(without_broken_links(read(os.path.join(root, rel)), os.path.dirname(rel), tmp))
+        manifest = dict(blanked={n: where[n] for n in names}, points={n: ASSIGNABLE[n][0] for n in names})
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
+        if plant is not None:                                       # every file the same time: ls -lt tells nothing
+            for here, dirs, files in os.walk(tmp):
+                for name in dirs + files:
+                    os.utime(os.path.join(here, name), (FIXED_TIME, FIXED_TIME))
         if os.path.isdir(out):
             os.rmdir(out)                                           # empty, checked above
         os.rename(tmp, out)
+        if plant is not None:
+            os.utime(out, (FIXED_TIME, FIXED_TIME))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
+    return dict(manifest, bug=bug)
 
 
 # ================================================================ grade
 def read_manifest(copy):
-    """The manifest of a student copy, after checking that its tests are the ones make copied."""
+    """{function: script} that was assigned in a student copy."""
     path = os.path.join(copy, MANIFEST)
     if not os.path.isdir(copy):
         raise TeachError(f"{copy}: no such directory")
     if not os.path.isfile(path):
         raise TeachError(f"{copy}: no {MANIFEST}, so this is no student copy; make one with "
-                         f"python teach.py make --blank NAMES --out DIR")
+                         f"python teach.py make --blank NAMES --out DIR (or name the functions with --blank)")
     try:
-        manifest = json.loads(read(path))
-        blanked, hashes = dict(manifest["blanked"]), dict(manifest["tests"])
+        blanked = dict(json.loads(read(path))["blanked"])
     except (ValueError, KeyError, TypeError) as e:
         raise TeachError(f"{path}: not a manifest written by teach.py make ({type(e).__name__}: {e})") from None
-    unknown = [n for n in blanked if n not in ASSIGNABLE]
-    if unknown:
-        raise TeachError(f"{path}: {', '.join(unknown)} is not assignable in this teach.py; grade with the "
-                         f"teach.py that made the copy")
-    for rel, digest in hashes.items():
-        if not os.path.isfile(os.path.join(copy, rel)) or file_hash(os.path.join(copy, rel)) != digest:
-            raise TeachError(f"{os.path.join(copy, rel)} is missing or was edited after the copy was made; grading "
-                             f"needs the tests as they were (restore the file)")
-    return manifest
+    check_names(blanked)
+    return blanked
+
+
+def students_functions(copy, where):
+    """({name: its source in the student's copy}, {name: why it cannot be taken}) for `where` ({name: script}).
+    Only the def itself is taken: decorators, signature, docstring and body."""
+    found, broken = {}, {}
+    for name in where:
+        path = os.path.join(copy, where[name])
+        try:
+            source = read(path)
+            first, last = spans(source, [name]).get(name, (None, None))
+        except (OSError, SyntaxError, ValueError) as e:
+            broken[name] = f"{where[name]} does not parse: {type(e).__name__}: {e}"
+            continue
+        if first is None:
+            broken[name] = f"no top-level def {name} in {where[name]}"
+        else:
+            found[name] = "".join(source.splitlines(keepends=True)[first - 1:last])
+    return found, broken
 
 
 def case_id(case):
@@ -290,25 +370,26 @@ def case_id(case):
     return case.get("classname").replace(".", "/") + ".py::" + case.get("name")
 
 
-def run_pytest(copy, ids, timeout):
-    """One pytest run of `ids` in `copy`: (outcomes, broken, trouble). outcomes: {case: '' if it passed, else the
-    first line of why}; broken: {test file: why it does not import}; trouble: why the run gave no result (it ran
-    past `timeout` seconds or crashed), else ''."""
+def run_pytest(project, ids, timeout):
+    """One pytest run of `ids` in `project`, ignoring any ini file around it: (outcomes, broken, trouble, report).
+    outcomes: {case: '' if it passed, else the first line of its failure}; broken: {test file: why it does not
+    import}; trouble: why the run gave no result (past `timeout` seconds, or crashed), else ''; report: its text."""
     with tempfile.TemporaryDirectory() as tmp:
-        report = os.path.join(tmp, "report.xml")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
-               f"--junitxml={report}", *dict.fromkeys(ids)]
+        xml = os.path.join(tmp, "report.xml")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", os.devnull, "--rootdir",
+               project, "--continue-on-collection-errors", f"--junitxml={xml}", *dict.fromkeys(ids)]
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTEST_ADDOPTS")}
         try:
-            proc = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=project, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
-            return {}, {}, f"its tests ran past --timeout {timeout:g} s (an endless loop?)"
-        if proc.returncode < 0 or not os.path.isfile(report):
-            return {}, {}, f"pytest crashed (exit status {proc.returncode})"
-        cases = list(ET.parse(report).getroot().iter("testcase"))
+            return {}, {}, f"timeout: its tests ran past --timeout {timeout:g} s (an endless loop?)", ""
+        if proc.returncode < 0 or not os.path.isfile(xml):
+            return {}, {}, f"pytest crashed (exit status {proc.returncode})", proc.stdout + proc.stderr
+        cases = list(ET.parse(xml).getroot().iter("testcase"))
     outcomes, broken = {}, {}
     for case in cases:
         bad = [e for e in case if e.tag in ("failure", "error", "skipped")]
-        why = ((bad[0].get("message") or "").strip().splitlines() or [bad[0].tag])[0][:160] if bad else ""
+        why = ((bad[0].get("message") or "").strip().splitlines() or [bad[0].tag])[0] if bad else ""
         if case.get("classname"):
             outcomes[case_id(case)] = outcomes.get(case_id(case)) or why     # a teardown error fails a passed case
         else:                                                       # pytest's record of a module that did not import
@@ -316,13 +397,13 @@ def run_pytest(copy, ids, timeout):
             broken[case.get("name").replace(".", "/") + ".py"] = said[-1] if said else "see pytest's output"
     if not outcomes and not broken:                                 # a test id that is not there: the table is stale
         said = (proc.stdout + proc.stderr).strip().splitlines()
-        raise TeachError(f"pytest ran none of {' '.join(ids)} in {copy}: {said[-1] if said else proc.returncode}")
-    return outcomes, broken, ""
+        raise TeachError(f"pytest ran none of {' '.join(ids)}: {said[-1] if said else proc.returncode}")
+    return outcomes, broken, "", proc.stdout + proc.stderr
 
 
-def score(name, script, outcomes, broken, trouble):
-    """One function's row from a pytest run: dict(function, script, cases, passed, points, failed, note)."""
-    ids = ASSIGNABLE[name]
+def score(name, script, outcomes, broken, trouble, report=""):
+    """One function's row: dict(function, script, of, cases, passed, points, failed, note, report)."""
+    of, ids = ASSIGNABLE[name]
     files = sorted({i.split("::")[0] for i in ids} & set(broken))
     mine = {case: why for case, why in outcomes.items() if case.split("[")[0] in ids}
     if trouble or files:                                            # the tests never ran: no case to count
@@ -330,46 +411,75 @@ def score(name, script, outcomes, broken, trouble):
         trouble = trouble or "; ".join(f"{f} does not import: {broken[f]}" for f in files)
     failed = [(case, why) for case, why in mine.items() if why]
     passed = len(mine) - len(failed)
-    return dict(function=name, script=script, cases=len(mine), passed=passed, failed=failed, note=trouble,
-                points=round(POINTS * passed / len(mine), 1) if mine else 0.0)
+    return dict(function=name, script=script, of=of, cases=len(mine), passed=passed, failed=failed, note=trouble,
+                points=round(of * passed / len(mine), 1) if mine else 0.0, report=report)
 
 
-def grade(copy, timeout=TIMEOUT, log=None):
-    """Grade a student copy: one row per blanked function (see score), in the manifest's order. The tests of all
-    blanked functions run in one pytest run (the tiny models and MiniLM load once); if that run gives no result
-    (an endless loop, a crash), each function runs on its own, so only the function at fault scores 0."""
+def grade(copy, timeout=TIMEOUT, names=None, log=None, root=HERE, alone=False):
+    """Grade the functions `names` (default: those the copy's manifest lists) of a student copy: each student's def
+    goes into a fresh copy of the project under root, whose own tests then run. One pytest run for all (the tiny
+    models load once); if it gives no result, or `alone`, each function runs on its own, so only the one at fault
+    scores 0 (and each row's report is its own)."""
     copy = os.path.abspath(copy)
-    blanked = read_manifest(copy)["blanked"]
-    joint = run_pytest(copy, [i for name in blanked for i in ASSIGNABLE[name]], timeout)
-    rows = []
-    for name, script in blanked.items():
-        result = run_pytest(copy, ASSIGNABLE[name], timeout) if joint[2] else joint
-        rows.append(score(name, script, *result))
-        if log:
-            log(rows[-1])
+    names = list(read_manifest(copy)) if names is None else names
+    check_names(names)
+    where = find_functions(root, names)
+    found, broken = students_functions(copy, where)
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = os.path.join(tmp, "project")
+        for rel in project_files(root):
+            os.makedirs(os.path.join(fresh, os.path.dirname(rel)), exist_ok=True)
+            shutil.copy2(os.path.join(root, rel), os.path.join(fresh, rel))
+        for script in set(where.values()):      # the assigned functions as the student wrote them, the rest ours
+            mine = {n: found[n] for n in found if where[n] == script}
+            blank = [n for n in broken if where[n] == script]
+            text = blank_source(read(os.path.join(root, script)), blank)
+            with open(os.path.join(fresh, script), "w", encoding="utf-8") as f:
+                f.write(replace_functions(text, mine))
+        ids = [i for n in names for i in ASSIGNABLE[n][1]]
+        joint = ({}, {}, "each alone", "") if alone else run_pytest(fresh, ids, timeout * len(names))
+        rows = []
+        for name in names:
+            if name in broken:
+                row = score(name, where[name], {}, {}, broken[name])
+            else:
+                row = score(name, where[name], *(run_pytest(fresh, ASSIGNABLE[name][1], timeout) if joint[2]
+                                                 else joint))
+            rows.append(row)
+            if log:
+                log(row)
     return rows
 
 
-def print_row(name, script, passed, cases, points, of):
-    print(f"{name:<20} {script:<14} {f'{passed}/{cases}' if cases else '-':>7} {points:>7.1f} / {of}", flush=True)
-
-
 # ================================================================ command line
+def print_row(r):
+    done = "timeout" if r["note"].startswith("timeout") else f"{r['passed']}/{r['cases']}" if r["cases"] else "-"
+    print(f"{r['function']:<20} {r['script']:<16} {done:>8} {r['points']:>7.1f} / {r['of']}", flush=True)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="teach.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Points: 10 per blanked function, times the share of its test cases passed.")
+                                epilog="Points: each function's points (teach.py list), times the share of its test "
+                                       "cases passed.")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="the assignable functions, where they are and the tests that grade them")
-    m = sub.add_parser("make", help="write a student copy with some functions blanked")
-    m.add_argument("--blank", required=True, help="functions to blank, separated by commas, or 'all' "
+    sub.add_parser("list", help="the assignable functions, where they are, their points and the tests that grade them")
+    m = sub.add_parser("make", help="write a student copy with some functions blanked (and a bug planted)",
+                       description="Write a student copy of the project: the named functions keep signature and "
+                                   "docstring, their bodies raise NotImplementedError; with --plant SEED, one of the "
+                                   "planted bugs (chosen by SEED) hides among rewrites that change nothing.")
+    m.add_argument("--blank", required=True, help="functions to blank, separated by commas, 'all', or 'none' "
                                                   "(python teach.py list shows them)")
+    m.add_argument("--plant", type=int, metavar="SEED", help="plant the bug SEED picks (e.g. a student number)")
     m.add_argument("--out", required=True, help="a new (or empty) directory for the student copy")
-    g = sub.add_parser("grade", help="run each blanked function's tests in a student copy; points and a total")
+    g = sub.add_parser("grade", help="grade a student copy: its assigned functions in a fresh copy of the project",
+                       description="Take the assigned functions from a student copy, put them into a fresh copy of "
+                                   "this project, run this project's tests there, and print points per function.")
     g.add_argument("dir", help="a student copy written by teach.py make")
+    g.add_argument("--blank", help="the functions to grade (default: those the copy's assignment.json lists)")
     g.add_argument("--timeout", type=float, default=TIMEOUT,
-                   help=f"seconds the tests may run (default {TIMEOUT}); past it, each function runs on its own "
-                        f"with the same limit and one that runs past it again scores 0")
+                   help=f"seconds the tests of one function may run (default {TIMEOUT}); past it, it scores 0")
+    g.add_argument("--verbose", action="store_true", help="also print pytest's whole report of each failing function")
     return p.parse_args(argv)
 
 
@@ -378,28 +488,31 @@ def main(argv=None):
     try:
         if args.command == "list":
             where = find_functions(HERE, ASSIGNABLE)
-            for name, ids in ASSIGNABLE.items():
-                print(f"{name:<20} {where[name]:<14} {'  '.join(ids)}")
+            for name, (points, ids) in ASSIGNABLE.items():
+                print(f"{name:<20} {where[name]:<16} {points:>3} points  {'  '.join(ids)}")
         elif args.command == "make":
-            manifest = make(parse_names(args.blank), args.out)
+            manifest = make(parse_names(args.blank), args.out, plant=args.plant)
             print(f"wrote {args.out}: {len(manifest['blanked'])} function(s) blanked "
-                  f"({', '.join(manifest['blanked'])}); grade with python teach.py grade {args.out}")
+                  f"({', '.join(manifest['blanked']) or 'none'}); grade with python teach.py grade {args.out}")
+            if manifest["bug"]:
+                print(f"planted for seed {args.plant}: {manifest['bug']} (teacher only: the copy does not say)")
         else:
             if not args.timeout > 0:
                 raise TeachError(f"--timeout {args.timeout:g}: must be > 0 seconds")
-            read_manifest(args.dir)                                 # a bad DIR fails before the table starts
-            print(f"{'function':<20} {'in':<14} {'passed':>7} {'points':>7}")
-            rows = grade(args.dir, args.timeout, log=lambda r: print_row(r["function"], r["script"], r["passed"],
-                                                                         r["cases"], r["points"], POINTS))
-            print_row("total", "", sum(r["passed"] for r in rows), sum(r["cases"] for r in rows),
-                      sum(r["points"] for r in rows), POINTS * len(rows))
+            names = parse_names(args.blank) if args.blank else list(read_manifest(args.dir))
+            if not os.path.isdir(args.dir):
+                raise TeachError(f"{args.dir}: no such directory")
+            print(f"{'function':<20} {'in':<16} {'passed':>8} {'points':>7}")
+            rows = grade(args.dir, args.timeout, names, log=print_row, alone=args.verbose)
+            print(f"{'total':<20} {'':<16} {sum(r['passed'] for r in rows):>8} "
+                  f"{sum(r['points'] for r in rows):>7.1f} / {sum(r['of'] for r in rows)}")
             for r in rows:
                 if r["note"]:
                     print(f"{r['function']}: {r['note']}")
-                for case, message in r["failed"][:3]:
-                    print(f"{r['function']}: failed {case}: {message}")
-                if len(r["failed"]) > 3:
-                    print(f"{r['function']}: ... and {len(r['failed']) - 3} more failed")
+                for case, message in r["failed"]:
+                    print(f"{r['function']}: failed {case.split('::')[1]}: {message}")
+                if args.verbose and (r["failed"] or r["note"]) and r["report"]:
+                    print(f"---- {r['function']}: pytest's report\n{r['report']}")
     except TeachError as e:
         print(f"teach.py {args.command}: {e}", file=sys.stderr)
         return 2

@@ -14,10 +14,13 @@ JUDGE_QUESTION = ("Do these two statements express the same meaning or perspecti
 
 
 def judge_triplets(situations, model, judge, threshold=0.75):
-    """The paper's triplets. Per situation the pool is every perspective sentence (explanations, and paraphrases
-    where the data has them); for each explanation (anchor) the pool sentences with base cosine >= threshold are
-    shown to `judge` (a list of (a, b) pairs -> list of bools, "same meaning or perspective?") most similar first:
-    the first Yes is the positive, the most similar No the negative; an anchor without both gives no triplet.
+    """The paper's triplets. Per situation the pool is every distinct perspective sentence (explanations, then
+    paraphrases where the data has them); for each explanation (anchor) its candidates are the other pool sentences
+    with cosine >= threshold to it (reward.unit_embeddings(model, the pool), one call), most similar first. `judge`
+    is called once, with every (anchor, candidate) pair of all situations as a list of tuples (not at all when there
+    is none), and returns one bool per pair ("same meaning or perspective?"): the first Yes candidate is the
+    positive, the most similar No the negative; an anchor without both gives no triplet. Returns a list of dicts
+    {"situation": its id, "anchor", "positive", "negative"} in the order of situations and explanations.
     Example: candidates [x 0.9 No, y 0.8 Yes, z 0.76 No] give (anchor, y, x)."""
     pools = [list(dict.fromkeys([p.explanation for p in s.perspectives]
                                 + [p.paraphrase for p in s.perspectives if p.paraphrase])) for s in situations]

@@ -10,6 +10,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 2 cores; fewer beside another job
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "reveals(name): the test spells out the body of an assignable function, so "
+                                       "teach.py make leaves it out of a copy that blanks that function")
+
+
 @pytest.fixture(scope="session")
 def default_tokenizer_dir(tmp_path_factory):
     """The SmolLM2 tokenizer, converted from the embedded GGUF once and saved as a plain directory."""

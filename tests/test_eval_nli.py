@@ -79,23 +79,27 @@ def test_situation_score_is_the_mean_over_perspectives_of_the_max_over_sentences
     entail = fake_entail({("ea", "s1."): 0.9, ("ea", "s2."): 0.2, ("eb", "s1."): 0.1, ("eb", "s2."): 0.5,
                           ("ec", "s3."): 0.4})
     scores = nli_scores(["s1. s2.", "s3."], [situation("x", "ea", "eb"), situation("y", "ec")], entail)
-    assert scores == pytest.approx([(0.9 + 0.5) / 2, 0.4])
+    assert scores == pytest.approx([(0.9 + 0.5) / 2, 0.4]), \
+        "situation_score: mean over reference perspectives of the max over answer sentences"
     assert len(entail.calls) == 1 and len(entail.calls[0]) == 4 + 1     # every pair of the batch in one call
 
 
 def test_an_empty_answer_scores_zero_and_sends_no_pair_to_the_nli_model():
     entail = fake_entail({("ea", "s1."): 0.8})
-    assert nli_scores(["", " \n- ", "s1."], [situation("x", "ea")] * 3, entail) == pytest.approx([0, 0, 0.8])
+    assert nli_scores(["", " \n- ", "s1."], [situation("x", "ea")] * 3, entail) == pytest.approx([0, 0, 0.8]), \
+        "an answer without a sentence scores 0"
     assert entail.calls == [[("ea", "s1.")]]
-    assert situation_score(np.zeros((3, 0))) == 0.0
+    assert situation_score(np.zeros((3, 0))) == 0.0, "situation_score: no sentence (an empty P) -> 0.0"
 
 
 def test_summary_uses_the_sample_std_and_accuracy_counts_scores_strictly_above_0_33():
     s = summarize([0.33, 0.34, 0.2, 1.0])
-    assert s["n"] == 4 and s["mean"] == pytest.approx(0.4675)
-    assert s["std"] == pytest.approx(np.sqrt(0.390275 / 3)) and s["se"] == pytest.approx(s["std"] / 2)
-    assert s["accuracy"] == 0.5                                         # 0.34 and 1.0; 0.33 itself does not count
-    assert summarize([0.33])["accuracy"] == 0.0 and np.isnan(summarize([0.5])["std"])
+    assert s["n"] == 4 and s["mean"] == pytest.approx(0.4675), "summarize: n and the mean"
+    assert s["std"] == pytest.approx(np.sqrt(0.390275 / 3)) and s["se"] == pytest.approx(s["std"] / 2), \
+        "summarize: the sample std (ddof 1) and se = std / sqrt(n)"
+    assert s["accuracy"] == 0.5, "summarize: accuracy is the share of scores strictly above 0.33"   # 0.34 and 1.0
+    assert summarize([0.33])["accuracy"] == 0.0 and np.isnan(summarize([0.5])["std"]), \
+        "summarize: 0.33 itself does not count; one score has std NaN"
 
 
 # ================================================================ the entailment label
@@ -103,7 +107,8 @@ def test_summary_uses_the_sample_std_and_accuracy_counts_scores_strictly_above_0
                                              ({0: "ENTAILMENT", 1: "NEUTRAL", 2: "CONTRADICTION"}, 0),
                                              ({"0": "not_entail", "1": " Entail "}, 1)])
 def test_entailment_index_is_read_from_id2label_in_any_order_and_case(id2label, index):
-    assert entailment_index(SimpleNamespace(id2label=id2label)) == index
+    assert entailment_index(SimpleNamespace(id2label=id2label)) == index, \
+        "entailment_index: the index of the 'entailment' or 'entail' label, any case, spaces ignored"
 
 
 def test_nli_model_without_an_entailment_label_is_a_clear_error(tmp_path):

@@ -151,12 +151,15 @@ def test_cli_flags_override_only_what_is_given():
 def test_group_advantages_hand_example():
     adv = om.group_advantages([1.0, 0.0, 0.0, 0.0], group_size=4)
     std = math.sqrt(0.1875)  # population std of [1, 0, 0, 0]
-    assert adv.tolist() == pytest.approx([0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std], rel=1e-5)
+    assert isinstance(adv, torch.Tensor) and adv.dtype == torch.float32, "group_advantages: returns a float32 tensor"
+    assert adv.tolist() == pytest.approx([0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std], rel=1e-5), \
+        "group_advantages: (r - mean) / (std + eps) with the population std (divide by G, not G - 1)"
 
 
 def test_group_advantages_are_per_group_and_zero_without_spread():
     adv = om.group_advantages([2.0, 2.0, 0.0, 1.0], group_size=2)
-    assert adv.tolist() == pytest.approx([0.0, 0.0, -1.0, 1.0], abs=1e-5)
+    assert adv.tolist() == pytest.approx([0.0, 0.0, -1.0, 1.0], abs=1e-5), \
+        "group_advantages: each group of G normalised on its own; a group without spread gets A = 0"
 
 
 # ---------------------------------------------------------------- GRPO loss
@@ -178,21 +181,30 @@ def _loss(ratio, A, ref=None, beta=0.0, dual_clip=3.0):
 ])
 def test_grpo_loss_clip_cases_by_hand(ratio, A, loss, grad, clipped):
     got_loss, got_grad, stats = _loss(ratio, A)
-    assert got_loss == pytest.approx(loss, rel=1e-5) and got_grad == pytest.approx(grad, abs=1e-5)
-    assert stats["clip_frac"] == clipped and stats["ratio"] == pytest.approx(ratio, rel=1e-5)
+    assert got_loss == pytest.approx(loss, rel=1e-5), "pg = -min(ratio A, clip(ratio, 1 - e, 1 + e) A); for A < 0 " \
+                                                      "at most -c A (dual clip)"
+    assert got_grad == pytest.approx(grad, abs=1e-5), "the gradient flows through the min's unclipped branch only"
+    assert stats["clip_frac"] == clipped, "clip_frac: share of answer tokens whose clip is active (ratio > 1 + e " \
+                                          "with A > 0, or ratio < 1 - e with A < 0)"
+    assert stats["ratio"] == pytest.approx(ratio, rel=1e-5), "stats['ratio']: the mean of exp(logp - old) over tokens"
 
 
 def test_dual_clip_off_leaves_the_ppo_loss():
-    assert _loss(5.0, -1.0, dual_clip=0)[0] == pytest.approx(5.0, rel=1e-5)
+    assert _loss(5.0, -1.0, dual_clip=0)[0] == pytest.approx(5.0, rel=1e-5), "dual_clip 0: no cap, the PPO loss"
 
 
 def test_k3_kl_is_zero_at_the_reference_and_matches_its_formula():
     _, _, stats = _loss(1.0, 0.0, ref=torch.zeros(1, 1), beta=0.5)
-    assert stats["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-7), "kl: k3 is 0 where the policy equals the reference"
     loss, grad, stats = _loss(1.0, 0.0, ref=torch.tensor([[math.log(2.0)]]), beta=0.5)
-    assert stats["kl"] == pytest.approx(2.0 - math.log(2.0) - 1.0, rel=1e-5)   # exp(d) - d - 1, d = ln 2
-    assert loss == pytest.approx(0.5 * (1.0 - math.log(2.0)), rel=1e-5)
-    assert grad == pytest.approx(0.5 * (1.0 - 2.0), rel=1e-5)  # d/dlogp of beta*(e^(ref-logp) - (ref-logp)) = beta*(1 - e^d)
+    assert stats["kl"] == pytest.approx(2.0 - math.log(2.0) - 1.0, rel=1e-5), \
+        "kl: k3 = exp(ref - logp) - (ref - logp) - 1 (here d = ref - logp = ln 2)"
+    assert loss == pytest.approx(0.5 * (1.0 - math.log(2.0)), rel=1e-5), "loss: beta x kl is added per token"
+    assert grad == pytest.approx(0.5 * (1.0 - 2.0), rel=1e-5), \
+        "the KL's gradient: d/dlogp of beta (e^d - d - 1) is beta (1 - e^d), d = ref - logp"
+    loss, _, _ = _loss(1.0, 0.0, ref=torch.tensor([[math.log(2.0)]]), beta=om.Config.beta)
+    assert om.Config.beta == 0.001 and loss == pytest.approx(0.001 * (1.0 - math.log(2.0)), rel=1e-5), \
+        "the default beta is the recipe's 0.001"
 
 
 def test_loss_is_a_token_mean_and_ignores_masked_tokens():
@@ -200,13 +212,36 @@ def test_loss_is_a_token_mean_and_ignores_masked_tokens():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     adv = torch.tensor([1.0, -1.0])
     loss, _ = om.grpo_loss(logp, logp, None, adv, mask, beta=0.0)
-    assert loss.item() == pytest.approx((-3 + 1) / 4)      # 4 real tokens, not mean of 2 answer means
+    assert loss.item() == pytest.approx((-3 + 1) / 4), \
+        "token-mean: the sum over the 4 answer tokens of the batch over 4, not the mean of the 2 answers' means"
     garbage = logp.clone()
     garbage[1, 1:] = 50.0
-    assert om.grpo_loss(garbage, logp, None, adv, mask, beta=0.0)[0].item() == pytest.approx(loss.item())
+    assert om.grpo_loss(garbage, logp, None, adv, mask, beta=0.0)[0].item() == pytest.approx(loss.item()), \
+        "tokens where the mask is 0 (padding) count for nothing"
+    assert om.grpo_loss(logp, logp, None, adv, mask, beta=0.0, num_tokens=torch.tensor(8.0))[0].item() == \
+        pytest.approx(-2 / 8), "num_tokens, when given, is the divisor (the mini-batch's total)"
 
 
 # ---------------------------------------------------------------- rollout and log-probs
+def test_the_answer_mask_keeps_the_first_eos_and_drops_what_follows(tiny_policy, monkeypatch):
+    """Generation replaced by known answers (a, b, EOS, then padding; no EOS; EOS first): the answer mask is 1 up to
+    and including the first EOS, which is scored, and 0 after it; the text stops before it."""
+    model, tok = tiny_policy
+    a, b, eos, pad = 100, 200, tok.eos_token_id, tok.pad_token_id
+    answers = torch.tensor([[a, b, eos, pad, pad], [a, b, a, b, a], [eos, a, pad, pad, pad]])
+
+    def known(input_ids, attention_mask=None, generation_config=None):
+        return torch.cat([input_ids, answers], 1)
+    monkeypatch.setattr(model, "generate", known)
+    roll = om.sample_groups(model, tok, [om.chat_prompt(tok, "a")], 3, 5)
+    assert roll.answer_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], \
+        "answer_mask: 1 on every answer token up to and including the first EOS, 0 after it"
+    assert roll.texts == [tok.decode([a, b]), tok.decode([a, b, a, b, a]), ""]
+    logp = torch.zeros(3, 5)
+    loss, _ = om.grpo_loss(logp, logp, None, torch.tensor([1.0, 1.0, 1.0]), roll.answer_mask, beta=0.0)
+    assert loss.item() == pytest.approx(-1.0) and roll.answer_mask.sum() == 9, "EOS is one of the 9 scored tokens"
+
+
 def test_sample_groups_keeps_groups_and_masks_after_eos(tiny_policy):
     model, tok = tiny_policy
     torch.manual_seed(0)
@@ -275,6 +310,37 @@ def test_the_sampler_draws_from_exactly_what_the_learner_scores(tiny_qwen_dir, m
         assert worst > 0.05
 
 
+@pytest.mark.parametrize("temperature, top_p, probs", [
+    (1.0, 1.0, [1 / 7, 2 / 7, 4 / 7]),     # softmax of the logits [0, ln 2, ln 4]
+    (0.5, 1.0, [1 / 21, 4 / 21, 16 / 21]),  # logits / 0.5 = [0, 2 ln 2, 2 ln 4]: weights 1, 4, 16
+    (1.0, 0.8, [0.0, 1 / 3, 2 / 3]),        # the nucleus: 4/7 + 2/7 = 0.86 >= 0.8 keeps the top two
+])
+def test_the_sampler_draws_from_a_hand_made_distribution(tiny_qwen_dir, monkeypatch, temperature, top_p, probs):
+    """A model whose next-token logits are 0, ln 2 and ln 4 on three tokens and -inf elsewhere, with Qwen's own
+    sampling defaults in its generation_config (top_k 20, top_p 0.8, temperature 0.7, repetition_penalty 1.05): the
+    distribution generate draws the first answer token from is the one worked out by hand at the run's settings."""
+    model, tok = plumbing.load_policy(tiny_qwen_dir, "cpu")
+    forward = model.forward
+
+    def hand_logits(*a, **kw):
+        out = forward(*a, **kw)
+        out.logits[:] = float("-inf")
+        out.logits[..., 5:8] = torch.tensor([0.0, math.log(2), math.log(4)])
+        return out
+    monkeypatch.setattr(model, "forward", hand_logits)
+    scores, generate = [], model.generate
+
+    def spy(**kw):
+        out = generate(**kw, output_scores=True, return_dict_in_generate=True)
+        scores.append(out.scores[0])                                        # [B, V']: the first answer token
+        return out.sequences
+    monkeypatch.setattr(model, "generate", spy)
+    om.sample_groups(model, tok, [om.chat_prompt(tok, "a")], 2, 1, temperature, top_p)
+    drawn = scores[0].float().softmax(-1)                                   # [2, V']
+    assert drawn[:, 5:8].tolist() == [pytest.approx(probs, abs=1e-6)] * 2 and drawn[:, 8:].sum() == 0, \
+        "the sampler: softmax(logits / temperature) cut to its top_p nucleus, nothing of the model's own config"
+
+
 def test_too_long_prompt_is_refused_naming_file_and_line(tiny_policy):
     _, tok = tiny_policy
     items = [plumbing.Situation("a", "short", where="d.jsonl, line 1"),
@@ -291,12 +357,16 @@ def test_token_logprobs_match_a_plain_forward_and_ignore_left_padding(tiny_polic
     full = torch.log_softmax(model(ids).logits[0, :-1].float() / 0.7, -1)
     want = full[torch.arange(4), ids[0, 1:]][-2:]                         # the last 2 tokens are the answer
     got = om.token_logprobs(model, ids, torch.ones_like(ids), 2, temperature=0.7)
-    assert torch.allclose(got[0], want, atol=1e-5)
+    assert got.shape == (1, 2) and got.dtype == torch.float32, "token_logprobs: a float32 tensor [B, answer_len]"
+    assert torch.allclose(got[0], want, atol=1e-5), \
+        "token_logprobs: log softmax(logits / temperature) at each answer token, its logits from the position before"
     _, ent = om.token_logprobs(model, ids, torch.ones_like(ids), 2, temperature=0.7, entropy=True)
-    assert torch.allclose(ent[0], -(full.exp() * full).sum(1)[-2:], atol=1e-5)   # H = -sum p log p, by hand
+    assert torch.allclose(ent[0], -(full.exp() * full).sum(1)[-2:], atol=1e-5), \
+        "token_logprobs(entropy=True): H = -sum_v p log p of each answer position's distribution"
     padded = torch.tensor([[tok.pad_token_id, tok.pad_token_id, 5, 6, 7, 8, 9]])
     got_pad = om.token_logprobs(model, padded, torch.tensor([[0, 0, 1, 1, 1, 1, 1]]), 2, temperature=0.7)
-    assert torch.allclose(got_pad[0], want, atol=1e-4)
+    assert torch.allclose(got_pad[0], want, atol=1e-4), \
+        "token_logprobs: left padding changes nothing (position ids count real tokens only)"
 
 
 # ---------------------------------------------------------------- it learns

@@ -27,18 +27,25 @@ def line(name, text="it matters."):
 def test_split_cuts_before_each_opener_that_starts_the_text_or_a_line():
     text = line("A") + "\nfrom the perspective of B, b\ncontinues here.\r\nIN THE PERSPECTIVE OF C, c."
     assert split_perspectives(text) == [line("A"), "from the perspective of B, b\ncontinues here.",
-                                        "IN THE PERSPECTIVE OF C, c."]
-    assert split_perspectives("Intro.\nIn the perspective of A, a.\n\n") == ["Intro.", "In the perspective of A, a."]
+                                        "IN THE PERSPECTIVE OF C, c."], \
+        ("split_perspectives: cut before 'In/From the perspective of ' (any case) "
+         "at the start of the text or of a line; pieces stripped")
+    assert split_perspectives("Intro.\nIn the perspective of A, a.\n\n") == ["Intro.", "In the perspective of A, a."], \
+        "split_perspectives: a preamble before the first opener is a piece; blank pieces are dropped"
 
 
 def test_split_ignores_indented_openers_and_openers_inside_a_line():
     # the authors' regex (?:^|\n)(?=(?:From|In) the perspective of ): column 0 only, and a space after "of"
     assert split_perspectives("In the perspective of A, a.\n  In the perspective of B, b.\n\tFrom the perspective "
                               "of C, c.") == ["In the perspective of A, a.\n  In the perspective of B, b.\n\tFrom "
-                                              "the perspective of C, c."]
-    assert split_perspectives("So. In the perspective of A, a.") == ["So. In the perspective of A, a."]
-    assert split_perspectives("Just prose, no perspectives.") == ["Just prose, no perspectives."]
-    assert split_perspectives("  \n ") == []
+                                              "the perspective of C, c."], \
+        ("split_perspectives: an indented opener starts no perspective "
+         "(column 0 only)")
+    assert split_perspectives("So. In the perspective of A, a.") == ["So. In the perspective of A, a."], \
+        "split_perspectives: an opener inside a line starts no perspective"
+    assert split_perspectives("Just prose, no perspectives.") == ["Just prose, no perspectives."], \
+        "split_perspectives: text without an opener is one piece"
+    assert split_perspectives("  \n ") == [], "split_perspectives: blank text has no piece"
 
 
 def test_similarity_text_is_the_core_block_of_the_strict_layout_else_the_whole_stripped_answer():
@@ -51,7 +58,8 @@ def test_similarity_text_is_the_core_block_of_the_strict_layout_else_the_whole_s
 # ================================================================ 1. coverage
 def test_coverage_bucket_edges_are_half_open():
     rates = [0.0, 1e-9, 0.19999, 0.2, 0.39999, 0.4, 0.59999, 0.6, 0.79999, 0.8, 1.0]
-    assert [ladder_bucket(r) for r in rates] == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert [ladder_bucket(r) for r in rates] == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5], \
+        "ladder_bucket: 0 for rate 0, else 1 + the edges 0.2/0.4/0.6/0.8 that rate reaches (rate >= edge)"
 
 
 def test_coverage_bucket_is_exact_for_every_fraction_matches_over_references():
@@ -67,45 +75,59 @@ def test_coverage_reward_of_k_matches_out_of_five_references(matched, reward_):
     sim = np.full((5, 5), 0.1)
     sim[np.arange(matched), np.arange(matched)] = 0.9           # rates 0, 1/5, 2/5, 3/5, 4/5, 5/5
     r, rate, pairs = coverage_reward(sim)
-    assert r == pytest.approx(reward_) and rate == matched / 5 and len(pairs) == matched
+    assert r == pytest.approx(reward_) and rate == matched / 5 and len(pairs) == matched, \
+        "coverage_reward: (0.3 x ladder_bucket(matches / references), rate, pairs)"
 
 
 def test_coverage_bucket_one_needs_a_rate_below_one_fifth():
     sim = np.full((6, 3), 0.1)
     sim[0, 0] = 0.9                                              # 1 of 6 references: rate 1/6 < 0.2
-    assert coverage_reward(sim)[:2] == (pytest.approx(0.3), 1 / 6)
+    assert coverage_reward(sim)[:2] == (pytest.approx(0.3), 1 / 6), \
+        "coverage_reward: a rate above 0 and below 0.2 is bucket 1: R_cov 0.3"
 
 
 def test_coverage_threshold_is_inclusive_also_in_float32_and_torch():
-    assert greedy_matches(np.array([[0.70]])) == [(0, 0)]
-    assert greedy_matches(np.array([[0.69999]])) == []
-    assert greedy_matches(np.array([[0.70]], dtype=np.float32)) == [(0, 0)]
-    assert greedy_matches(torch.tensor([[0.70]])) == [(0, 0)]
-    assert greedy_matches(torch.tensor([[0.9, 0.1]], dtype=torch.bfloat16)) == [(0, 0)]
-    assert greedy_matches(np.array([[0.5]]), threshold=0.5) == [(0, 0)]
+    assert greedy_matches(np.array([[0.70]])) == [(0, 0)], \
+        "greedy_matches: a cosine equal to the threshold matches (>=)"
+    assert greedy_matches(np.array([[0.69999]])) == [], "greedy_matches: a cosine below the threshold does not match"
+    assert greedy_matches(np.array([[0.70]], dtype=np.float32)) == [(0, 0)], \
+        "greedy_matches: a float32 0.7 counts as 0.7 (compare in the matrix's precision)"
+    assert greedy_matches(torch.tensor([[0.70]])) == [(0, 0)], \
+        "greedy_matches: takes a torch tensor; a float32 0.7 counts as 0.7"
+    assert greedy_matches(torch.tensor([[0.9, 0.1]], dtype=torch.bfloat16)) == [(0, 0)], \
+        "greedy_matches: takes a bfloat16 tensor (converted to float32)"
+    assert greedy_matches(np.array([[0.5]]), threshold=0.5) == [(0, 0)], \
+        "greedy_matches: uses the threshold it is given"
 
 
 def test_coverage_matching_is_one_to_one():
     sim = np.array([[0.90], [0.85]])                             # one candidate cannot cover two references
-    assert coverage_reward(sim) == (pytest.approx(0.9), 0.5, [(0, 0)])
+    assert coverage_reward(sim) == (pytest.approx(0.9), 0.5, [(0, 0)]), \
+        "greedy_matches: one-to-one: a candidate covers at most one reference"
 
 
 def test_coverage_non_mutual_maximum_falls_back_to_the_next_best_candidate():
     # reference 0 prefers candidate 0 (0.9) but candidate 0 prefers reference 1 (0.95): 1 -> 0 first,
     # then reference 0 takes candidate 1 if that still reaches the threshold
-    assert greedy_matches([[0.90, 0.80], [0.95, 0.10]]) == [(1, 0), (0, 1)]
-    assert greedy_matches([[0.90, 0.60], [0.95, 0.10]]) == [(1, 0)]
+    assert greedy_matches([[0.90, 0.80], [0.95, 0.10]]) == [(1, 0), (0, 1)], \
+        ("greedy_matches: the largest cell first; a reference whose best candidate is taken falls back on its next "
+         "best")
+    assert greedy_matches([[0.90, 0.60], [0.95, 0.10]]) == [(1, 0)], \
+        "greedy_matches: the fallback must still reach the threshold"
 
 
 def test_coverage_ties_go_to_the_lowest_reference_then_the_lowest_candidate():
-    assert greedy_matches([[0.8, 0.8], [0.8, 0.8]]) == [(0, 0), (1, 1)]
+    assert greedy_matches([[0.8, 0.8], [0.8, 0.8]]) == [(0, 0), (1, 1)], \
+        "greedy_matches: ties go to the first cell in row-major order"
     # the tie in row 0 decides the outcome: (0, 0) first leaves (1, 1) = 0.75 for reference 1
-    assert greedy_matches([[0.8, 0.8], [0.1, 0.75]]) == [(0, 0), (1, 1)]
-    assert greedy_matches([[0.8, 0.8], [0.75, 0.1]]) == [(0, 0)]
+    assert greedy_matches([[0.8, 0.8], [0.1, 0.75]]) == [(0, 0), (1, 1)], \
+        "greedy_matches: ties go to the first cell in row-major order"
+    assert greedy_matches([[0.8, 0.8], [0.75, 0.1]]) == [(0, 0)], "greedy_matches: a removed column cannot match again"
 
 
 def test_coverage_of_an_empty_answer_is_zero():
-    assert coverage_reward(np.zeros((3, 0))) == (0.0, 0.0, [])
+    assert coverage_reward(np.zeros((3, 0))) == (0.0, 0.0, []), \
+        "coverage_reward: no candidate perspective: (0.0, 0.0, [])"
 
 
 def test_coverage_rejects_bad_matrices_clearly():
@@ -118,7 +140,8 @@ def test_coverage_rejects_bad_matrices_clearly():
 # ================================================================ 2. uniqueness
 def test_uniqueness_bucket_edges_are_open_below():
     us = [1.0, 0.99, 5 / 6, 0.80001, 0.8, 4 / 5, 3 / 4, 0.60001, 0.6, 3 / 5, 0.0]
-    assert [uniqueness_bucket(u) for u in us] == [1.0, 0.75, 0.75, 0.75, 0.4, 0.4, 0.4, 0.4, 0.0, 0.0, 0.0]
+    assert [uniqueness_bucket(u) for u in us] == [1.0, 0.75, 0.75, 0.75, 0.4, 0.4, 0.4, 0.4, 0.0, 0.0, 0.0], \
+        "uniqueness_bucket: u == 1 -> 1.0; u > 0.8 -> 0.75; u > 0.6 -> 0.4; else 0.0 (strictly above the edges)"
 
 
 def redundant(n, pairs, value=0.9):
@@ -138,45 +161,57 @@ def redundant(n, pairs, value=0.9):
     (5, [(0, 3), (0, 4)], 3 / 5, 0.0),    # u = 0.6 exactly -> 0
 ])
 def test_uniqueness_reward_buckets(n, pairs, u, reward_):
-    assert uniqueness_reward(redundant(n, pairs)) == (pytest.approx(reward_), u)
+    assert uniqueness_reward(redundant(n, pairs)) == (pytest.approx(reward_), u), \
+        "uniqueness_reward: (0.3 x uniqueness_bucket(u), u), u = (n - redundant) / n"
 
 
 def test_uniqueness_threshold_is_inclusive():
-    assert uniqueness_reward(redundant(2, [(0, 1)], value=0.78))[1] == 0.5
-    assert uniqueness_reward(redundant(2, [(0, 1)], value=0.77999))[1] == 1.0
-    assert uniqueness_reward(torch.tensor(redundant(2, [(0, 1)], value=0.78), dtype=torch.float32))[1] == 0.5
+    assert uniqueness_reward(redundant(2, [(0, 1)], value=0.78))[1] == 0.5, \
+        "redundant_flags: a cosine equal to the threshold 0.78 is a repeat (>=)"
+    assert uniqueness_reward(redundant(2, [(0, 1)], value=0.77999))[1] == 1.0, \
+        "redundant_flags: a cosine below the threshold is no repeat"
+    assert uniqueness_reward(torch.tensor(redundant(2, [(0, 1)], value=0.78), dtype=torch.float32))[1] == 0.5, \
+        "redundant_flags: takes a torch tensor; a float32 0.78 counts as 0.78"
 
 
 def test_a_flagged_perspective_flags_nobody():
     sim = redundant(3, [(0, 1), (1, 2)])                         # A~B, B~C, A and C apart
-    assert redundant_flags(sim).tolist() == [False, True, False]
-    assert uniqueness_reward(sim) == (pytest.approx(0.12), 2 / 3)
+    assert redundant_flags(sim).tolist() == [False, True, False], \
+        "redundant_flags: a flagged perspective flags nobody (B repeats A; C is apart from A though it repeats B)"
+    assert uniqueness_reward(sim) == (pytest.approx(0.12), 2 / 3), "uniqueness_reward: u = 2/3 -> step 0.4 -> 0.12"
 
 
 def test_one_perspective_gets_full_uniqueness_unless_min_perspectives_asks_for_more():
-    assert uniqueness_reward(np.ones((1, 1))) == (pytest.approx(0.3), 1.0)
-    assert uniqueness_reward(np.ones((1, 1)), min_perspectives=2) == (0.0, 1.0)
-    assert uniqueness_reward(redundant(2, []), min_perspectives=2) == (pytest.approx(0.3), 1.0)
+    assert uniqueness_reward(np.ones((1, 1))) == (pytest.approx(0.3), 1.0), \
+        "uniqueness_reward: one perspective has u = 1"
+    assert uniqueness_reward(np.ones((1, 1)), min_perspectives=2) == (0.0, 1.0), \
+        "uniqueness_reward: below min_perspectives R_uniq is 0.0 (u as it is)"
+    assert uniqueness_reward(redundant(2, []), min_perspectives=2) == (pytest.approx(0.3), 1.0), \
+        "uniqueness_reward: exactly min_perspectives perspectives are paid"
 
 
 def test_uniqueness_of_no_perspectives_is_zero():
-    assert uniqueness_reward(np.zeros((0, 0))) == (0.0, 0.0)
+    assert uniqueness_reward(np.zeros((0, 0))) == (0.0, 0.0), "uniqueness_reward: no perspective: (0.0, 0.0)"
 
 
 # ================================================================ 3. format score
 def test_format_full_marks_for_perspective_lines_and_a_summary_naming_them():
-    assert format_score(tagged([line("A"), line("B")], "A and B.")) == pytest.approx(0.2)
+    assert format_score(tagged([line("A"), line("B")], "A and B.")) == pytest.approx(0.2), \
+        "format_score: all segments named, no repeats, every name in the summary: 0.1 x 2 = 0.2"
 
 
 @pytest.mark.parametrize("named, reward_", [(4, 0.2), (3, 0.2), (2, 0.15), (1, 0.125), (0, 0.1)])
 def test_format_summary_term_by_share_of_names(named, reward_):
     names = ["Alpha", "Beta", "Gamma", "Delta"]                  # shares 1, 3/4, 1/2, 1/4, 0
     text = tagged([line(n) for n in names], " ".join(names[:named]) or "Nothing named.")
-    assert format_score(text) == pytest.approx(reward_)
+    assert format_score(text) == pytest.approx(reward_), \
+        ("format_score: summary term by the share f of names in <summary>: >= .75 -> 0, >= .5 -> -0.5, >= .25 -> "
+         "-0.75, else -1")
 
 
 def test_format_names_without_a_summary_cost_the_full_summary_term():
-    assert format_score("\n".join([line("A"), line("B")])) == pytest.approx(0.1)
+    assert format_score("\n".join([line("A"), line("B")])) == pytest.approx(0.1), \
+        "format_score: names but no <summary> block: the summary term is -1"
 
 
 def test_format_segment_share_edges_are_inclusive():
@@ -184,23 +219,27 @@ def test_format_segment_share_edges_are_inclusive():
     seven_of_ten = ["Preamble.", bad, bad + "!"] + [line(c) for c in "ABCDEFG"]   # varied: no duplicate cost
     three_of_ten = ["Preamble."] + [f"{bad} {k}" for k in range(6)] + [line(c) for c in "ABC"]
     two_of_ten = ["Preamble."] + [f"{bad} {k}" for k in range(7)] + [line(c) for c in "AB"]
-    assert format_score(tagged(seven_of_ten, "ABCDEFG")) == pytest.approx(0.2)
-    assert format_score(tagged(three_of_ten, "A B C")) == pytest.approx(0.1)
-    assert format_score(tagged(two_of_ten, "A B")) == 0.0
+    assert format_score(tagged(seven_of_ten, "ABCDEFG")) == pytest.approx(0.2), \
+        "format_score: 70 % of segments named is 2 points (>=)"
+    assert format_score(tagged(three_of_ten, "A B C")) == pytest.approx(0.1), \
+        "format_score: 30 % of segments named is 1 point (>=)"
+    assert format_score(tagged(two_of_ten, "A B")) == 0.0, "format_score: under 30 % named is 0 points"
 
 
 def test_format_duplicate_sentences_and_names_cost_half_a_point_each():
     # a repeated line is a repeated sentence and a repeated name: 2 - 1.0 = 1 point
-    assert format_score(tagged([line("A"), line("a", "IT MATTERS."), line("B")], "A, B")) == pytest.approx(0.1)
+    assert format_score(tagged([line("A"), line("a", "IT MATTERS."), line("B")], "A, B")) == pytest.approx(0.1), \
+        "format_score: a repeated sentence (ignoring case) and a repeated name cost 0.5 each"
     # a repeated name alone: 2 - 0.5
-    assert format_score(tagged([line("A", "x."), line("A", "y."), line("B")], "A, B")) == pytest.approx(0.15)
+    assert format_score(tagged([line("A", "x."), line("A", "y."), line("B")], "A, B")) == pytest.approx(0.15), \
+        "format_score: a repeated name costs 0.5"
     # clipped at 0
-    assert format_score(tagged([line("A")] * 5, "A")) == 0.0
+    assert format_score(tagged([line("A")] * 5, "A")) == 0.0, "format_score: the score is clipped at 0"
 
 
 def test_format_of_prose_and_of_an_empty_answer_is_zero():
-    assert format_score("A plain paragraph with no perspectives.") == 0.0
-    assert format_score("") == 0.0
+    assert format_score("A plain paragraph with no perspectives.") == 0.0, "format_score: prose has no named segment: 0"
+    assert format_score("") == 0.0, "format_score: an empty answer: 0"
 
 
 # ================================================================ 4. tag check
@@ -210,7 +249,8 @@ def test_format_of_prose_and_of_an_empty_answer_is_zero():
     "  \n<core  perspectives>\na\n</core perspectives>\n\n\n<summary>s</summary>\n ",
 ])
 def test_tag_accepts_exactly_one_core_block_then_one_summary(text):
-    assert tag_reward(text) == 0.0
+    assert tag_reward(text) == 0.0, \
+        "tag_reward: one non-empty core block then one non-empty summary, whitespace only around them, any case: 0.0"
 
 
 @pytest.mark.parametrize("text", [
@@ -225,24 +265,30 @@ def test_tag_accepts_exactly_one_core_block_then_one_summary(text):
     "<core perspectives>a</core perspectives><summary>s</summary><summary>t</summary>",
 ])
 def test_tag_penalises_everything_else(text):
-    assert tag_reward(text) == -0.2
+    assert tag_reward(text) == -0.2, "tag_reward: anything but exactly that layout: -0.2"
 
 
 # ================================================================ keyword masking
 def test_prompt_keywords_are_the_situations_content_words():
-    assert prompt_keywords("Should I tell my Friend the truth?") == {"tell", "friend", "truth"}
+    assert prompt_keywords("Should I tell my Friend the truth?") == {"tell", "friend", "truth"}, \
+        "prompt_keywords: the situation's words, lower-cased, stopwords left out"
 
 
 def test_stopwords_are_nltks_english_list():
     # NLTK masks the lone "s" of a possessive and the stems of n't forms, and keeps "could" and "would" as content
     assert prompt_keywords("My friend's cake: I couldn't say it would taste bad") == {"friend", "cake", "say", "would",
-                                                                                      "taste", "bad"}
+                                                                                      "taste", "bad"}, \
+        ("prompt_keywords: NLTK's "
+         "list masks the lone 's', "
+                                                                                           "'t' and 'couldn'; 'would' "
+                                                                                           "is a content word")
     assert len(reward.STOPWORDS) == 179 and sum("'" in w for w in reward.STOPWORDS) == 26
 
 
 def test_mask_words_replaces_keywords_whatever_their_case_and_keeps_punctuation():
-    assert mask_words("Truth, friend: TRUTH-telling.", {"truth", "friend"}) == "[KW], [KW]: [KW]-telling."
-    assert mask_words("unchanged.", set()) == "unchanged."
+    assert mask_words("Truth, friend: TRUTH-telling.", {"truth", "friend"}) == "[KW], [KW]: [KW]-telling.", \
+        "mask_words: each keyword word (any case) becomes [KW]; punctuation stays"
+    assert mask_words("unchanged.", set()) == "unchanged.", "mask_words: no keywords: the text unchanged"
 
 
 # ================================================================ the batch

@@ -88,6 +88,7 @@ def test_grpo_config_refuses_a_batch_that_does_not_split_into_the_updates():
         trl_opgrpo.grpo_config(a, world_size=1)
 
 
+@pytest.mark.reveals("grpo_loss")
 def test_trl_ratio_cap_delta_is_the_recipes_dual_clip():
     """TRL's two-sided loss, -min(min(r, delta) A, clip(r, 1-e, 1+e) A), equals opgrpo_min's clip plus dual clip
     (for A < 0 the loss is capped at c |A|) whenever delta = c > 1 + e; checked on ratios on both sides of c."""

@@ -1,5 +1,6 @@
 """sim_train.py as a specification: triplet mining, the situation split, the judge's mechanics, and a training
 run that measurably helps. The real MiniLM is used throughout; every training run is a handful of steps."""
+import inspect
 import json
 
 import numpy as np
@@ -34,15 +35,19 @@ DEBT = ("Borrowing money for a holiday can leave the family in debt.", "A loan f
 
 def test_mine_triplets_pairs_each_explanation_with_its_paraphrase_and_most_similar_sibling(minilm):
     rows = sim_train.mine_triplets([situation("s1", HONESTY, COST, DEBT)], minilm)
-    assert [(r["anchor"], r["positive"]) for r in rows] == [HONESTY, COST, DEBT]
+    assert [(r["anchor"], r["positive"]) for r in rows] == [HONESTY, COST, DEBT], \
+        "mine_triplets: anchor = each explanation, positive = its paraphrase, in order"
     by_anchor = {r["anchor"]: r["negative"] for r in rows}
-    assert by_anchor[COST[0]] == DEBT[0] and by_anchor[DEBT[0]] == COST[0]
-    assert all(r["situation"] == "s1" and r["negative"] != r["anchor"] for r in rows)
+    assert by_anchor[COST[0]] == DEBT[0] and by_anchor[DEBT[0]] == COST[0], \
+        "mine_triplets: the negative is the most anchor-similar other explanation of the same situation"
+    assert all(r["situation"] == "s1" and r["negative"] != r["anchor"] for r in rows), \
+        "mine_triplets: each row names its situation; the anchor is never its own negative"
 
 
 def test_mine_triplets_skips_perspectives_without_paraphrase_or_sibling(minilm):
     rows = sim_train.mine_triplets([situation("s1", HONESTY, (COST[0], None)), situation("s2", DEBT)], minilm)
-    assert [(r["anchor"], r["negative"]) for r in rows] == [(HONESTY[0], COST[0])]
+    assert [(r["anchor"], r["negative"]) for r in rows] == [(HONESTY[0], COST[0])], \
+        "mine_triplets: no triplet for a perspective without a paraphrase, nor in a situation of one perspective"
 
 
 def test_judge_triplets_take_first_yes_as_positive_and_most_similar_no_as_negative(minilm):
@@ -54,17 +59,19 @@ def test_judge_triplets_take_first_yes_as_positive_and_most_similar_no_as_negati
         asked.extend(pairs)
         return [pair in same for pair in pairs]
     rows = judge_triplets([s], minilm, judge, threshold=-1.0)  # -1: every pair is a candidate
-    assert len(asked) == 3 * 5              # each explanation against the other 5 sentences of the pool
-    assert [(r["anchor"], r["positive"]) for r in rows] == [HONESTY, COST, DEBT]
+    assert len(asked) == 3 * 5, "judge_triplets: each explanation is asked against the other 5 sentences of the pool"
+    assert [(r["anchor"], r["positive"]) for r in rows] == [HONESTY, COST, DEBT], \
+        "judge_triplets: the positive is the first candidate the judge says Yes to"
     E = reward.unit_embeddings(minilm, [t for pair in (HONESTY, COST, DEBT) for t in pair])
     for r in rows:                          # the negative is the most anchor-similar sentence judged No
         nos = [t for t in E if t != r["anchor"] and (r["anchor"], t) not in same]
-        assert r["negative"] == max(nos, key=lambda t: E[r["anchor"]] @ E[t])
+        assert r["negative"] == max(nos, key=lambda t: E[r["anchor"]] @ E[t]), \
+            "judge_triplets: the negative is the most anchor-similar candidate judged No"
 
 
 def test_judge_triplets_ask_nothing_below_the_threshold(minilm):
     rows = judge_triplets([situation("s1", HONESTY, COST)], minilm, lambda p: 1 / 0, threshold=1.01)
-    assert rows == []
+    assert rows == [], "judge_triplets: no pair above the threshold: the judge is not called, no triplet"
 
 
 def test_judge_margins_are_one_number_per_pair_and_do_not_depend_on_padding(tiny_policy):
@@ -146,10 +153,10 @@ def test_no_duplicates_keeps_a_text_out_of_a_batch_that_already_holds_it(monkeyp
 
 
 def test_mnrl_is_the_cross_entropy_over_scaled_cosines_by_hand(minilm):
-    """The loss sim_train.train hands to the trainer, on one batch of 3 triplets: mean_k -log softmax_d(64 cos(a_k, d))
-    at d = p_k, over the 6 candidates d (the 3 positives, then the 3 hard negatives). In eval mode: the trainer's
-    logged loss has dropout on, so it is not the same number."""
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    """The loss sim_train.train hands to the trainer (sim_train.mnrl at the project's default scale, 64), on one batch
+    of 3 triplets: mean_k -log softmax_d(64 cos(a_k, d)) at d = p_k, over the 6 candidates d (the 3 positives, then
+    the 3 hard negatives). In eval mode: the trainer's logged loss has dropout on, so it is not the same number."""
+    assert sim_train.Config.scale == 64.0 and inspect.signature(sim_train.train).parameters["scale"].default == 64.0
     rows = [dict(anchor="the honesty view", positive="a truthful opinion", negative="the kindness view"),
             dict(anchor="the kindness view", positive="a caring opinion", negative="the fairness view"),
             dict(anchor="the fairness view", positive="an even-handed opinion", negative="the honesty view")]
@@ -161,8 +168,9 @@ def test_mnrl_is_the_cross_entropy_over_scaled_cosines_by_hand(minilm):
     by_hand = float(-log_softmax[np.arange(3), np.arange(3)].mean())
     features = [minilm.tokenize([r[k] for r in rows]) for k in sim_train.FIELDS]
     with torch.no_grad():
-        loss = MultipleNegativesRankingLoss(minilm, scale=64.0)(features, None)
-    assert float(loss) == pytest.approx(by_hand, rel=1e-4)
+        loss = sim_train.mnrl(minilm, sim_train.Config.scale)(features, None)
+    assert float(loss) == pytest.approx(by_hand, rel=1e-4), "MNRL: cross-entropy over 64 x the cosines to every " \
+                                                            "positive and hard negative of the batch"
 
 
 def test_fewer_triplets_than_a_batch_is_an_error(minilm):
