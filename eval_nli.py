@@ -17,7 +17,6 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ import torch
 import reward
 from opgrpo_min import chat_prompt, check_prompts, sample_groups
 from plumbing import (check_device, check_knobs, check_model_path, claim_out_dir, dataclass_args, load_embedder,
-                      load_policy, load_situations, pyplot, resolve_model, run_cli, save_figure, write_text)
+                      load_policy, load_situations, markdown_table, plot_accuracy, resolve_model, run_cli, write_text)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_NLI = "microsoft/deberta-v2-xlarge-mnli"   # the NLI model of the paper's evaluation code
@@ -33,7 +32,7 @@ ACCURACY_THRESHOLD = 0.33        # a situation counts as covered when its score 
 MAX_PROMPT_LEN = 512             # as in training; a longer prompt is an error, never cut
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:  # knobs: '# what it does | values it takes'
     model: list = None           # policy, repeatable: hub id, dir, run dir or checkpoint; 'default' = SmolLM2-135M
     prompt: str = "both"         # implicit: as trained; explicit: the baseline | v in ("implicit", "explicit", "both")
@@ -108,7 +107,7 @@ def load_nli(name, device="cpu", batch_size=32):
 
 def situation_score(P):
     """The situation score, a float: the mean over reference perspectives i of the max over answer sentences j of
-    P[i, j] (P: [n_ref, n_sentences], a nested list or numpy array of probabilities); no sentence (or an empty P) -> 0.0.
+    P[i, j] (P: [n_ref, n_sentences], a nested list or numpy array of probabilities); no sentence (an empty P): 0.0.
 
     >>> situation_score(np.array([[0.9, 0.2], [0.1, 0.5]]))     # (0.9 + 0.5) / 2
     0.7
@@ -188,40 +187,6 @@ def report_rows(results, items):
             for (model, prompt, metric), scores in results.items() for k in strata]
 
 
-def markdown_table(rows, notes):
-    """The notes, the overall table, and Accuracy per stratum (the CSV has every statistic of every stratum)."""
-    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"
-    system = lambda r: [r["model"], r["prompt"], r["metric"]]
-    main = [r for r in rows if r["stratum"] == "all"]
-    strata = {r["stratum"]: r["n"] for r in rows if r["stratum"] != "all"}
-    acc = {(*system(r), r["stratum"]): r["accuracy"] for r in rows}
-    md = notes + ["", line(["model", "prompt", "metric", "n", "mean", "std", "se", "accuracy"]), "|" + "---|" * 8]
-    md += [line(system(r) + [r["n"]] + [f"{r[k]:.3f}" for k in ("mean", "std", "se", "accuracy")]) for r in main]
-    md += ["", f"Accuracy by number of reference perspectives (situations: "
-               f"{', '.join(f'{k}: {n}' for k, n in strata.items())})", ""]
-    md += [line(["model", "prompt", "metric", *strata]), "|" + "---|" * (3 + len(strata))]
-    md += [line(system(r) + [f"{acc[(*system(r), k)]:.2f}" for k in strata]) for r in main]
-    return "\n".join(md)
-
-
-def plot_accuracy(rows, path):
-    """Accuracy per (model, prompt), a bar per metric, error bar sqrt(p (1 - p) / n); without matplotlib, a note."""
-    plt = pyplot(os.path.basename(path))
-    if plt is None:
-        return
-    main = {(r["model"], r["prompt"], r["metric"]): r for r in rows if r["stratum"] == "all"}
-    metrics, systems = list(dict.fromkeys(k[2] for k in main)), list(dict.fromkeys(k[:2] for k in main))
-    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(main), 3.8))
-    width = 0.8 / len(metrics)
-    for k, metric in enumerate(metrics):
-        p, n = np.array([[main[(*s, metric)][x] for x in ("accuracy", "n")] for s in systems]).T   # [n_systems] each
-        ax.bar(np.arange(len(systems)) + k * width, p, width, yerr=np.sqrt(p * (1 - p) / n), label=metric, capsize=3)
-    ax.set_xticks(np.arange(len(systems)) + 0.4 - width / 2, [f"{m}\n{p}" for m, p in systems], fontsize=7)
-    ax.set_ylabel(f"Accuracy (score > {ACCURACY_THRESHOLD})"), ax.set_ylim(0, 1), ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(plt, fig, path)
-
-
 # ================================================================ main
 def main(argv=None):
     """Generate (or read) the answers, score them by every metric, write OUT/results.csv, .md and accuracy.png."""
@@ -243,9 +208,9 @@ def main(argv=None):
         check_model_path(name, "--nli")
     claim_out_dir(args.out, () if args.answers else ("answers.jsonl",), args.overwrite, "re-score it with --answers "
                   f"{args.out}/answers.jsonl, use another --out, or ")
-    config = dataclasses.asdict(args)
-    print("config:", json.dumps(config))
-    write_text(os.path.join(args.out, "config.json"), json.dumps(config, indent=1))
+    config = json.dumps(dataclasses.asdict(args), indent=1)
+    print("config:", config)
+    write_text(os.path.join(args.out, "config.json"), config)
     if not args.answers:  # ---- generate, saved to answers.jsonl (--answers re-scores it)
         styles = ["implicit", "explicit"] if args.prompt == "both" else [args.prompt]
         rows = [r for name in args.model for r in generate_answers(name, items, styles, args)]
@@ -254,14 +219,12 @@ def main(argv=None):
         groups = {}
         for r in rows:                               # each (model, prompt): its answers in the order of items
             groups.setdefault((r["model"], r["prompt"]), []).append(r["answer"])
-    t1 = time.perf_counter()
-    texts = groups
+    t1, short = time.perf_counter(), lambda name: os.path.basename(name.rstrip("/"))
 
     # ---- offline metric, then each NLI backbone that can be loaded
-    short = lambda name: os.path.basename(name.rstrip("/"))
     embedder = load_embedder(args.sim_model, device=args.device)
-    sim_name = short(args.sim_model or "all-MiniLM-L6-v2")
-    results = {(*key, f"coverage {sim_name}"): embedding_coverage(t, items, embedder) for key, t in texts.items()}
+    results = {(*key, f"coverage {short(args.sim_model or 'all-MiniLM-L6-v2')}"): embedding_coverage(t, items, embedder)
+               for key, t in groups.items()}
     notes = [f"Accuracy: share of situations with score > {ACCURACY_THRESHOLD}. Coverage: share of reference "
              f"perspective lines matched at cosine >= {reward.COVERAGE_THRESHOLD}."]
     for name in [n for n in args.nli if n.lower() != "none"]:
@@ -272,14 +235,14 @@ def main(argv=None):
                   file=sys.stderr)
             notes.append(f"NLI {name}: not available here (offline), no NLI rows.")
             continue
-        results.update({(*key, f"NLI {short(name)}"): nli_scores(t, items, entail) for key, t in texts.items()})
+        results.update({(*key, f"NLI {short(name)}"): nli_scores(t, items, entail) for key, t in groups.items()})
     rows = report_rows(results, items)
     import pandas as pd
     write_text(os.path.join(args.out, "results.csv"), pd.DataFrame(rows).to_csv(index=False))
     table = markdown_table(rows, notes)
     print(table)
     write_text(os.path.join(args.out, "results.md"), table + "\n")
-    plot_accuracy(rows, os.path.join(args.out, "accuracy.png"))
+    plot_accuracy(rows, os.path.join(args.out, "accuracy.png"), ACCURACY_THRESHOLD)
     print(f"[time] generation {t1 - t0:.0f} s, scoring {time.perf_counter() - t1:.0f} s; results in {args.out}")
 
 

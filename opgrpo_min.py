@@ -13,28 +13,26 @@ GRPO as in DeepSeekMath (Shao et al. 2024, eq. 3-4). One step of RL reads as
 """
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import random
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import reward
-from plumbing import (DataError, StopAfterStep, atomic_save, check_device, check_knobs, check_model_path,
-                      claim_out_dir, clock, dataclass_args, load_embedder, load_policy, load_situations,
-                      model_fingerprint, oom_hint, plot_rewards, run_cli, save_checkpoint, sha256_of, training,
-                      write_text)
+from plumbing import (DataError, StopAfterStep, adamw, atomic_save, check_device, check_knobs, check_model_path,
+                      claim_out_dir, clock, dataclass_args, eos_ids, fingerprints, load_embedder, load_policy,
+                      load_situations, model_fingerprint, oom_hint, own_sampling_only, plot_rewards, run_cli,
+                      save_checkpoint, training, write_text)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ================================================================ knobs: '# what it does | values it takes'
-@dataclass
+@dataclasses.dataclass
 class Config:
     # -- models and data
     model: str = None            # policy: hub id or local dir; None = embedded SmolLM2-135M-Instruct
@@ -130,18 +128,6 @@ def check_prompts(tokenizer, items, max_prompt_len, style="implicit"):
 
 
 # ================================================================ stage 0: SFT warm start
-def adamw(model, lr, **kw):
-    """AdamW with its fused kernel: one pass over the weights per step instead of several (on a 2-core CPU
-    0.07 s instead of 0.61 s per step for 135M parameters; the same update up to float rounding).
-    Only trainable weights (a LoRA adapter, or all). bfloat16 weights (the GPU path) get float32 master copies:
-    extras/precision.py."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if all(p.dtype == torch.float32 for p in params):
-        return torch.optim.AdamW(params, lr=lr, fused=True, **kw)
-    from extras.precision import MasterAdamW
-    return MasterAdamW(params, lr=lr, fused=True, **kw)
-
-
 def sft_examples(tokenizer, items, max_len):
     """(input_ids, labels) per situation: chat prompt -> reference answer + EOS; labels -100 on the prompt."""
     out = []
@@ -167,8 +153,7 @@ def sft_warmup(model, tokenizer, items, cfg):
     with training(model, cfg.gradient_checkpointing):
         for step in bar:
             batch = [examples[order[(step * cfg.sft_batch + k) % len(examples)]] for k in range(cfg.sft_batch)]
-            width = max(len(ids) for ids, _ in batch)
-            pad = tokenizer.pad_token_id
+            width, pad = max(len(ids) for ids, _ in batch), tokenizer.pad_token_id
             input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])      # [b, width]
             labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])        # [b, width]
             attn = (torch.arange(width)[None] < torch.tensor([len(i) for i, _ in batch])[:, None]).long()
@@ -182,7 +167,7 @@ def sft_warmup(model, tokenizer, items, cfg):
 
 
 # ================================================================ stage 2: GRPO
-@dataclass
+@dataclasses.dataclass
 class Rollout:
     """G answers for each of P prompts, answers of prompt i at rows i*G .. i*G+G-1."""
     input_ids: torch.Tensor      # [P*G, L+T]  left-padded prompt, then the answer (padded after EOS)
@@ -199,7 +184,7 @@ def sample_groups(model, tokenizer, prompts, group_size, max_new_tokens, tempera
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     ids = enc.input_ids.repeat_interleave(group_size, 0).to(model.device)                 # [P*G, L]
     attn = enc.attention_mask.repeat_interleave(group_size, 0).to(model.device)           # [P*G, L]
-    vocab, eos = len(tokenizer), _eos_ids(model, tokenizer)
+    vocab, eos = len(tokenizer), eos_ids(model, tokenizer)
     extra = model.get_output_embeddings().weight.shape[0] - vocab  # Qwen pads its output layer
     gen = sampling_config(temperature, top_p, max_new_tokens, tokenizer.pad_token_id, eos,
                           suppress=list(range(vocab, vocab + extra)) if extra > 0 else None)
@@ -223,26 +208,6 @@ def sampling_config(temperature, top_p, max_new_tokens, pad_id, eos_ids, suppres
     return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                             max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids,
                             suppress_tokens=suppress)
-
-
-@contextlib.contextmanager
-def own_sampling_only(model):
-    """generate() fills every field our config leaves unset from the model's generation_config.json, e.g.
-    Qwen2.5-Instruct's repetition_penalty 1.05, which would make the samples come from another distribution than
-    the one the learner scores. For the call, the model's own generation config is a blank one."""
-    from transformers import GenerationConfig
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model   # a peft model generates with it
-    saved, base.generation_config = base.generation_config, GenerationConfig()
-    try:
-        yield
-    finally:
-        base.generation_config = saved
-
-
-def _eos_ids(model, tokenizer):
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-    return sorted(e for e in eos if e is not None)
 
 
 def rollout_rewards(embedder, cfg):
@@ -441,10 +406,9 @@ def grpo_train(model, tokenizer, items, reward_fn, cfg, ref_model=None, optimize
                        t_logprob_ref=t3 - t_old, t_update=t4 - t3, t_update_forward=sum(u["t_forward"] for u in upd),
                        t_step=t4 - t0)
             rows.append(row)
-            bar.set_postfix(R=f"{row['reward']:.2f}", cov=f"{row['coverage']:.2f}" if "coverage" in row else "-",
-                            uniq=f"{row['uniqueness']:.2f}" if "uniqueness" in row else "-", kl=f"{row['kl']:.4f}",
-                            zero=f"{zero_spread:.2f}", H=f"{row['entropy']:.2f}",
-                            clip=f"{row['clip_frac']:.2f}", len=f"{row['answer_len']:.0f}", s=f"{row['t_step']:.1f}")
+            bar.set_postfix({k: f"{row[k]:.2f}" for k in ("reward", "coverage", "uniqueness", "zero_spread", "entropy",
+                                                          "clip_frac") if k in row}, kl=f"{row['kl']:.4f}",
+                            len=f"{row['answer_len']:.0f}", s=f"{row['t_step']:.1f}")
             if out:
                 with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -508,8 +472,7 @@ def train(cfg):
     else:
         model, tok = load_policy(ckpt if cfg.resume else cfg.model, cfg.device, dtype, cfg.trust_remote_code)
     check_prompts(tok, items, cfg.max_prompt_len)
-    prints = dict(data=sha256_of(cfg.train_data), chat_template=hashlib.sha256(
-        str(tok.chat_template).encode()).hexdigest())
+    prints = fingerprints(cfg.train_data, tok)         # what a resume checks is unchanged (extras/resume.py)
     if cfg.resume:
         resume.check_same(state["fingerprints"], dict(prints, reference=model_fingerprint(reference)), cfg.out)
     else:
@@ -561,8 +524,7 @@ def train(cfg):
 
 
 def parse_args(argv=None):
-    """Config fields as --flags (the comment beside a field is its help and range); only the flags given are
-    recorded."""
+    """Config fields as --flags (the comment beside a field: help | range); only the flags given are recorded."""
     return dataclass_args(Config, argv, __doc__)
 
 

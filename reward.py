@@ -53,8 +53,8 @@ def split_perspectives(text):
     """`text` cut before every 'In/From the perspective of ' (any case) that starts the text or a line; an indented
     opener cuts nothing. Pieces are stripped; blank ones are dropped. A preamble before the first opener is a piece.
 
-    >>> split_perspectives("Hi.\\nIn the perspective of A, a.\\n  In the perspective of B, b.\\nfrom the perspective of C, c")
-    ['Hi.', 'In the perspective of A, a.\\n  In the perspective of B, b.', 'from the perspective of C, c']
+    >>> split_perspectives("Hi.\\nIn the perspective of A, a.\\n  In the perspective of B.\\nfrom the perspective of C")
+    ['Hi.', 'In the perspective of A, a.\\n  In the perspective of B.', 'from the perspective of C']
     """
     if not isinstance(text, str):
         raise TypeError(f"split_perspectives expects a string, got {type(text).__name__}")

@@ -19,7 +19,6 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ MODEL_FILES = ("sim_eval.json", "model.safetensors", "triplets.jsonl")  # what m
 
 
 # ================================================================ knobs: '# what it does | values it takes'
-@dataclass
+@dataclasses.dataclass
 class Config:
     data: str = os.path.join(HERE, "data", "train.jsonl")  # situations to mine from
     eval_data: str = None        # also report on every situation of this file (e.g. data/test.jsonl)

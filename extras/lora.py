@@ -15,7 +15,8 @@ def with_lora(model, rank):
     try:
         from peft import get_peft_model
     except ImportError:
-        raise ImportError("--lora-rank needs peft: pip install peft (or pip install -r requirements-extra.txt)") from None
+        raise ImportError("--lora-rank needs peft: pip install peft (or pip install -r requirements-extra.txt)") \
+            from None
     return get_peft_model(model, lora_config(rank))
 
 

@@ -49,7 +49,8 @@ def csv_rows(path):
         rows = csv.DictReader(f)
         missing = {"prompt", "answer"} - set(rows.fieldnames or [])
         if missing:
-            raise plumbing.DataError(f"{path}: missing column(s) {sorted(missing)}; the authors' CSV has 'prompt' and 'answer'")
+            raise plumbing.DataError(f"{path}: missing column(s) {sorted(missing)}; the authors' CSV has 'prompt' "
+                                     f"and 'answer'")
         try:
             for n, row in enumerate(rows, 1):
                 pieces = reward.split_perspectives(row["answer"] or "")
@@ -77,7 +78,8 @@ def kaleido_rows(path):
     if isinstance(data, dict):
         data = data["data"] if isinstance(data.get("data"), list) else list(data.values())
     if not isinstance(data, list):
-        raise plumbing.DataError(f"{path}: expected a list of situation objects at the top level, got {type(data).__name__}")
+        raise plumbing.DataError(f"{path}: expected a list of situation objects at the top level, got "
+                                 f"{type(data).__name__}")
     out = []
     for n, row in enumerate(data):
         where = f"{path}, entry {n}"
