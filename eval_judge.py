@@ -110,7 +110,8 @@ class Answer:
 
 def answers_to_judge(path, limit=None):
     """The answers to judge, in file order, from the answers JSONL that eval_nli.py or study.py writes. A system is
-    the row's `row` when it has one (study.py), else 'MODEL / PROMPT'; an answer's key is (system, id, sample or 0).
+    'ROW / PROMPT' when the row has a `row` (study.py), else 'MODEL / PROMPT'; an answer's key is (system, id, sample
+    or 0).
     `limit`: only the first N answers of each system. Every row is checked before anything is asked or written.
     Example: rows (m, implicit, s1), (m, implicit, s2), (m, explicit, s1) with limit 1 -> the first and the third."""
     answers, keys, per_system = [], set(), {}
@@ -127,7 +128,7 @@ def answers_to_judge(path, limit=None):
         sample = row.get("sample", 0)
         if not isinstance(sample, int) or isinstance(sample, bool):
             raise DataError(f"{where}: 'sample' must be a whole number, not {sample!r}")
-        system = str(row["row"]) if "row" in row else f"{row['model']} / {row['prompt']}"
+        system = f"{row['row'] if 'row' in row else row['model']} / {row['prompt']}"
         a = Answer(system, str(row["id"]), sample, row["situation"].strip(), row["answer"] or "")
         if a.key in keys:
             raise DataError(f"{where}: a second answer of {system!r} to situation {a.id!r} (sample {sample}); "

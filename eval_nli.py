@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 import reward
-from opgrpo_min import chat_prompt, check_prompts, sample_groups
-from plumbing import (check_device, check_knobs, check_model_path, claim_out_dir, dataclass_args, load_embedder,
-                      load_policy, load_situations, markdown_table, plot_accuracy, resolve_model, run_cli, write_text)
+from opgrpo_min import chat_prompt, sample_groups
+from plumbing import (check_device, check_knobs, check_model_path, check_prompts, claim_out_dir, dataclass_args,
+                      load_embedder, load_policy, load_situations, markdown_table, plot_accuracy, resolve_model,
+                      run_cli, write_text)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_NLI = "microsoft/deberta-v2-xlarge-mnli"   # the NLI model of the paper's evaluation code
@@ -164,7 +165,7 @@ def generate_answers(name, items, styles, args):
     batches: a CPU decode step costs about the same for 16 or 88 prompts (reading the weights)."""
     model, tok = load_policy(resolve_model(name), args.device)
     for style in styles:
-        check_prompts(tok, items, MAX_PROMPT_LEN, style)
+        check_prompts(tok, items, MAX_PROMPT_LEN, lambda s: chat_prompt(tok, s, style))
     todo = [(s, style) for style in styles for s in items]
     torch.manual_seed(args.seed)
     rows = []

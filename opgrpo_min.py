@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import reward
-from plumbing import (DataError, StopAfterStep, adamw, atomic_save, check_device, check_knobs, check_model_path,
+from plumbing import (StopAfterStep, atomic_save, check_device, check_knobs, check_model_path, check_prompts,
                       claim_out_dir, clock, dataclass_args, eos_ids, fingerprints, load_embedder, load_policy,
                       load_situations, model_fingerprint, oom_hint, own_sampling_only, plot_rewards, run_cli,
                       save_checkpoint, training, write_text)
@@ -100,9 +100,8 @@ PROMPT_STYLES = {  # implicit: what SFT and GRPO train on; explicit: the paper's
 
 
 def reference_answer(s):
-    """The SFT target and the reward's reference: one perspective line each, then a summary.
-    The authors had an LLM write the summary; ours is a fixed rule that names every perspective,
-    so the summary term of the format score is satisfied by construction."""
+    """The SFT target and the reward's reference: one perspective line each, then a summary. The authors had an LLM
+    write the summary; ours is a fixed rule that names every perspective, so the format's summary term is met."""
     lines = "\n".join(reward.perspective_line(p.name, p.explanation) for p in s.perspectives)
     names = [p.name for p in s.perspectives]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
@@ -117,17 +116,18 @@ def chat_prompt(tokenizer, situation, style="implicit"):
     return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
-def check_prompts(tokenizer, items, max_prompt_len, style="implicit"):
-    """Every situation's chat prompt fits max_prompt_len tokens (cutting one would cut the situation): a DataError
-    that names the situation's file and line otherwise."""
-    for s in items:
-        n = len(tokenizer(chat_prompt(tokenizer, s.situation, style), add_special_tokens=False).input_ids)
-        if n > max_prompt_len:
-            raise DataError(f"{s.where or s.id}: the prompt of situation {s.id!r} has {n} tokens, over "
-                            f"--max-prompt-len {max_prompt_len}: raise it or shorten the situation")
-
-
 # ================================================================ stage 0: SFT warm start
+def adamw(model, lr, **kw):
+    """AdamW with its fused kernel: one pass over the weights per step (on a 2-core CPU 0.07 s instead of 0.61 s for
+    135M parameters; the same update up to float rounding), on the trainable weights (a LoRA adapter, or all).
+    bfloat16 weights (the GPU path) get float32 master copies: extras/precision.py."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if all(p.dtype == torch.float32 for p in params):
+        return torch.optim.AdamW(params, lr=lr, fused=True, **kw)
+    from extras.precision import MasterAdamW
+    return MasterAdamW(params, lr=lr, fused=True, **kw)
+
+
 def sft_examples(tokenizer, items, max_len):
     """(input_ids, labels) per situation: chat prompt -> reference answer + EOS; labels -100 on the prompt."""
     out = []
@@ -217,8 +217,7 @@ def rollout_rewards(embedder, cfg):
         parts = reward.score_answers(roll.texts, [reference_answer(s) for s in items], embedder,
                                      situations=[s.situation for s in items], mask_keywords=cfg.mask_keywords,
                                      min_perspectives=cfg.min_perspectives, coverage_threshold=cfg.coverage_threshold)
-        means = {k: float(np.mean([getattr(p, k) for p in parts])) for k in ("coverage", "rate", "uniqueness",
-                                                                                 "format", "tag")}
+        means = {k: float(np.mean([getattr(p, k) for p in parts])) for k in vars(parts[0]) if k not in ("total", "u")}
         return [p.total for p in parts], means
     return fn
 
@@ -471,7 +470,7 @@ def train(cfg):
         model = saved_adapter(model, ckpt)
     else:
         model, tok = load_policy(ckpt if cfg.resume else cfg.model, cfg.device, dtype, cfg.trust_remote_code)
-    check_prompts(tok, items, cfg.max_prompt_len)
+    check_prompts(tok, items, cfg.max_prompt_len, lambda s: chat_prompt(tok, s))
     prints = fingerprints(cfg.train_data, tok)         # what a resume checks is unchanged (extras/resume.py)
     if cfg.resume:
         resume.check_same(state["fingerprints"], dict(prints, reference=model_fingerprint(reference)), cfg.out)

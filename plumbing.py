@@ -211,6 +211,15 @@ def model_fingerprint(name):
     return f"hub {name}@{getattr(AutoConfig.from_pretrained(name), '_commit_hash', None)}"
 
 
+def check_prompts(tokenizer, items, max_prompt_len, prompt):
+    """Every situation's prompt (prompt(situation text) -> the text the model reads) fits max_prompt_len tokens
+    (cutting one would cut the situation): a DataError that names the situation's file and line otherwise."""
+    for s in items:
+        if (n := len(tokenizer(prompt(s.situation), add_special_tokens=False).input_ids)) > max_prompt_len:
+            raise DataError(f"{s.where or s.id}: the prompt of situation {s.id!r} has {n} tokens, over "
+                            f"--max-prompt-len {max_prompt_len}: raise it or shorten the situation")
+
+
 def fingerprints(data_file, tokenizer):
     """The sha256 of the training data file and of the chat template: two of what a resume checks is unchanged."""
     template = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()
@@ -486,18 +495,6 @@ def eos_ids(model, tokenizer):
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     return sorted(e for e in eos if e is not None)
-
-
-def adamw(model, lr, **kw):
-    """AdamW with its fused kernel: one pass over the weights per step instead of several (on a 2-core CPU
-    0.07 s instead of 0.61 s per step for 135M parameters; the same update up to float rounding).
-    Only trainable weights (a LoRA adapter, or all). bfloat16 weights (the GPU path) get float32 master copies:
-    extras/precision.py."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if all(p.dtype == torch.float32 for p in params):
-        return torch.optim.AdamW(params, lr=lr, fused=True, **kw)
-    from extras.precision import MasterAdamW
-    return MasterAdamW(params, lr=lr, fused=True, **kw)
 
 
 # ================================================================ command line

@@ -185,7 +185,7 @@ def answer(path, row, source, style, items, n, gen, loaded):
                 loaded[row] = plumbing.load_policy(plumbing.resolve_model(source), "cpu")
             model, tok = loaded[row]
             torch.manual_seed(block_seed(gen.seed, row, style, b // gen.batch_size, k))
-            om.check_prompts(tok, batch, eval_nli.MAX_PROMPT_LEN, style)
+            plumbing.check_prompts(tok, batch, eval_nli.MAX_PROMPT_LEN, lambda s: om.chat_prompt(tok, s, style))
             texts = om.sample_groups(model, tok, [om.chat_prompt(tok, s.situation, style) for s in batch], BLOCK,
                                      gen.max_new_tokens, 0.7, 0.9).texts                  # prompt i: i*4 .. i*4+3
             new = [dict(row=row, prompt=style, id=s.id, sample=j, answer=texts[i * BLOCK + j - k * BLOCK],

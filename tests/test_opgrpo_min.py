@@ -345,10 +345,11 @@ def test_too_long_prompt_is_refused_naming_file_and_line(tiny_policy):
     _, tok = tiny_policy
     items = [plumbing.Situation("a", "short", where="d.jsonl, line 1"),
              plumbing.Situation("b", "word " * 50, where="d.jsonl, line 2")]
-    om.check_prompts(tok, items[:1], 60)
+    prompt = lambda s: om.chat_prompt(tok, s)                               # noqa: E731
+    plumbing.check_prompts(tok, items[:1], 60, prompt)
     with pytest.raises(plumbing.DataError, match=r"d.jsonl, line 2: the prompt of situation 'b' has \d+ tokens, "
                                                  r"over --max-prompt-len 60"):
-        om.check_prompts(tok, items, 60)
+        plumbing.check_prompts(tok, items, 60, prompt)
 
 
 def test_token_logprobs_match_a_plain_forward_and_ignore_left_padding(tiny_policy):

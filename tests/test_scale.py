@@ -54,7 +54,7 @@ def test_trl_script_help_runs_as_a_file_and_lists_the_paper_knobs():
         assert flag in out.stdout
 
 
-@pytest.mark.parametrize("argv, words", [(["--group-size", "1"], "--group-size 1: must be >= 2"),
+@pytest.mark.parametrize("argv, words", [(["--group-size", "1"], "--group-size 1: out of range, must satisfy v >= 2"),
                                          (["--dual-clip", "1.1"], "--dual-clip 1.1"),
                                          (["--model", "./no/such/dir"], "--model ./no/such/dir: no such file")])
 def test_trl_script_bad_input_is_one_line_error(argv, words, capsys):
@@ -266,7 +266,7 @@ def test_compute_score_malformed_ground_truth_is_a_clear_value_error(verl_embedd
 def test_compute_score_loads_the_embedder_once_from_the_env(monkeypatch):
     loaded = []
     monkeypatch.setattr(verl_reward, "_EMBEDDER", None)
-    monkeypatch.setattr(reward, "load_embedder", lambda name=None, device=None: loaded.append(name) or object())
+    monkeypatch.setattr(plumbing, "load_embedder", lambda name=None, device=None: loaded.append(name) or object())
     monkeypatch.setenv("OPGRPO_SIM_MODEL", "/models/my-estimator")
     first = verl_reward.embedder()
     assert verl_reward.embedder() is first and loaded == ["/models/my-estimator"]
