@@ -509,8 +509,12 @@ def main(argv=None):
             for r in rows:
                 if r["note"]:
                     print(f"{r['function']}: {r['note']}")
-                for case, message in r["failed"]:
-                    print(f"{r['function']}: failed {case.split('::')[1]}: {message}")
+                messages = {message for _, message in r["failed"]}
+                if len(r["failed"]) > 1 and len(messages) == 1:              # e.g. every case: NotImplementedError
+                    print(f"{r['function']}: failed all {len(r['failed'])} cases: {messages.pop()}")
+                else:
+                    for case, message in r["failed"]:
+                        print(f"{r['function']}: failed {case.split('::')[1]}: {message}")
                 if args.verbose and (r["failed"] or r["note"]) and r["report"]:
                     print(f"---- {r['function']}: pytest's report\n{r['report']}")
     except TeachError as e:
