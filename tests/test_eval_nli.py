@@ -81,14 +81,14 @@ def test_situation_score_is_the_mean_over_perspectives_of_the_max_over_sentences
     scores = nli_scores(["s1. s2.", "s3."], [situation("x", "ea", "eb"), situation("y", "ec")], entail)
     assert scores == pytest.approx([(0.9 + 0.5) / 2, 0.4]), \
         "situation_score: mean over reference perspectives of the max over answer sentences"
-    assert len(entail.calls) == 1 and len(entail.calls[0]) == 4 + 1     # every pair of the batch in one call
+    assert len(entail.calls) == 1 and len(entail.calls[0]) == 4 + 1, "nli_scores: every pair of the batch in one call"
 
 
 def test_an_empty_answer_scores_zero_and_sends_no_pair_to_the_nli_model():
     entail = fake_entail({("ea", "s1."): 0.8})
     assert nli_scores(["", " \n- ", "s1."], [situation("x", "ea")] * 3, entail) == pytest.approx([0, 0, 0.8]), \
         "an answer without a sentence scores 0"
-    assert entail.calls == [[("ea", "s1.")]]
+    assert entail.calls == [[("ea", "s1.")]], "an answer without a sentence sends no pair to the NLI model"
     assert situation_score(np.zeros((3, 0))) == 0.0, "situation_score: no sentence (an empty P) -> 0.0"
 
 

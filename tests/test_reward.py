@@ -282,7 +282,8 @@ def test_stopwords_are_nltks_english_list():
          "list masks the lone 's', "
                                                                                            "'t' and 'couldn'; 'would' "
                                                                                            "is a content word")
-    assert len(reward.STOPWORDS) == 179 and sum("'" in w for w in reward.STOPWORDS) == 26
+    assert len(reward.STOPWORDS) == 179 and sum("'" in w for w in reward.STOPWORDS) == 26, \
+        "STOPWORDS: NLTK's English list, 179 words, 26 of them with an apostrophe"
 
 
 def test_mask_words_replaces_keywords_whatever_their_case_and_keeps_punctuation():
