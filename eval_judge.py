@@ -35,8 +35,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 
-from plumbing import (ArgumentParser, DataError, claim_out_dir, not_utf8, pyplot, read_jsonl, run_cli, save_figure,
-                     write_text)
+from plumbing import (ArgumentParser, DataError, claim_out_dir, drop_torn_tail, not_utf8, pyplot, read_jsonl, run_cli,
+                      save_figure, write_text)
 
 ASPECTS = ("helpfulness", "clarity", "factuality", "depth", "engagement")
 METRICS = ASPECTS + ("overall",)     # overall: the mean of an answer's five scores
@@ -431,23 +431,6 @@ def read_judgments(path, fingerprint):
                             f"{fingerprint} (see judge_config.json); use another --out")
         rows[(row["system"], row["id"], row["sample"])] = row
     return rows
-
-
-def drop_torn_tail(path):
-    """Before appending: cut away a last line that a kill left half written (see read_jsonl's torn-line rule), or
-    end a whole last row that lacks only its newline."""
-    if not os.path.isfile(path):
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        cut = data.rfind(b"\n") + 1
-        if cut == len(data):
-            return
-        try:
-            json.loads(data[cut:])
-            f.write(b"\n")
-        except ValueError:
-            f.truncate(cut)
 
 
 class JudgmentLog:

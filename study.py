@@ -154,11 +154,7 @@ def read_answers(path):
     it is cut off here (those answers are made again), any other bad line is an error that names it."""
     if not os.path.exists(path):
         return {}
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw and not raw.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(raw.rfind(b"\n") + 1)
+    plumbing.drop_torn_tail(path)
     return {(r["row"], r["prompt"], r["id"], r["sample"]): r for _, r in plumbing.read_jsonl(path, "answers")}
 
 
