@@ -35,7 +35,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 
-from plumbing import (ArgumentParser, DataError, claim_out_dir, drop_torn_tail, not_utf8, pyplot, read_jsonl, run_cli,
+from extras.answers import drop_torn_tail
+from plumbing import (ArgumentParser, DataError, claim_out_dir, not_utf8, pyplot, read_jsonl, run_cli,
                       save_figure, write_text)
 
 ASPECTS = ("helpfulness", "clarity", "factuality", "depth", "engagement")

@@ -288,23 +288,6 @@ def atomic_save(path, write):
     shutil.rmtree(old, ignore_errors=True)     # what a kill leaves of it, the next settle removes
 
 
-def drop_torn_tail(path):
-    """Before appending to a JSONL file: cut away a last line that a kill left half written, or end a whole last row
-    that lacks only its newline (study.py's answers, eval_judge.py's judgments)."""
-    if not os.path.isfile(path):
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        cut = data.rfind(b"\n") + 1
-        if cut == len(data):
-            return
-        try:
-            json.loads(data[cut:])
-            f.write(b"\n")
-        except ValueError:
-            f.truncate(cut)
-
-
 @contextlib.contextmanager
 def replaced(path):
     """A temporary path beside `path` that replaces it (os.replace, atomic) when the block ends without error: a kill

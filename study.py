@@ -32,6 +32,7 @@ import opgrpo_min as om
 import reward
 import plumbing
 import sim_train
+from extras.answers import drop_torn_tail
 from stats import paired
 
 FULL = dict(sft_steps=31, steps=12, prompts_per_step=2, group_size=4, max_new_tokens=160, lr=5e-6, seeds=3,
@@ -154,7 +155,7 @@ def read_answers(path):
     it is cut off here (those answers are made again), any other bad line is an error that names it."""
     if not os.path.exists(path):
         return {}
-    plumbing.drop_torn_tail(path)
+    drop_torn_tail(path)
     return {(r["row"], r["prompt"], r["id"], r["sample"]): r for _, r in plumbing.read_jsonl(path, "answers")}
 
 

@@ -1,4 +1,8 @@
-"""eval_nli.py --answers FILE: re-score saved answers without generating, every row checked against the test set."""
+"""Files of saved answers: eval_nli.py --answers FILE re-scores them without generating, every row checked against
+the test set; study.py and eval_judge.py append to theirs after a kill."""
+import json
+import os
+
 from plumbing import read_jsonl
 
 
@@ -26,3 +30,20 @@ def load_answers(path, items):
             raise ValueError(f"{path}: model {model!r}, prompt {prompt!r} has no answer for {len(missing)} test "
                              f"situation(s), e.g. {missing[0]!r}: regenerate, or pass the matching --data")
     return {key: [answers[s.id] for s in items] for key, answers in groups.items()}
+
+
+def drop_torn_tail(path):
+    """Before appending to a JSONL file: cut away a last line that a kill left half written, or end a whole last row
+    that lacks only its newline (study.py's answers, eval_judge.py's judgments)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        cut = data.rfind(b"\n") + 1
+        if cut == len(data):
+            return
+        try:
+            json.loads(data[cut:])
+            f.write(b"\n")
+        except ValueError:
+            f.truncate(cut)
