@@ -11,7 +11,6 @@ situations: docs/study.md), with the embedded MiniLM or --sim DIR.
 """
 import argparse
 import copy
-import json
 import os
 import sys
 import time
