@@ -280,12 +280,18 @@ def test_a_run_killed_mid_way_then_rerun_asks_every_answer_once(fake, tmp_path):
     assert sum(fake.asked.values()) >= n and set(fake.asked) == {f"k{k}" for k in range(n)}
 
 
+def ctrl_c_as_in_a_terminal():
+    """A test run in the background (`pytest ... &`, nohup) passes SIGINT as ignored to its children, and Python then
+    never turns it into KeyboardInterrupt: give the child the default a terminal gives."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_sends_nothing_more_but_saves_the_replies_in_flight(fake, tmp_path):
     n = 10
     path, out = answers_file(tmp_path, [[f"id=c{k} mode=good sleep=0.5" for k in range(n)]]), tmp_path / "judge"
     proc = subprocess.Popen([sys.executable, "eval_judge.py", "--answers", path, "--out", str(out), "--base-url",
                              fake.url, "--concurrency", "3"], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_in_a_terminal)
     log, deadline = out / "judgments.jsonl", time.time() + 40
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
         time.sleep(0.05)
