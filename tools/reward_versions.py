@@ -25,11 +25,13 @@ def reward_at(revision):
     source = subprocess.run(["git", "show", f"{revision}:reward.py"], cwd=ROOT, capture_output=True, text=True)
     if source.returncode:
         raise ValueError(f"--old {revision}: git cannot show reward.py there ({source.stderr.strip()})")
-    path = os.path.join(tempfile.mkdtemp(), "reward_then.py")
-    open(path, "w").write(source.stdout)
-    spec = importlib.util.spec_from_file_location("reward_then", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as folder:      # the module is read once, at exec_module
+        path = os.path.join(folder, "reward_then.py")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(source.stdout)
+        spec = importlib.util.spec_from_file_location("reward_then", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 
