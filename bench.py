@@ -9,6 +9,7 @@ Every answer is forced to exactly --max-new-tokens tokens (min = max), so every 
 --warmup steps of a run are not timed. Each run starts from the same weights. With --vs-trl the two implementations
 alternate run by run (--rounds), so drift of the machine hits both. All figures and the environment go to --out.
 """
+
 import argparse
 import contextlib
 import copy
@@ -31,13 +32,34 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import opgrpo_min as om
 import plumbing
 
-SHAPES = {"qwen2.5-3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                             intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True,
-                             max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-                             bos_token_id=151643, eos_token_id=151645),
-          "small": dict(hidden_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                        intermediate_size=2816, vocab_size=32768, tie_word_embeddings=True,
-                        max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6)}  # --validate: a real run
+SHAPES = {
+    "qwen2.5-3b": dict(
+        hidden_size=2048,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        intermediate_size=11008,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    ),
+    "small": dict(
+        hidden_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=2816,
+        vocab_size=32768,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+    ),
+}  # --validate: a real run
 PHASES = ("t_generate", "t_reward", "t_logprob_old", "t_logprob_ref", "t_update", "t_step")
 
 
@@ -46,6 +68,7 @@ class SyntheticTokenizer:
     """Stands in for a tokenizer when the model is random (nothing to download): every prompt becomes
     `prompt_len` ids drawn from a seed that is the prompt's CRC, and answers decode to their ids as text.
     Its vocabulary (151665, Qwen2.5's) is smaller than the model's output layer, as with the real one."""
+
     pad_token_id, eos_token_id, padding_side = 151643, 151645, "left"
 
     def __init__(self, prompt_len=512, vocab=151665):
@@ -59,9 +82,17 @@ class SyntheticTokenizer:
 
     def __call__(self, texts, **kw):
         texts = [texts] if isinstance(texts, str) else texts
-        ids = torch.stack([torch.randint(0, self.pad_token_id, (self.prompt_len,),
-                                         generator=torch.Generator().manual_seed(zlib.crc32(t.encode())))
-                           for t in texts])                                               # [n, prompt_len]
+        ids = torch.stack(
+            [
+                torch.randint(
+                    0,
+                    self.pad_token_id,
+                    (self.prompt_len,),
+                    generator=torch.Generator().manual_seed(zlib.crc32(t.encode())),
+                )
+                for t in texts
+            ]
+        )  # [n, prompt_len]
         return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
 
     def batch_decode(self, ids, **kw):
@@ -73,17 +104,21 @@ def build_policy(args):
     if not args.shape:
         return plumbing.load_policy(args.model, args.device)
     from transformers import AutoModelForCausalLM, Qwen2Config
+
     shape = dict(SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {}))
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(Qwen2Config(**shape), dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(
+            Qwen2Config(**shape), dtype=dtype, attn_implementation="sdpa"
+        )
     return model.eval(), SyntheticTokenizer(args.prompt_len)
 
 
 class PeakMemory:
     """Peak memory (GB) of a block: torch.cuda.max_memory_allocated on a GPU, else the process's resident set
     sampled every 5 ms (the lifetime peak of ru_maxrss would mix runs that share the process)."""
+
     def __init__(self, device):
         self.cuda, self.peak = str(device).startswith("cuda"), 0.0
 
@@ -118,11 +153,25 @@ class PeakMemory:
 
 # ================================================================ the two implementations
 def bench_config(args, steps):
-    return om.resolve_config(om.Config(
-        device=args.device, steps=steps, prompts_per_step=args.prompts, group_size=args.group_size,
-        max_new_tokens=args.max_new_tokens, beta=args.beta, lr=args.lr,
-        updates_per_step=args.updates_per_step, micro_batch=args.micro_batch, max_prompt_len=10 ** 6,
-        gradient_checkpointing=args.gradient_checkpointing, sft_steps=0, sample_every=0, save_every=0, seed=0))
+    return om.resolve_config(
+        om.Config(
+            device=args.device,
+            steps=steps,
+            prompts_per_step=args.prompts,
+            group_size=args.group_size,
+            max_new_tokens=args.max_new_tokens,
+            beta=args.beta,
+            lr=args.lr,
+            updates_per_step=args.updates_per_step,
+            micro_batch=args.micro_batch,
+            max_prompt_len=10**6,
+            gradient_checkpointing=args.gradient_checkpointing,
+            sft_steps=0,
+            sample_every=0,
+            save_every=0,
+            seed=0,
+        )
+    )
 
 
 @contextlib.contextmanager
@@ -135,6 +184,7 @@ def forced_length(tokens):
         gen = real(*a, **kw)
         gen.min_new_tokens = tokens
         return gen
+
     om.sampling_config = forced
     try:
         yield
@@ -147,9 +197,11 @@ def run_ours(make_model, tok, items, embedder, args):
     cfg = bench_config(args, args.warmup + args.steps)
     with PeakMemory(args.device) as mem, forced_length(args.max_new_tokens):
         model = make_model()
-        ref = copy.deepcopy(model).requires_grad_(False) if cfg.beta else None  # beta = 0: no reference at all
+        ref = (
+            copy.deepcopy(model).requires_grad_(False) if cfg.beta else None
+        )  # beta = 0: no reference at all
         rows = om.grpo_train(model, tok, items, om.rollout_rewards(embedder, cfg), cfg, ref)
-    return dict(rows=rows[args.warmup:], peak_gb=mem.peak)
+    return dict(rows=rows[args.warmup :], peak_gb=mem.peak)
 
 
 def run_trl(make_model, tok, items, embedder, args):
@@ -159,20 +211,31 @@ def run_trl(make_model, tok, items, embedder, args):
     TRL user gets; gradient checkpointing, bf16 off on CPU). Phases: generate and the reward are timed by
     wrapping them, log-probs by timing TRL's log-prob function (no grad: old/ref, grad: update)."""
     import tempfile
+
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+
     from scale.trl_opgrpo import TRLReward
+
     if args.updates_per_step != 1:
         raise SystemExit("--vs-trl compares one update per batch: use --updates-per-step 1")
     P, G, T, n = args.prompts, args.group_size, args.max_new_tokens, args.warmup + args.steps
-    order = [i for step in range(n) for i in om.prompts_for_step(len(items), step, P, 0)]  # ours' prompt order
-    data = Dataset.from_dict(dict(prompt=[om.chat_prompt(tok, items[i].situation) for i in order],
-                                  reference=[om.reference_answer(items[i]) for i in order],
-                                  situation=[items[i].situation for i in order]))
+    order = [
+        i for step in range(n) for i in om.prompts_for_step(len(items), step, P, 0)
+    ]  # ours' prompt order
+    data = Dataset.from_dict(
+        dict(
+            prompt=[om.chat_prompt(tok, items[i].situation) for i in order],
+            reference=[om.reference_answer(items[i]) for i in order],
+            situation=[items[i].situation for i in order],
+        )
+    )
     clock = dict(generate=0.0, reward=0.0, logprob=0.0, forward=0.0)
     ours = bench_config(args, n)
-    score = TRLReward(embedder, ours.mask_keywords, ours.min_perspectives)  # ours' reward, TRL's interface
+    score = TRLReward(
+        embedder, ours.mask_keywords, ours.min_perspectives
+    )  # ours' reward, TRL's interface
 
     def op_reward(**kw):
         t0 = time.perf_counter()
@@ -196,9 +259,16 @@ def run_trl(make_model, tok, items, embedder, args):
 
         def on_step_end(self, *a, **kw):
             t = time.perf_counter() - self.t0
-            rows.append(dict(t_generate=clock["generate"], t_reward=clock["reward"], t_logprob=clock["logprob"],
-                             t_update=t - clock["generate"] - clock["reward"] - clock["logprob"],
-                             t_update_forward=clock["forward"], t_step=t))
+            rows.append(
+                dict(
+                    t_generate=clock["generate"],
+                    t_reward=clock["reward"],
+                    t_logprob=clock["logprob"],
+                    t_update=t - clock["generate"] - clock["reward"] - clock["logprob"],
+                    t_update_forward=clock["forward"],
+                    t_step=t,
+                )
+            )
 
     model = make_model()
     generate = model.generate
@@ -208,22 +278,50 @@ def run_trl(make_model, tok, items, embedder, args):
         out = generate(*a, **kw)
         clock["generate"] += time.perf_counter() - t0
         return out
+
     model.generate = timed_generate
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = GRPOConfig(output_dir=tmp, max_steps=n, per_device_train_batch_size=P * G, num_generations=G,
-                         gradient_accumulation_steps=1, num_iterations=1, max_completion_length=T,
-                         generation_kwargs=dict(min_new_tokens=T, top_k=0), temperature=1.0, top_p=1.0,
-                         beta=args.beta, epsilon=0.2, learning_rate=args.lr, weight_decay=0.01,
-                         lr_scheduler_type="constant", shuffle_dataset=False, bf16=False,
-                         use_cpu=not args.device.startswith("cuda"), report_to="none", save_strategy="no",
-                         logging_steps=1, seed=0, disable_tqdm=True)
-        trainer = Timed(model=model, reward_funcs=op_reward, args=cfg, train_dataset=data, processing_class=tok,
-                        callbacks=[Steps()])
+        cfg = GRPOConfig(
+            output_dir=tmp,
+            max_steps=n,
+            per_device_train_batch_size=P * G,
+            num_generations=G,
+            gradient_accumulation_steps=1,
+            num_iterations=1,
+            max_completion_length=T,
+            generation_kwargs=dict(min_new_tokens=T, top_k=0),
+            temperature=1.0,
+            top_p=1.0,
+            beta=args.beta,
+            epsilon=0.2,
+            learning_rate=args.lr,
+            weight_decay=0.01,
+            lr_scheduler_type="constant",
+            shuffle_dataset=False,
+            bf16=False,
+            use_cpu=not args.device.startswith("cuda"),
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1,
+            seed=0,
+            disable_tqdm=True,
+        )
+        trainer = Timed(
+            model=model,
+            reward_funcs=op_reward,
+            args=cfg,
+            train_dataset=data,
+            processing_class=tok,
+            callbacks=[Steps()],
+        )
         with PeakMemory(args.device) as mem:
             trainer.train()
-    settings = {k: getattr(cfg, k) for k in ("gradient_checkpointing", "loss_type", "bf16", "scale_rewards")
-                if hasattr(cfg, k)}
-    return dict(rows=rows[args.warmup:], peak_gb=mem.peak, settings=settings)
+    settings = {
+        k: getattr(cfg, k)
+        for k in ("gradient_checkpointing", "loss_type", "bf16", "scale_rewards")
+        if hasattr(cfg, k)
+    }
+    return dict(rows=rows[args.warmup :], peak_gb=mem.peak, settings=settings)
 
 
 # ================================================================ floors and summaries
@@ -236,11 +334,11 @@ def measured_rates(device, dtype):
     for _ in range(5):
         t0 = plumbing.clock(x)
         b.copy_(a)
-        bw = max(bw, 2 * n_bytes / (plumbing.clock(x) - t0))                     # read + write
+        bw = max(bw, 2 * n_bytes / (plumbing.clock(x) - t0))  # read + write
         t0 = plumbing.clock(x)
         for _ in range(4):
             x @ x
-        mm = max(mm, 4 * 2 * n ** 3 / (plumbing.clock(x) - t0))
+        mm = max(mm, 4 * 2 * n**3 / (plumbing.clock(x) - t0))
     return bw, mm
 
 
@@ -251,9 +349,11 @@ def floors(shape, P, G, L, T, bandwidth, flops, n_logprob_forwards):
     logprob   2 x params x B (L + T) FLOP per extra forward (old, reference) / matmul rate;
     update    6 x params x B (L + T) FLOP (forward + backward) / matmul rate.
     Example: 1e6 params in fp32, no KV, T = 10, bandwidth 4e8 B/s -> generate floor 10 x 4e6 / 4e8 = 0.1 s."""
-    c, params, size = shape                                                # model config, parameters, bytes each
+    c, params, size = shape  # model config, parameters, bytes each
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * size     # K and V, all layers
+    kv_per_token = (
+        2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * size
+    )  # K and V, all layers
     B, tokens = P * G, P * G * (L + T)
     gen = (T * params * size + B * kv_per_token * (T * L + T * (T + 1) / 2)) / bandwidth
     logprob = n_logprob_forwards * 2 * params * tokens / flops
@@ -264,31 +364,56 @@ def floors(shape, P, G, L, T, bandwidth, flops, n_logprob_forwards):
 def summary(rows):
     """median [min, max] of every timing over the timed steps."""
     keys = [k for k in rows[0] if k.startswith("t_")] if rows else []
-    return {k: dict(median=statistics.median(r[k] for r in rows), min=min(r[k] for r in rows),
-                    max=max(r[k] for r in rows)) for k in keys}
+    return {
+        k: dict(
+            median=statistics.median(r[k] for r in rows),
+            min=min(r[k] for r in rows),
+            max=max(r[k] for r in rows),
+        )
+        for k in keys
+    }
 
 
 def show(name, res, T_total):
     s = res["summary"]
-    print(f"\n{name}: peak memory {res['peak_gb']:.2f} GB, {T_total / s['t_generate']['median']:.0f} tokens/s "
-          f"generated (median of {len(res['rows'])} steps)")
+    print(
+        f"\n{name}: peak memory {res['peak_gb']:.2f} GB, {T_total / s['t_generate']['median']:.0f} tokens/s "
+        f"generated (median of {len(res['rows'])} steps)"
+    )
     for k, v in s.items():
         print(f"  {k:18}{v['median']:9.2f} s   [{v['min']:.2f}, {v['max']:.2f}]")
 
 
 def cpu_name():
     try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        return next(
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
 
 # ================================================================ simulated memory (--simulate): one step, no weights
 GB = 1e9
-CATEGORIES = ("weights", "gradients", "master copies", "AdamW moments", "reference model", "KV cache", "activations",
-              "logits")
-KNOBS = dict(lora_rank=(16,), micro_batch=(1, 2, 4), gradient_checkpointing=(0,), max_new_tokens=(200, 1200),
-             group_size=(4,))  # --simulate --sweep: each moved alone away from the gpu preset (G 10, T 800, mb 8, gc 1)
+CATEGORIES = (
+    "weights",
+    "gradients",
+    "master copies",
+    "AdamW moments",
+    "reference model",
+    "KV cache",
+    "activations",
+    "logits",
+)
+KNOBS = dict(
+    lora_rank=(16,),
+    micro_batch=(1, 2, 4),
+    gradient_checkpointing=(0,),
+    max_new_tokens=(200, 1200),
+    group_size=(4,),
+)  # --simulate --sweep: each moved alone away from the gpu preset (G 10, T 800, mb 8, gc 1)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -299,10 +424,18 @@ class LiveBytes(TorchDispatchMode):
     ran at: the breakdown is of a moment within 0.5 % of the peak (it runs in the dispatcher, never in a free, where
     reading a .grad that is being replaced crashes). Fake tensors hold no values, so with fake=True .item() answers 1
     (False for a bool): in a step only the loss check, the logged stats and transformers' skip-the-mask test read one."""
+
     def __init__(self, fake, vocab_sizes):
         super().__init__()
         self.fake, self.vocab, self.groups, self.phase = fake, set(vocab_sizes), {}, "setup"
-        self.live, self.now, self.peak, self.named_at, self.at_peak, self.peaks = {}, 0, 0, 0, {}, {}
+        self.live, self.now, self.peak, self.named_at, self.at_peak, self.peaks = (
+            {},
+            0,
+            0,
+            0,
+            {},
+            {},
+        )
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.fake and func is torch.ops.aten._local_scalar_dense.default:
@@ -319,7 +452,11 @@ class LiveBytes(TorchDispatchMode):
         s = t.untyped_storage()  # one Python object per storage while it lives, so id() names it
         if id(s) not in self.live and s.nbytes():
             logits = t.dim() > 0 and t.shape[-1] in self.vocab
-            self.live[id(s)] = (s.nbytes(), logits, weakref.ref(s, functools.partial(self.free, id(s))))
+            self.live[id(s)] = (
+                s.nbytes(),
+                logits,
+                weakref.ref(s, functools.partial(self.free, id(s))),
+            )
             self.now += s.nbytes()
             self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self.now)
             if self.now > self.peak:
@@ -329,7 +466,12 @@ class LiveBytes(TorchDispatchMode):
         self.now -= self.live.pop(key)[0]
 
     def breakdown(self):
-        named = {id(t.untyped_storage()): c for c, tensors in self.groups.items() for t in tensors() if t is not None}
+        named = {
+            id(t.untyped_storage()): c
+            for c, tensors in self.groups.items()
+            for t in tensors()
+            if t is not None
+        }
         out = dict.fromkeys(CATEGORIES, 0)
         for key, (n, logits, _) in self.live.items():
             out[named.get(key, "logits" if logits else "activations")] += n
@@ -341,8 +483,12 @@ class LiveBytes(TorchDispatchMode):
         self.at_peak, self.named_at = self.breakdown(), self.now
 
     def result(self):
-        return dict(peak_gb=self.peak / GB, phase=self.peak_phase, at_peak_gb={k: v / GB for k, v in self.at_peak.items()},
-                    phase_peaks_gb={k: v / GB for k, v in self.peaks.items()})
+        return dict(
+            peak_gb=self.peak / GB,
+            phase=self.peak_phase,
+            at_peak_gb={k: v / GB for k, v in self.at_peak.items()},
+            phase_peaks_gb={k: v / GB for k, v in self.peaks.items()},
+        )
 
 
 @torch.no_grad()
@@ -355,39 +501,64 @@ def decode_rollout(model, tracker, P, G, L, T, vocab, steps=0):
     the T - 1 decode forwards: the cache first grows in one piece to where they start, which leaves the tensors the
     skipped steps leave (not their transients, smaller than the last steps'; test_skipped_decode_steps_...)."""
     from transformers import DynamicCache
+
     attn = torch.ones(P, L, dtype=torch.long)
-    attn[0, 0] = 0  # prompts of different lengths: transformers builds the 4D mask (it does with fake tensors anyway)
-    ids = torch.randint(0, vocab, (P, L)).repeat_interleave(G, 0)                         # [B, L]
-    attn = attn.repeat_interleave(G, 0)                                                   # [B, L]
+    attn[0, 0] = (
+        0  # prompts of different lengths: transformers builds the 4D mask (it does with fake tensors anyway)
+    )
+    ids = torch.randint(0, vocab, (P, L)).repeat_interleave(G, 0)  # [B, L]
+    attn = attn.repeat_interleave(G, 0)  # [B, L]
     cache, B = DynamicCache(config=model.config), P * G
     alive = weakref.ref(cache)  # the tracker must not keep the cache alive after the rollout
-    tracker.groups["KV cache"] = lambda: [] if alive() is None else [x for layer in alive().layers
-                                                                      for x in (layer.keys, layer.values)]
+    tracker.groups["KV cache"] = lambda: (
+        []
+        if alive() is None
+        else [x for layer in alive().layers for x in (layer.keys, layer.values)]
+    )
     pos = lambda: (attn.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos(), cache=cache, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=pos(),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     grow = max(T - 1 - steps, 0) if steps else 0
     if grow:
         c = model.config
         kv = (B, c.num_key_value_heads, grow, c.hidden_size // c.num_attention_heads)
         for i in range(c.num_hidden_layers):
             cache.update(torch.empty(kv, dtype=model.dtype), torch.empty(kv, dtype=model.dtype), i)
-        ids, attn = torch.cat([ids, ids.new_zeros(B, grow)], 1), torch.cat([attn, attn.new_ones(B, grow)], 1)
+        ids, attn = (
+            torch.cat([ids, ids.new_zeros(B, grow)], 1),
+            torch.cat([attn, attn.new_ones(B, grow)], 1),
+        )
     for n in range(grow, T):
-        probs = out.logits[:, -1, :vocab].float().softmax(-1)  # ids past the tokenizer: suppressed    # [B, V]
+        probs = (
+            out.logits[:, -1, :vocab].float().softmax(-1)
+        )  # ids past the tokenizer: suppressed    # [B, V]
         del out
-        ids = torch.cat([ids, torch.multinomial(probs, 1)], 1)                            # [B, L + n + 1]
-        attn = torch.cat([attn, attn.new_ones(B, 1)], 1)                                  # [B, L + n + 1]
+        ids = torch.cat([ids, torch.multinomial(probs, 1)], 1)  # [B, L + n + 1]
+        attn = torch.cat([attn, attn.new_ones(B, 1)], 1)  # [B, L + n + 1]
         if n == T - 1:
             break  # generate never feeds its last token back: the cache ends at L + T - 1 positions
-        out = model(input_ids=ids[:, -1:], attention_mask=attn, position_ids=pos()[:, -1:], cache=cache,
-                    use_cache=True)
-    answer_mask = attn[:, L:].clone()                                                     # [B, T]
+        out = model(  # noqa: F841 (read at the top of the next pass)
+            input_ids=ids[:, -1:],
+            attention_mask=attn,
+            position_ids=pos()[:, -1:],
+            cache=cache,
+            use_cache=True,
+        )
+    answer_mask = attn[:, L:].clone()  # [B, T]
     return om.Rollout(ids, attn, answer_mask, [""] * B, torch.arange(P).repeat_interleave(G))
 
 
 def peft_model(model, rank):
     import peft
+
     from extras.lora import lora_config
+
     return peft.get_peft_model(model, lora_config(rank))
 
 
@@ -401,7 +572,11 @@ def materialize(model):
                 if t is not None:
                     if id(t) not in new:
                         e = torch.empty(t.shape, dtype=t.dtype)
-                        new[id(t)] = torch.nn.Parameter(e, t.requires_grad) if store is mod._parameters else e
+                        new[id(t)] = (
+                            torch.nn.Parameter(e, t.requires_grad)
+                            if store is mod._parameters
+                            else e
+                        )
                     store[name] = new[id(t)]
     return model
 
@@ -418,18 +593,33 @@ def simulate_step(a, fake=True):
     Returns LiveBytes.result() with the seconds it took."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM, Qwen2Config
+
     t0 = time.perf_counter()
     shape = dict(SHAPES[a.shape], **({"num_hidden_layers": a.layers} if a.layers else {}))
-    vocab = min(len(SyntheticTokenizer()), shape["vocab_size"])  # the tokenizer's (Qwen pads its output layer)
-    cfg = om.resolve_config(om.Config(
-        device="cpu", preset="gpu", prompts_per_step=a.prompts, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
-        micro_batch=a.micro_batch, gradient_checkpointing=a.gradient_checkpointing, beta=a.beta,
-        updates_per_step=a.updates_per_step))
+    vocab = min(
+        len(SyntheticTokenizer()), shape["vocab_size"]
+    )  # the tokenizer's (Qwen pads its output layer)
+    cfg = om.resolve_config(
+        om.Config(
+            device="cpu",
+            preset="gpu",
+            prompts_per_step=a.prompts,
+            group_size=a.group_size,
+            max_new_tokens=a.max_new_tokens,
+            micro_batch=a.micro_batch,
+            gradient_checkpointing=a.gradient_checkpointing,
+            beta=a.beta,
+            updates_per_step=a.updates_per_step,
+        )
+    )
     tracker = LiveBytes(fake, {shape["vocab_size"], vocab})
-    build = lambda: AutoModelForCausalLM.from_config(Qwen2Config(**shape), dtype=torch.bfloat16,
-                                                     attn_implementation="sdpa").eval()
+    build = lambda: AutoModelForCausalLM.from_config(
+        Qwen2Config(**shape), dtype=torch.bfloat16, attn_implementation="sdpa"
+    ).eval()
     if a.lora_rank:  # the reference is the same model with the adapter off: no copy
-        with torch.device("meta"):  # peft cannot add an adapter to fake tensors (its .to() swaps them): build it here
+        with torch.device(
+            "meta"
+        ):  # peft cannot add an adapter to fake tensors (its .to() swaps them): build it here
             lora = peft_model(build(), a.lora_rank)
     with FakeTensorMode() if fake else contextlib.nullcontext(), tracker:
         model = materialize(lora) if a.lora_rank else build()
@@ -440,32 +630,65 @@ def simulate_step(a, fake=True):
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
         opt.step(), opt.zero_grad(set_to_none=True)  # the moments of earlier steps
-        tracker.groups.update({
-            "weights": model.parameters, "reference model": lambda: ref.parameters() if ref else [],
-            "master copies": lambda: getattr(opt, "master", []),
-            "AdamW moments": lambda: [x for s in opt.state.values() for x in s.values()],
-            "gradients": lambda: [p.grad for g in opt.param_groups for p in g["params"]] +
-                                 [p.grad for p in getattr(opt, "low", [])]})
+        tracker.groups.update(
+            {
+                "weights": model.parameters,
+                "reference model": lambda: ref.parameters() if ref else [],
+                "master copies": lambda: getattr(opt, "master", []),
+                "AdamW moments": lambda: [x for s in opt.state.values() for x in s.values()],
+                "gradients": lambda: (
+                    [p.grad for g in opt.param_groups for p in g["params"]]
+                    + [p.grad for p in getattr(opt, "low", [])]
+                ),
+            }
+        )
         opt.register_step_pre_hook(lambda *_: setattr(tracker, "phase", "optimizer step"))
         opt.register_step_post_hook(lambda *_: setattr(tracker, "phase", "update"))
         P, G, T = cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens
         tracker.reset_peak("rollout")
         roll = decode_rollout(model, tracker, P, G, a.prompt_len, T, vocab, a.decode_steps)
-        adv = om.group_advantages([float(i % 2) for i in range(P * G)], G)                # [P*G]
-        if getattr(a, "two_micro_batches", True):  # what follows repeats per micro-batch: keep two per update
-            keep = torch.arange(min(P * G, cfg.updates_per_step * 2 * cfg.micro_batch))   # (the 2nd adds to grads)
-            roll = om.Rollout(roll.input_ids[keep], roll.attention_mask[keep], roll.answer_mask[keep], [],
-                              roll.group_ids[keep])
+        adv = om.group_advantages([float(i % 2) for i in range(P * G)], G)  # [P*G]
+        if getattr(
+            a, "two_micro_batches", True
+        ):  # what follows repeats per micro-batch: keep two per update
+            keep = torch.arange(
+                min(P * G, cfg.updates_per_step * 2 * cfg.micro_batch)
+            )  # (the 2nd adds to grads)
+            roll = om.Rollout(
+                roll.input_ids[keep],
+                roll.attention_mask[keep],
+                roll.answer_mask[keep],
+                [],
+                roll.group_ids[keep],
+            )
             adv = adv[keep]
         tracker.phase = "log-probs"
         with torch.no_grad():
-            old = None if cfg.updates_per_step == 1 else om.token_logprobs(
-                model, roll.input_ids, roll.attention_mask, T, cfg.temperature, cfg.micro_batch, vocab)
+            old = (
+                None
+                if cfg.updates_per_step == 1
+                else om.token_logprobs(
+                    model,
+                    roll.input_ids,
+                    roll.attention_mask,
+                    T,
+                    cfg.temperature,
+                    cfg.micro_batch,
+                    vocab,
+                )
+            )
             ref_logp = None
             if cfg.beta:
                 with model.disable_adapter() if a.lora_rank else contextlib.nullcontext():
-                    ref_logp = om.token_logprobs(ref or model, roll.input_ids, roll.attention_mask, T,
-                                                 cfg.temperature, cfg.micro_batch, vocab)
+                    ref_logp = om.token_logprobs(
+                        ref or model,
+                        roll.input_ids,
+                        roll.attention_mask,
+                        T,
+                        cfg.temperature,
+                        cfg.micro_batch,
+                        vocab,
+                    )
         tracker.phase = "update"
         with plumbing.training(model, cfg.gradient_checkpointing):
             om.grpo_update(model, opt, roll, adv, old, ref_logp, cfg, vocab)
@@ -475,11 +698,23 @@ def simulate_step(a, fake=True):
 def simulate_runs(args, save=lambda rows: None):
     """--simulate: the gpu preset's step (or the knobs given) under fake tensors, then with --sweep each knob of KNOBS
     moved alone. Returns one row per run: the knobs, the peak, its phase and what was alive at it by category."""
-    base = dict(shape=args.shape, layers=args.layers, prompts=args.prompts, group_size=args.group_size,
-                max_new_tokens=args.max_new_tokens, micro_batch=args.micro_batch, beta=args.beta,
-                gradient_checkpointing=args.gradient_checkpointing, updates_per_step=args.updates_per_step,
-                lora_rank=args.lora_rank, prompt_len=args.prompt_len, decode_steps=args.decode_steps)
-    variants = [("preset", {})] + ([(f"{k} {v}", {k: v}) for k, vs in KNOBS.items() for v in vs] if args.sweep else [])
+    base = dict(
+        shape=args.shape,
+        layers=args.layers,
+        prompts=args.prompts,
+        group_size=args.group_size,
+        max_new_tokens=args.max_new_tokens,
+        micro_batch=args.micro_batch,
+        beta=args.beta,
+        gradient_checkpointing=args.gradient_checkpointing,
+        updates_per_step=args.updates_per_step,
+        lora_rank=args.lora_rank,
+        prompt_len=args.prompt_len,
+        decode_steps=args.decode_steps,
+    )
+    variants = [("preset", {})] + (
+        [(f"{k} {v}", {k: v}) for k, vs in KNOBS.items() for v in vs] if args.sweep else []
+    )
     done = {}  # runs already in --out with the same knobs are not run again (a sweep interrupted goes on)
     if os.path.isfile(args.out):
         with open(args.out, encoding="utf-8") as f:
@@ -488,16 +723,26 @@ def simulate_runs(args, save=lambda rows: None):
     for name, change in variants:
         a = argparse.Namespace(**dict(base, **change))
         key = json.dumps(vars(a), sort_keys=True)
-        r = dict(done[key], name=name) if key in done else dict(name=name, knobs=vars(a), **simulate_step(a))
+        r = (
+            dict(done[key], name=name)
+            if key in done
+            else dict(name=name, knobs=vars(a), **simulate_step(a))
+        )
         rows.append(r)
         save(rows)  # after every run: a sweep takes a while
-        print(f"{name:>26}: peak {r['peak_gb']:6.1f} GB in {r['phase']:<15} " + ", ".join(
-            f"{k} {v:.1f}" for k, v in r["at_peak_gb"].items() if v >= 0.05) + f"  ({r['seconds']:.0f} s)", flush=True)
+        print(
+            f"{name:>26}: peak {r['peak_gb']:6.1f} GB in {r['phase']:<15} "
+            + ", ".join(f"{k} {v:.1f}" for k, v in r["at_peak_gb"].items() if v >= 0.05)
+            + f"  ({r['seconds']:.0f} s)",
+            flush=True,
+        )
     return rows
 
 
 CARDS = (80, 48, 24)  # GB of the usual cards
-HEADROOM = 0.9        # a peak fits a card when it is under 90 % of it: CUDA context, allocator fragmentation
+HEADROOM = (
+    0.9  # a peak fits a card when it is under 90 % of it: CUDA context, allocator fragmentation
+)
 
 
 def fits_table(rows):
@@ -515,52 +760,110 @@ def validate_tracker(a):
     with mem:
         real = simulate_step(a, fake=False)
     rss = mem.peak - base
-    return dict(fake_peak_gb=fake["peak_gb"], real_tracked_gb=real["peak_gb"], real_rss_rise_gb=rss,
-                fake_over_rss=fake["peak_gb"] / rss)
+    return dict(
+        fake_peak_gb=fake["peak_gb"],
+        real_tracked_gb=real["peak_gb"],
+        real_rss_rise_gb=rss,
+        fake_over_rss=fake["peak_gb"] / rss,
+    )
 
 
 # ================================================================ main
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", help="policy: hub id or local dir (default: embedded SmolLM2-135M)")
-    p.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape instead of --model")
-    p.add_argument("--random-init", action="store_true", help="required with --shape (nothing is downloaded)")
-    p.add_argument("--layers", type=int, help="with --shape: fewer layers, for a quick try of the code path")
-    p.add_argument("--prompt-len", type=int, default=512, help="with --shape: synthetic prompt tokens")
+    p.add_argument(
+        "--shape", choices=sorted(SHAPES), help="random weights of this shape instead of --model"
+    )
+    p.add_argument(
+        "--random-init", action="store_true", help="required with --shape (nothing is downloaded)"
+    )
+    p.add_argument(
+        "--layers", type=int, help="with --shape: fewer layers, for a quick try of the code path"
+    )
+    p.add_argument(
+        "--prompt-len", type=int, default=512, help="with --shape: synthetic prompt tokens"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prompts", type=int, help="prompts per step (default: cpu 2, --shape 8)")
     p.add_argument("--group-size", type=int, help="G (default: cpu 4, --shape 8)")
-    p.add_argument("--max-new-tokens", type=int, help="forced answer length (default: cpu 64, --shape 800)")
-    p.add_argument("--beta", type=float, default=0.001, help="KL weight; 0 drops the reference forward")
-    p.add_argument("--updates-per-step", type=int, help="1: no old log-prob forward (TRL's default; --simulate: 4)")
+    p.add_argument(
+        "--max-new-tokens", type=int, help="forced answer length (default: cpu 64, --shape 800)"
+    )
+    p.add_argument(
+        "--beta", type=float, default=0.001, help="KL weight; 0 drops the reference forward"
+    )
+    p.add_argument(
+        "--updates-per-step",
+        type=int,
+        help="1: no old log-prob forward (TRL's default; --simulate: 4)",
+    )
     p.add_argument("--micro-batch", type=int, default=8, help="answers per forward/backward")
-    p.add_argument("--gradient-checkpointing", type=int, help="ours: 1 recomputes activations in the backward "
-                   "(default: preset, on for CUDA, off on CPU; TRL keeps its own default, on)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        type=int,
+        help="ours: 1 recomputes activations in the backward "
+        "(default: preset, on for CUDA, off on CPU; TRL keeps its own default, on)",
+    )
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--steps", type=int, default=3, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run")
-    p.add_argument("--rounds", type=int, default=1, help="runs of each implementation (alternating with --vs-trl)")
-    p.add_argument("--vs-trl", action="store_true", help="also run TRL's GRPOTrainer (pip install trl)")
-    p.add_argument("--sweep", action="store_true", help="G = 2, 4, 8 x answer length 32, 64, 128 (ours only)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="runs of each implementation (alternating with --vs-trl)",
+    )
+    p.add_argument(
+        "--vs-trl", action="store_true", help="also run TRL's GRPOTrainer (pip install trl)"
+    )
+    p.add_argument(
+        "--sweep", action="store_true", help="G = 2, 4, 8 x answer length 32, 64, 128 (ours only)"
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--simulate", action="store_true", help="peak memory of one gpu-preset step of --shape (default "
-                   "qwen2.5-3b) under fake tensors: nothing is allocated, no GPU needed; with --sweep, each knob moved")
-    p.add_argument("--lora-rank", type=int, default=0, help="with --simulate: train a LoRA adapter of this rank")
-    p.add_argument("--decode-steps", type=int, default=4, help="with --simulate: decode forwards run (the last ones, "
-                   "where the KV cache is largest; 0: all)")
-    p.add_argument("--validate", action="store_true", help="with --simulate: check the tracker against a real CPU "
-                   "run of the 'small' shape (2 prompts x G 4 x 64 tokens, the step's other knobs as given)")
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="peak memory of one gpu-preset step of --shape (default "
+        "qwen2.5-3b) under fake tensors: nothing is allocated, no GPU needed; with --sweep, each knob moved",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="with --simulate: train a LoRA adapter of this rank",
+    )
+    p.add_argument(
+        "--decode-steps",
+        type=int,
+        default=4,
+        help="with --simulate: decode forwards run (the last ones, "
+        "where the KV cache is largest; 0: all)",
+    )
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="with --simulate: check the tracker against a real CPU "
+        "run of the 'small' shape (2 prompts x G 4 x 64 tokens, the step's other knobs as given)",
+    )
     p.add_argument("--out", default="runs/bench.json", help="JSON of every figure")
     args = p.parse_args(argv)
-    if args.simulate:  # the gpu preset unless a knob is given; the shape's weights are never allocated
+    if (
+        args.simulate
+    ):  # the gpu preset unless a knob is given; the shape's weights are never allocated
         args.shape = args.shape or "qwen2.5-3b"
         gpu = om.PRESETS["gpu"]
         args.prompts = args.prompts or gpu["prompts_per_step"]
         args.group_size = args.group_size or gpu["group_size"]
         args.max_new_tokens = args.max_new_tokens or gpu["max_new_tokens"]
         args.updates_per_step = args.updates_per_step or om.Config.updates_per_step
-        args.gradient_checkpointing = (gpu["gradient_checkpointing"] if args.gradient_checkpointing is None
-                                       else args.gradient_checkpointing)
+        args.gradient_checkpointing = (
+            gpu["gradient_checkpointing"]
+            if args.gradient_checkpointing is None
+            else args.gradient_checkpointing
+        )
         return args
     args.updates_per_step = args.updates_per_step or 1
     if args.shape and not args.random_init:
@@ -579,23 +882,44 @@ def main(argv=None):
     if args.simulate:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         result = dict(args=vars(args))
+
         def save(rows):
             result.update(runs=rows, fits=fits_table(rows))
             plumbing.write_text(args.out, json.dumps(result, indent=1))
+
         simulate_runs(args, save)
         if args.validate:
-            small = argparse.Namespace(**dict(vars(args), shape="small", layers=None, prompts=2, group_size=4,
-                                              max_new_tokens=64, prompt_len=64, micro_batch=4, decode_steps=0))
+            small = argparse.Namespace(
+                **dict(
+                    vars(args),
+                    shape="small",
+                    layers=None,
+                    prompts=2,
+                    group_size=4,
+                    max_new_tokens=64,
+                    prompt_len=64,
+                    micro_batch=4,
+                    decode_steps=0,
+                )
+            )
             v = result["validation"] = validate_tracker(small)
-            print(f"tracker check, the 'small' shape run for real on the CPU: fake {v['fake_peak_gb']:.2f} GB, real run "
-                  f"{v['real_rss_rise_gb']:.2f} GB of resident memory: fake / real {v['fake_over_rss']:.3f}")
+            print(
+                f"tracker check, the 'small' shape run for real on the CPU: fake {v['fake_peak_gb']:.2f} GB, real run "
+                f"{v['real_rss_rise_gb']:.2f} GB of resident memory: fake / real {v['fake_over_rss']:.3f}"
+            )
         plumbing.write_text(args.out, json.dumps(result, indent=1))
         print(f"wrote {args.out}")
         return result
     import transformers
-    env = dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
-               device=torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
-               cpu_count=os.cpu_count(), threads=torch.get_num_threads())
+
+    env = dict(
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        python=platform.python_version(),
+        device=torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
+        cpu_count=os.cpu_count(),
+        threads=torch.get_num_threads(),
+    )
     model, tok = build_policy(args)
     make_model = lambda: build_policy(args)[0]  # every run starts from the same weights
     p = next(model.parameters())
@@ -604,21 +928,31 @@ def main(argv=None):
     del model, p
     embedder = plumbing.load_embedder(device=args.device)
     items = plumbing.load_situations(os.path.join(om.HERE, "data", "train.jsonl"))
-    result = dict(env=env, args=vars(args), bandwidth_GBps=bw / 1e9, matmul_TFLOPs=mm / 1e12, runs=[])
-    prompt_len = max(len(tok([om.chat_prompt(tok, items[i].situation)], add_special_tokens=False).input_ids[0])
-                     for step in range(args.warmup + args.steps)   # left padding: every prompt is the longest
-                     for i in om.prompts_for_step(len(items), step, args.prompts, 0))  # the same in every run
+    result = dict(
+        env=env, args=vars(args), bandwidth_GBps=bw / 1e9, matmul_TFLOPs=mm / 1e12, runs=[]
+    )
+    prompt_len = max(
+        len(tok([om.chat_prompt(tok, items[i].situation)], add_special_tokens=False).input_ids[0])
+        for step in range(args.warmup + args.steps)  # left padding: every prompt is the longest
+        for i in om.prompts_for_step(len(items), step, args.prompts, 0)
+    )  # the same in every run
 
     def record(name, res, a):
         res["summary"] = summary(res["rows"])
         n_fwd = (a.updates_per_step > 1) + (a.beta > 0)
-        res["floor"] = floors(shape, a.prompts, a.group_size, prompt_len, a.max_new_tokens, bw, mm, n_fwd)
-        res.update(name=name, prompts=a.prompts, group_size=a.group_size, max_new_tokens=a.max_new_tokens)
+        res["floor"] = floors(
+            shape, a.prompts, a.group_size, prompt_len, a.max_new_tokens, bw, mm, n_fwd
+        )
+        res.update(
+            name=name, prompts=a.prompts, group_size=a.group_size, max_new_tokens=a.max_new_tokens
+        )
         result["runs"].append(res)
         show(name, res, a.prompts * a.group_size * a.max_new_tokens)
         s, f = res["summary"], res["floor"]
-        print(f"  floor: step {f['t_step']:.2f} s (generate {f['t_generate']:.2f}, log-prob {f['t_logprob']:.2f}, "
-              f"update {f['t_update']:.2f}); measured / floor {s['t_step']['median'] / f['t_step']:.1f}x")
+        print(
+            f"  floor: step {f['t_step']:.2f} s (generate {f['t_generate']:.2f}, log-prob {f['t_logprob']:.2f}, "
+            f"update {f['t_update']:.2f}); measured / floor {s['t_step']['median'] / f['t_step']:.1f}x"
+        )
 
     configs = [(g, t) for g in (2, 4, 8) for t in (32, 64, 128)] if args.sweep else [(None, None)]
     for g, t in configs:
@@ -626,24 +960,35 @@ def main(argv=None):
         if g:
             a.group_size, a.max_new_tokens = g, t
         for r in range(args.rounds):
-            tag = f" G={a.group_size} T={a.max_new_tokens}" + (f" round {r + 1}" if args.rounds > 1 else "")
+            tag = f" G={a.group_size} T={a.max_new_tokens}" + (
+                f" round {r + 1}" if args.rounds > 1 else ""
+            )
             record("ours" + tag, run_ours(make_model, tok, items, embedder, a), a)
             if args.vs_trl:
                 record("TRL" + tag, run_trl(make_model, tok, items, embedder, a), a)
     if args.vs_trl:
-        med = lambda who, k: statistics.median(x[k] for r in result["runs"] if r["name"].startswith(who)
-                                               for x in r["rows"])
-        result["ours_over_trl"] = {k: med("ours", k) / med("TRL", k)
-                                   for k in ("t_generate", "t_reward", "t_update", "t_step")}
-        print("\nours / TRL (median over all timed steps): " +
-              ", ".join(f"{k[2:]} {v:.2f}" for k, v in result["ours_over_trl"].items()))
+        med = lambda who, k: statistics.median(
+            x[k] for r in result["runs"] if r["name"].startswith(who) for x in r["rows"]
+        )
+        result["ours_over_trl"] = {
+            k: med("ours", k) / med("TRL", k)
+            for k in ("t_generate", "t_reward", "t_update", "t_step")
+        }
+        print(
+            "\nours / TRL (median over all timed steps): "
+            + ", ".join(f"{k[2:]} {v:.2f}" for k, v in result["ours_over_trl"].items())
+        )
     if args.sweep:
         xs = [r["group_size"] * r["max_new_tokens"] for r in result["runs"]]
         ys = [r["summary"]["t_step"]["median"] for r in result["runs"]]
         slope, icpt = statistics.linear_regression(xs, ys)
         r2 = statistics.correlation(xs, ys) ** 2
-        result["linear_fit"] = dict(seconds_per_answer_token=slope / args.prompts, intercept_s=icpt, r2=r2)
-        print(f"\nstep time ~ {icpt:.2f} s + {slope:.4f} s x G x T ({args.prompts} prompts per step): R^2 = {r2:.3f}")
+        result["linear_fit"] = dict(
+            seconds_per_answer_token=slope / args.prompts, intercept_s=icpt, r2=r2
+        )
+        print(
+            f"\nstep time ~ {icpt:.2f} s + {slope:.4f} s x G x T ({args.prompts} prompts per step): R^2 = {r2:.3f}"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -18,6 +18,7 @@ The paper backs its NLI results with GPT-4.1 as the judge (the authors' benchmar
 Run it again with the same arguments and it asks only for the answers that have no judgment yet or a failed one
 (docs/judge.md). The API key is read from the environment, and is never printed or written to a file.
 """
+
 import argparse
 import csv
 import dataclasses
@@ -36,20 +37,33 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numpy as np
 
 from extras.answers import drop_torn_tail
-from plumbing import (ArgumentParser, DataError, claim_out_dir, not_utf8, pyplot, read_jsonl, run_cli,
-                      save_figure, write_text)
+from plumbing import (
+    ArgumentParser,
+    DataError,
+    claim_out_dir,
+    not_utf8,
+    pyplot,
+    read_jsonl,
+    run_cli,
+    save_figure,
+    write_text,
+)
 
 ASPECTS = ("helpfulness", "clarity", "factuality", "depth", "engagement")
-METRICS = ASPECTS + ("overall",)     # overall: the mean of an answer's five scores
+METRICS = ASPECTS + ("overall",)  # overall: the mean of an answer's five scores
 PAPER_JUDGE = "gpt-4.1"
-PAPER_MAX_TOKENS = 450               # the authors' MAX_OUTPUT_TOKENS; a shorter cap cuts the reasons, then the JSON
+PAPER_MAX_TOKENS = (
+    450  # the authors' MAX_OUTPUT_TOKENS; a shorter cap cuts the reasons, then the JSON
+)
 OPENAI_URL = "https://api.openai.com/v1"
-DUMMY_KEY = "none"                   # local servers started without a key accept any key, but the client needs one
+DUMMY_KEY = "none"  # local servers started without a key accept any key, but the client needs one
 ANSWER_FIELDS = ("id", "model", "prompt", "answer", "situation")
 
 # ================================================================ the question (any edit changes the fingerprint)
-SYSTEM_PROMPT = ("You are an impartial judge of answers written by AI assistants. You reply with a single JSON object "
-                 "and no other text.")
+SYSTEM_PROMPT = (
+    "You are an impartial judge of answers written by AI assistants. You reply with a single JSON object "
+    "and no other text."
+)
 
 USER_TEMPLATE = """Below is a question that a user put to an AI assistant, followed by the assistant's answer. Judge \
 the answer on each of the five aspects listed, giving each a score from 1 (very poor) to 5 (excellent) and a short \
@@ -86,8 +100,10 @@ bracket with your reason (a sentence or two) and your score:
 
 def judge_messages(situation, answer):
     """The chat request for one answer: the system turn, then USER_TEMPLATE with the situation and the answer."""
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": USER_TEMPLATE.format(situation=situation, answer=answer)}]
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": USER_TEMPLATE.format(situation=situation, answer=answer)},
+    ]
 
 
 def question_sha256():
@@ -98,9 +114,9 @@ def question_sha256():
 # ================================================================ data
 @dataclasses.dataclass
 class Answer:
-    system: str      # study.py's `row`, or 'MODEL / PROMPT' for eval_nli.py's rows
-    id: str          # the situation
-    sample: int      # which answer to that situation (0 when there is one)
+    system: str  # study.py's `row`, or 'MODEL / PROMPT' for eval_nli.py's rows
+    id: str  # the situation
+    sample: int  # which answer to that situation (0 when there is one)
     situation: str
     text: str
 
@@ -120,8 +136,10 @@ def answers_to_judge(path, limit=None):
         where = f"{path}, line {n}"
         missing = [k for k in ANSWER_FIELDS if k not in row]
         if missing:
-            raise DataError(f"{where}: missing field(s) {', '.join(missing)}; an answers file (eval_nli.py writes "
-                            f"one) has {', '.join(ANSWER_FIELDS)}")
+            raise DataError(
+                f"{where}: missing field(s) {', '.join(missing)}; an answers file (eval_nli.py writes "
+                f"one) has {', '.join(ANSWER_FIELDS)}"
+            )
         if not isinstance(row["situation"], str) or not row["situation"].strip():
             raise DataError(f"{where}: 'situation' must be non-empty text (the judge is shown it)")
         if row["answer"] is not None and not isinstance(row["answer"], str):
@@ -132,8 +150,10 @@ def answers_to_judge(path, limit=None):
         system = f"{row['row'] if 'row' in row else row['model']} / {row['prompt']}"
         a = Answer(system, str(row["id"]), sample, row["situation"].strip(), row["answer"] or "")
         if a.key in keys:
-            raise DataError(f"{where}: a second answer of {system!r} to situation {a.id!r} (sample {sample}); "
-                            f"number the answers to one situation with 'sample'")
+            raise DataError(
+                f"{where}: a second answer of {system!r} to situation {a.id!r} (sample {sample}); "
+                f"number the answers to one situation with 'sample'"
+            )
         keys.add(a.key)
         per_system[system] = per_system.get(system, 0) + 1
         if limit is None or per_system[system] <= limit:
@@ -160,7 +180,7 @@ def parse_scores(reply):
     if start < 0 or end < start:
         raise ValueError("no JSON object in the reply")
     try:
-        data = json.loads(body[start:end + 1])
+        data = json.loads(body[start : end + 1])
     except json.JSONDecodeError as e:
         raise ValueError(f"not JSON ({e.msg})") from None
     if not isinstance(data, dict):
@@ -199,7 +219,9 @@ def need_openai():
     try:
         import openai
     except ImportError:
-        raise ImportError("the judge talks to its server through the openai package: pip install openai") from None
+        raise ImportError(
+            "the judge talks to its server through the openai package: pip install openai"
+        ) from None
     return openai
 
 
@@ -208,7 +230,9 @@ def resolve_base_url(flag):
     url = flag or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"--base-url {url}: expected http(s)://HOST[:PORT]/v1, e.g. http://localhost:8000/v1")
+        raise ValueError(
+            f"--base-url {url}: expected http(s)://HOST[:PORT]/v1, e.g. http://localhost:8000/v1"
+        )
     return url
 
 
@@ -235,12 +259,16 @@ def api_key(base_url, env_name):
     if key:
         return key
     if is_loopback(base_url):
-        print(f"[judge] ${env_name} is not set: sending the dummy key {DUMMY_KEY!r} to the local server at {base_url}",
-              file=sys.stderr)
+        print(
+            f"[judge] ${env_name} is not set: sending the dummy key {DUMMY_KEY!r} to the local server at {base_url}",
+            file=sys.stderr,
+        )
         return DUMMY_KEY
-    raise ValueError(f"--api-key-env {env_name}: the environment variable {env_name} is not set, and {base_url} needs "
-                     f"a key: export {env_name}=... (or --api-key-env NAME of another variable; --api-key-env none "
-                     f"for a server that needs no key)")
+    raise ValueError(
+        f"--api-key-env {env_name}: the environment variable {env_name} is not set, and {base_url} needs "
+        f"a key: export {env_name}=... (or --api-key-env NAME of another variable; --api-key-env none "
+        f"for a server that needs no key)"
+    )
 
 
 def redact(text, key):
@@ -251,17 +279,23 @@ def redact(text, key):
 def make_client(base_url, key, timeout, http_retries):
     """The openai client. Its own retries (http_retries) cover timeouts, lost connections, 408, 409, 429 and 5xx,
     with exponential backoff from 0.5 s (at most 8 s), or the server's Retry-After when it sends one up to 2 min."""
-    return need_openai().OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=http_retries)
+    return need_openai().OpenAI(
+        base_url=base_url, api_key=key, timeout=timeout, max_retries=http_retries
+    )
 
 
 def chat(client, model, messages, max_tokens, temperature):
     """One chat completion: (reply text, {"prompt", "completion"} tokens from the server's usage, HTTP retries the
     client took). max_tokens, not max_completion_tokens: every local server reads the former."""
-    raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                           temperature=temperature)
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=temperature
+    )
     done = raw.parse()
     usage = getattr(done, "usage", None)
-    tokens = dict(prompt=getattr(usage, "prompt_tokens", None), completion=getattr(usage, "completion_tokens", None))
+    tokens = dict(
+        prompt=getattr(usage, "prompt_tokens", None),
+        completion=getattr(usage, "completion_tokens", None),
+    )
     text = done.choices[0].message.content if done.choices else None
     return text or "", tokens, getattr(raw, "retries_taken", 0)
 
@@ -278,14 +312,20 @@ def request_error(e, base_url, model, env_name):
         return "timeout: no reply within --timeout, on every try"
     if isinstance(e, openai.APIConnectionError):
         cause = " ".join(str(e.__cause__ or e).split())[:160]
-        raise Unusable(f"--base-url {base_url}: cannot connect ({cause}); is the server running, and does the URL "
-                       f"end in /v1?")
+        raise Unusable(
+            f"--base-url {base_url}: cannot connect ({cause}); is the server running, and does the URL "
+            f"end in /v1?"
+        )
     if isinstance(e, (openai.AuthenticationError, openai.PermissionDeniedError)):
-        raise Unusable(f"{base_url} refused the key from ${env_name} (HTTP {e.status_code}); check the key, or pass "
-                       f"--api-key-env with the variable that holds the right one")
+        raise Unusable(
+            f"{base_url} refused the key from ${env_name} (HTTP {e.status_code}); check the key, or pass "
+            f"--api-key-env with the variable that holds the right one"
+        )
     if isinstance(e, openai.NotFoundError):
-        raise Unusable(f"--model {model}: {base_url} answered 404 (no such model there, or the URL lacks /v1): "
-                       f"{' '.join(str(e).split())[:160]}")
+        raise Unusable(
+            f"--model {model}: {base_url} answered 404 (no such model there, or the URL lacks /v1): "
+            f"{' '.join(str(e).split())[:160]}"
+        )
     if isinstance(e, openai.APIStatusError):
         return f"HTTP {e.status_code}: {' '.join(str(e).split())[:300]}"
     return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
@@ -309,6 +349,7 @@ def make_ask(base_url, env_name, model, max_tokens, temperature, timeout, http_r
             except Unusable as stop:
                 raise Unusable(redact(str(stop), key)) from None
             raise RequestFailed(redact(reason, key)) from None
+
     return ask
 
 
@@ -327,8 +368,12 @@ def in_parallel(work, items, concurrency):
                 if stop is not None:
                     raise
                 stop = e
-                print(f"\nCtrl-C: saving the {len(running)} replies in flight, then stopping (Ctrl-C again to drop "
-                      f"them)", file=sys.stderr, flush=True)
+                print(
+                    f"\nCtrl-C: saving the {len(running)} replies in flight, then stopping (Ctrl-C again to drop "
+                    f"them)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 continue
             for f in done:
                 x = running.pop(f)
@@ -345,7 +390,7 @@ class JudgeSettings:
     model: str
     max_tokens: int
     temperature: float
-    max_retries: int     # asks again after an unusable reply
+    max_retries: int  # asks again after an unusable reply
 
 
 def judge_answer(ask, answer, s):
@@ -354,8 +399,17 @@ def judge_answer(ask, answer, s):
     ask: see make_ask. Example: replies 'oops', then a good one -> status 'ok', attempts 2."""
     tokens, http_retries, reply, why = dict(prompt=0, completion=0), 0, None, None
     row = lambda status, attempts, scores=None: dict(
-        system=answer.system, id=answer.id, sample=answer.sample, status=status, scores=scores, reply=reply,
-        error=why, attempts=attempts, http_retries=http_retries, tokens=tokens)
+        system=answer.system,
+        id=answer.id,
+        sample=answer.sample,
+        status=status,
+        scores=scores,
+        reply=reply,
+        error=why,
+        attempts=attempts,
+        http_retries=http_retries,
+        tokens=tokens,
+    )
     for attempt in range(1, s.max_retries + 2):
         try:
             reply, used, retries = ask(judge_messages(answer.situation, answer.text))
@@ -375,8 +429,12 @@ def judge_answer(ask, answer, s):
 def settings_fingerprint(s):
     """What makes two judgments comparable: the judge model, the question, max_tokens and temperature; and its short
     hash, which every judgment row carries."""
-    fields = dict(model=s.model, question_sha256=question_sha256(), max_tokens=s.max_tokens,
-                  temperature=float(s.temperature))
+    fields = dict(
+        model=s.model,
+        question_sha256=question_sha256(),
+        max_tokens=s.max_tokens,
+        temperature=float(s.temperature),
+    )
     return fields, hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -390,17 +448,29 @@ def check_fingerprint(out, fields):
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)["fingerprint"]
     except (ValueError, KeyError, TypeError):
-        raise DataError(f"{path}: not a judge config written by eval_judge.py; use another --out, or delete it "
-                        f"together with judgments.jsonl") from None
-    fresh = f"use another --out, or delete {out}/judgments.jsonl and {path} to judge everything again"
-    for k, flag in (("model", "--model"), ("max_tokens", "--max-tokens"), ("temperature", "--temperature")):
+        raise DataError(
+            f"{path}: not a judge config written by eval_judge.py; use another --out, or delete it "
+            f"together with judgments.jsonl"
+        ) from None
+    fresh = (
+        f"use another --out, or delete {out}/judgments.jsonl and {path} to judge everything again"
+    )
+    for k, flag in (
+        ("model", "--model"),
+        ("max_tokens", "--max-tokens"),
+        ("temperature", "--temperature"),
+    ):
         if saved.get(k) != fields[k]:
-            raise ValueError(f"{flag} {fields[k]}: the judgments in {out} were made with {flag} {saved.get(k)}; "
-                             f"{fresh}")
+            raise ValueError(
+                f"{flag} {fields[k]}: the judgments in {out} were made with {flag} {saved.get(k)}; "
+                f"{fresh}"
+            )
     if saved.get("question_sha256") != fields["question_sha256"]:
-        raise ValueError(f"the judge question (SYSTEM_PROMPT, USER_TEMPLATE of eval_judge.py, sha256 "
-                         f"{fields['question_sha256'][:12]}) is not the one the judgments in {out} were asked with "
-                         f"(sha256 {str(saved.get('question_sha256'))[:12]}); {fresh}")
+        raise ValueError(
+            f"the judge question (SYSTEM_PROMPT, USER_TEMPLATE of eval_judge.py, sha256 "
+            f"{fields['question_sha256'][:12]}) is not the one the judgments in {out} were asked with "
+            f"(sha256 {str(saved.get('question_sha256'))[:12]}); {fresh}"
+        )
 
 
 def read_judgments(path, fingerprint):
@@ -423,13 +493,24 @@ def read_judgments(path, fingerprint):
         except json.JSONDecodeError as e:
             if n == len(lines):
                 continue
-            raise DataError(f"{path}, line {n}: not JSON ({e.msg}); delete that line to judge its answer again") \
-                from None
-        if not isinstance(row, dict) or not {"system", "id", "sample", "status", "fingerprint"} <= set(row):
-            raise DataError(f"{path}, line {n}: not a judgment row (system, id, sample, status, fingerprint)")
+            raise DataError(
+                f"{path}, line {n}: not JSON ({e.msg}); delete that line to judge its answer again"
+            ) from None
+        if not isinstance(row, dict) or not {
+            "system",
+            "id",
+            "sample",
+            "status",
+            "fingerprint",
+        } <= set(row):
+            raise DataError(
+                f"{path}, line {n}: not a judgment row (system, id, sample, status, fingerprint)"
+            )
         if row["fingerprint"] != fingerprint:
-            raise DataError(f"{path}, line {n}: judged under settings {row['fingerprint']}, not this run's "
-                            f"{fingerprint} (see judge_config.json); use another --out")
+            raise DataError(
+                f"{path}, line {n}: judged under settings {row['fingerprint']}, not this run's "
+                f"{fingerprint} (see judge_config.json); use another --out"
+            )
         rows[(row["system"], row["id"], row["sample"])] = row
     return rows
 
@@ -437,12 +518,15 @@ def read_judgments(path, fingerprint):
 class JudgmentLog:
     """judgments.jsonl opened for appending. A row is one line written and flushed at once, so a killed process
     loses no row it has written; fsync every `fsync_every` rows and at the end, so a power cut loses at most those."""
+
     def __init__(self, path, fsync_every):
         drop_torn_tail(path)
         self.f, self.every, self.n = open(path, "a", encoding="utf-8"), fsync_every, 0
 
     def add(self, row):
-        self.f.write(json.dumps(row) + "\n")        # ASCII (ensure_ascii): cut anywhere, still valid UTF-8
+        self.f.write(
+            json.dumps(row) + "\n"
+        )  # ASCII (ensure_ascii): cut anywhere, still valid UTF-8
         self.f.flush()
         self.n += 1
         if self.n % self.every == 0:
@@ -487,34 +571,74 @@ def by_situation(answers, judged):
             s["scores"].setdefault(m, {}).setdefault(a.id, []).append(scores[m])
     for s in out.values():
         scores = s.pop("scores")
-        s["values"] = {m: {sid: float(np.mean(v)) for sid, v in scores.get(m, {}).items()} for m in METRICS}
+        s["values"] = {
+            m: {sid: float(np.mean(v)) for sid, v in scores.get(m, {}).items()} for m in METRICS
+        }
     return out
 
 
 def score_rows(systems):
     """One row per system and metric: judged, failed, situations, mean and standard error over situations."""
-    return [dict(table="scores", system=name, vs="", metric=m, judged=s["judged"], failed=s["failed"],
-                 situations=len(s["values"][m]), **dict(zip(("mean", "se"), mean_se(list(s["values"][m].values())))))
-            for name, s in systems.items() for m in METRICS]
+    return [
+        dict(
+            table="scores",
+            system=name,
+            vs="",
+            metric=m,
+            judged=s["judged"],
+            failed=s["failed"],
+            situations=len(s["values"][m]),
+            **dict(zip(("mean", "se"), mean_se(list(s["values"][m].values())))),
+        )
+        for name, s in systems.items()
+        for m in METRICS
+    ]
 
 
 def paired_rows(systems, baseline):
     """One row per other system and metric: that system minus the baseline over the situations both have a score
     for (mean, 95 % bootstrap interval, sign-flip p: stats.paired)."""
     from stats import paired
+
     rows, base = [], systems[baseline]["values"]
     for name, s in systems.items():
         for m in METRICS if name != baseline else ():
             common = [sid for sid in base[m] if sid in s["values"][m]]
             if common:
-                d = paired([s["values"][m][sid] for sid in common], [base[m][sid] for sid in common])
-                rows.append(dict(table="paired", system=name, vs=baseline, metric=m, situations=len(common),
-                                 mean=d["mean"], lo=d["lo"], hi=d["hi"], p=d["p"]))
+                d = paired(
+                    [s["values"][m][sid] for sid in common], [base[m][sid] for sid in common]
+                )
+                rows.append(
+                    dict(
+                        table="paired",
+                        system=name,
+                        vs=baseline,
+                        metric=m,
+                        situations=len(common),
+                        mean=d["mean"],
+                        lo=d["lo"],
+                        hi=d["hi"],
+                        p=d["p"],
+                    )
+                )
     return rows
 
 
 def csv_text(rows):
-    fields = ["table", "system", "vs", "metric", "judged", "failed", "situations", "mean", "se", "lo", "hi", "p"]
+    fields = [
+        "table",
+        "system",
+        "vs",
+        "metric",
+        "judged",
+        "failed",
+        "situations",
+        "mean",
+        "se",
+        "lo",
+        "hi",
+        "p",
+    ]
     text = io.StringIO()
     w = csv.DictWriter(text, fieldnames=fields)
     w.writeheader()
@@ -528,19 +652,40 @@ def markdown(rows, notes):
     pm = lambda r: f"{r['mean']:.2f}" + ("" if np.isnan(r["se"]) else f" ± {r['se']:.2f}")
     cell = {(r["table"], r["system"], r["metric"]): r for r in rows}
     systems = list(dict.fromkeys(r["system"] for r in rows if r["table"] == "scores"))
-    md = notes + ["", line(["system", "judged", "failed", *METRICS]), "|" + "---|" * (3 + len(METRICS))]
+    md = notes + [
+        "",
+        line(["system", "judged", "failed", *METRICS]),
+        "|" + "---|" * (3 + len(METRICS)),
+    ]
     for name in systems:
         first = cell[("scores", name, METRICS[0])]
-        md.append(line([name, first["judged"], first["failed"]] + [pm(cell[("scores", name, m)]) for m in METRICS]))
+        md.append(
+            line(
+                [name, first["judged"], first["failed"]]
+                + [pm(cell[("scores", name, m)]) for m in METRICS]
+            )
+        )
     others = [name for name in systems if ("paired", name, METRICS[0]) in cell]
     if others:
         base = cell[("paired", others[0], METRICS[0])]["vs"]
-        md += ["", f"Paired by situation: system minus {base}, mean [95 % bootstrap interval], sign-flip p", "",
-               line(["system", "situations", *METRICS]), "|" + "---|" * (2 + len(METRICS))]
+        md += [
+            "",
+            f"Paired by situation: system minus {base}, mean [95 % bootstrap interval], sign-flip p",
+            "",
+            line(["system", "situations", *METRICS]),
+            "|" + "---|" * (2 + len(METRICS)),
+        ]
         for name in others:
             d = [cell[("paired", name, m)] for m in METRICS]
-            md.append(line([name, d[0]["situations"]] + [f"{r['mean']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}] "
-                                                          f"p={r['p']:.3f}" for r in d]))
+            md.append(
+                line(
+                    [name, d[0]["situations"]]
+                    + [
+                        f"{r['mean']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}] p={r['p']:.3f}"
+                        for r in d
+                    ]
+                )
+            )
     return "\n".join(md)
 
 
@@ -554,7 +699,9 @@ def plot_scores(rows, path):
     fig, ax = plt.subplots(figsize=(2 + 1.2 * len(METRICS), 3.8))
     width, x = 0.8 / len(systems), np.arange(len(METRICS))
     for k, name in enumerate(systems):
-        mean, se = np.array([[cell[(name, m)][key] for m in METRICS] for key in ("mean", "se")])   # [n_metrics] each
+        mean, se = np.array(
+            [[cell[(name, m)][key] for m in METRICS] for key in ("mean", "se")]
+        )  # [n_metrics] each
         ax.bar(x + k * width, mean, width, yerr=np.nan_to_num(se), capsize=3, label=name)
     ax.set_xticks(x + 0.4 - width / 2, METRICS, fontsize=8)
     ax.set_ylabel("judge score (1-5)"), ax.set_ylim(0, 5.4), ax.legend(fontsize=7)
@@ -569,29 +716,54 @@ def prompt_tokens(requests, tokenizer=None):
     if tokenizer is None:
         return sum(len(m["content"]) for r in requests for m in r) // 4, "characters / 4"
     from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer)
     except (OSError, ValueError) as e:
-        raise OSError(f"--tokenizer {tokenizer}: cannot load it ({str(e).splitlines()[0][:160]})") from None
+        raise OSError(
+            f"--tokenizer {tokenizer}: cannot load it ({str(e).splitlines()[0][:160]})"
+        ) from None
     if tok.chat_template:
-        texts = [tok.apply_chat_template(r, tokenize=False, add_generation_prompt=True) for r in requests]
-    else:   # no template: the bare texts, a slight undercount
+        texts = [
+            tok.apply_chat_template(r, tokenize=False, add_generation_prompt=True) for r in requests
+        ]
+    else:  # no template: the bare texts, a slight undercount
         texts = ["\n\n".join(m["content"] for m in r) for r in requests]
-    return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts), f"the tokenizer of {tokenizer}"
+    return sum(
+        len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts
+    ), f"the tokenizer of {tokenizer}"
 
 
 # ================================================================ Stage 1 through the same client
 YES_NO = re.compile(r"\W*([A-Za-z]+)")
 
 
-def ask_yes_no(pairs, model, question, base_url=None, api_key_env="OPENAI_API_KEY", concurrency=4, timeout=120.0,
-               http_retries=4, max_tokens=8, temperature=0.0):
+def ask_yes_no(
+    pairs,
+    model,
+    question,
+    base_url=None,
+    api_key_env="OPENAI_API_KEY",
+    concurrency=4,
+    timeout=120.0,
+    http_retries=4,
+    max_tokens=8,
+    temperature=0.0,
+):
     """Stage 1's pair question (`question`, a format string with {a} and {b}: sim_train.JUDGE_QUESTION) for each
     (a, b) through the judge's client: True when the
     reply's first word is 'yes' in any case (markdown and punctuation before it ignored). Any other first word, and a
     request that failed after the client's retries, counts as No and is reported on stderr with an example.
     Example: replies ['Yes, same point.', '**No**', 'Maybe'] -> [True, False, False], one reply reported."""
-    ask = make_ask(resolve_base_url(base_url), api_key_env, model, max_tokens, temperature, timeout, http_retries)
+    ask = make_ask(
+        resolve_base_url(base_url),
+        api_key_env,
+        model,
+        max_tokens,
+        temperature,
+        timeout,
+        http_retries,
+    )
 
     def ask_pair(pair):
         try:
@@ -611,54 +783,129 @@ def ask_yes_no(pairs, model, question, base_url=None, api_key_env="OPENAI_API_KE
         elif not first or first.group(1).lower() not in ("yes", "no"):
             odd.append(reply)
     if odd:
-        print(f"[judge] {len(odd)} of {len(pairs)} replies start with neither Yes nor No and count as No, e.g. "
-              f"{odd[0][:80]!r}", file=sys.stderr)
+        print(
+            f"[judge] {len(odd)} of {len(pairs)} replies start with neither Yes nor No and count as No, e.g. "
+            f"{odd[0][:80]!r}",
+            file=sys.stderr,
+        )
     if failed:
-        print(f"[judge] {len(failed)} of {len(pairs)} requests failed and count as No, e.g. {failed[0]}",
-              file=sys.stderr)
+        print(
+            f"[judge] {len(failed)} of {len(pairs)} requests failed and count as No, e.g. {failed[0]}",
+            file=sys.stderr,
+        )
     return said
 
 
 # ================================================================ main
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--answers", required=True, help="answers JSONL of eval_nli.py or study.py (id, model, prompt, "
-                   "answer, situation; study.py's `row` and `sample` are used when present)")
-    p.add_argument("--model", default=PAPER_JUDGE, help="the judge, as the server names it (default: %(default)s, "
-                   "the paper's)")
-    p.add_argument("--base-url", help="any OpenAI-compatible server, e.g. http://localhost:8000/v1 (default: "
-                   f"$OPENAI_BASE_URL, else {OPENAI_URL})")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="the environment variable that holds the key; "
-                   "'none' = a dummy key, which an unset variable also gives for a loopback URL (default: "
-                   "%(default)s)")
-    p.add_argument("--out", default="runs/judge", help="judgments.jsonl, judge_results.md/.csv, judge.png, "
-                   "judge_config.json (default: %(default)s)")
-    p.add_argument("--limit", type=int, help="judge only the first N answers of each system (default: all; the "
-                   "paper judged 300 per test set)")
-    p.add_argument("--baseline", help="the system the others are compared with (default: the first in the file)")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one reply (default: "
-                   "%(default)s)")
-    p.add_argument("--http-retries", type=int, default=4, help="the openai client's own retries of timeouts, lost "
-                   "connections, 429 and 5xx, with backoff and Retry-After (default: %(default)s)")
-    p.add_argument("--max-retries", type=int, default=2, help="times an unusable reply (not JSON, an aspect "
-                   "missing, a score outside 1-5) is asked again before the answer counts as failed (default: "
-                   "%(default)s)")
-    p.add_argument("--max-tokens", type=int, default=PAPER_MAX_TOKENS, help="reply cap (default: %(default)s, the "
-                   "paper's)")
-    p.add_argument("--temperature", type=float, default=0.0, help="judge sampling temperature (default: "
-                   "%(default)s, greedy: the same reply on a rerun, where the server allows)")
-    p.add_argument("--fsync-every", type=int, default=8, help="fsync judgments.jsonl every N rows (each row is "
-                   "flushed at once; fsync guards against a power cut) (default: %(default)s)")
-    p.add_argument("--dry-run", action="store_true", help="print the number of requests and prompt tokens; send "
-                   "nothing, write nothing (default: off)")
-    p.add_argument("--tokenizer", help="the judge's tokenizer (hub id or dir) to count --dry-run's tokens (default: "
-                   "characters / 4)")
+    p.add_argument(
+        "--answers",
+        required=True,
+        help="answers JSONL of eval_nli.py or study.py (id, model, prompt, "
+        "answer, situation; study.py's `row` and `sample` are used when present)",
+    )
+    p.add_argument(
+        "--model",
+        default=PAPER_JUDGE,
+        help="the judge, as the server names it (default: %(default)s, the paper's)",
+    )
+    p.add_argument(
+        "--base-url",
+        help="any OpenAI-compatible server, e.g. http://localhost:8000/v1 (default: "
+        f"$OPENAI_BASE_URL, else {OPENAI_URL})",
+    )
+    p.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="the environment variable that holds the key; "
+        "'none' = a dummy key, which an unset variable also gives for a loopback URL (default: "
+        "%(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        default="runs/judge",
+        help="judgments.jsonl, judge_results.md/.csv, judge.png, "
+        "judge_config.json (default: %(default)s)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        help="judge only the first N answers of each system (default: all; the "
+        "paper judged 300 per test set)",
+    )
+    p.add_argument(
+        "--baseline",
+        help="the system the others are compared with (default: the first in the file)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="requests in flight at once (default: %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for one reply (default: %(default)s)",
+    )
+    p.add_argument(
+        "--http-retries",
+        type=int,
+        default=4,
+        help="the openai client's own retries of timeouts, lost "
+        "connections, 429 and 5xx, with backoff and Retry-After (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=2,
+        help="times an unusable reply (not JSON, an aspect "
+        "missing, a score outside 1-5) is asked again before the answer counts as failed (default: "
+        "%(default)s)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=PAPER_MAX_TOKENS,
+        help="reply cap (default: %(default)s, the paper's)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="judge sampling temperature (default: "
+        "%(default)s, greedy: the same reply on a rerun, where the server allows)",
+    )
+    p.add_argument(
+        "--fsync-every",
+        type=int,
+        default=8,
+        help="fsync judgments.jsonl every N rows (each row is "
+        "flushed at once; fsync guards against a power cut) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the number of requests and prompt tokens; send "
+        "nothing, write nothing (default: off)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="the judge's tokenizer (hub id or dir) to count --dry-run's tokens (default: "
+        "characters / 4)",
+    )
     args = p.parse_args(argv)
-    checks = [(k, getattr(args, k) >= 1, ">= 1") for k in ("concurrency", "max_tokens", "fsync_every")]
+    checks = [
+        (k, getattr(args, k) >= 1, ">= 1") for k in ("concurrency", "max_tokens", "fsync_every")
+    ]
     checks += [(k, getattr(args, k) >= 0, ">= 0") for k in ("http_retries", "max_retries")]
-    checks += [("limit", args.limit is None or args.limit >= 1, ">= 1"), ("timeout", args.timeout > 0, "> 0"),
-               ("temperature", 0 <= args.temperature <= 2, "in [0, 2]")]
+    checks += [
+        ("limit", args.limit is None or args.limit >= 1, ">= 1"),
+        ("timeout", args.timeout > 0, "> 0"),
+        ("temperature", 0 <= args.temperature <= 2, "in [0, 2]"),
+    ]
     for k, ok, words in checks:
         if not ok:  # NaN fails every comparison, so it lands here too
             p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: must be {words}")
@@ -668,12 +915,14 @@ def parse_args(argv=None):
 def main(argv=None):
     """Judge every answer not yet judged in --out, append each judgment as it arrives, then write the report."""
     args = parse_args(argv)
-    answers = answers_to_judge(args.answers, args.limit)       # inputs first, then any request or output
+    answers = answers_to_judge(args.answers, args.limit)  # inputs first, then any request or output
     systems = list(dict.fromkeys(a.system for a in answers))
     baseline = args.baseline or systems[0]
     if baseline not in systems:
-        raise ValueError(f"--baseline {baseline}: no such system in {args.answers}; the systems are "
-                         f"{', '.join(map(repr, systems))}")
+        raise ValueError(
+            f"--baseline {baseline}: no such system in {args.answers}; the systems are "
+            f"{', '.join(map(repr, systems))}"
+        )
     base_url = resolve_base_url(args.base_url)
     s = JudgeSettings(args.model, args.max_tokens, args.temperature, args.max_retries)
     fields, fingerprint = settings_fingerprint(s)
@@ -683,13 +932,22 @@ def main(argv=None):
     todo = [a for a in answers if judged.get(a.key, {}).get("status") != "ok"]
     if args.dry_run:
         n, how = prompt_tokens([judge_messages(a.situation, a.text) for a in todo], args.tokenizer)
-        print(f"dry run: {len(todo)} requests ({len(answers) - len(todo)} of {len(answers)} answers already judged "
-              f"in {args.out}), about {n} prompt tokens ({how}) and at most {len(todo) * args.max_tokens} completion "
-              f"tokens (--max-tokens {args.max_tokens}); each unusable reply asked again (--max-retries "
-              f"{args.max_retries}) adds one request more; nothing was sent or written")
+        print(
+            f"dry run: {len(todo)} requests ({len(answers) - len(todo)} of {len(answers)} answers already judged "
+            f"in {args.out}), about {n} prompt tokens ({how}) and at most {len(todo) * args.max_tokens} completion "
+            f"tokens (--max-tokens {args.max_tokens}); each unusable reply asked again (--max-retries "
+            f"{args.max_retries}) adds one request more; nothing was sent or written"
+        )
         return
-    ask = make_ask(base_url, args.api_key_env, s.model, s.max_tokens, s.temperature, args.timeout,
-                   args.http_retries)                     # a missing key or package: an error before any output
+    ask = make_ask(
+        base_url,
+        args.api_key_env,
+        s.model,
+        s.max_tokens,
+        s.temperature,
+        args.timeout,
+        args.http_retries,
+    )  # a missing key or package: an error before any output
     claim_out_dir(args.out)
     config = dict(vars(args), base_url=base_url, fingerprint=fields, fingerprint_sha256=fingerprint)
     print("config:", json.dumps(config))
@@ -698,7 +956,10 @@ def main(argv=None):
     # ---- ask for every answer not judged yet; each row is saved as it arrives
     work = lambda answer: dict(judge_answer(ask, answer, s), fingerprint=fingerprint)
     t0, stats = time.time(), dict(ok=0, failed=0)
-    print(f"[judge] {len(todo)} of {len(answers)} answers to judge with {s.model} at {base_url}", flush=True)
+    print(
+        f"[judge] {len(todo)} of {len(answers)} answers to judge with {s.model} at {base_url}",
+        flush=True,
+    )
     every = max(1, len(todo) // 20)
     try:
         with JudgmentLog(log_path, args.fsync_every) as log:
@@ -706,31 +967,40 @@ def main(argv=None):
                 log.add(row)
                 stats[row["status"]] += 1
                 if k % every == 0 or k == len(todo):
-                    print(f"[judge] {k}/{len(todo)}: {stats['ok']} ok, {stats['failed']} failed, "
-                          f"{time.time() - t0:.0f} s", flush=True)
+                    print(
+                        f"[judge] {k}/{len(todo)}: {stats['ok']} ok, {stats['failed']} failed, "
+                        f"{time.time() - t0:.0f} s",
+                        flush=True,
+                    )
     except Unusable as e:
-        raise Unusable(f"{e} ({stats['ok'] + stats['failed']} judgments saved in {log_path}; a rerun asks only for "
-                       f"the rest)") from None
+        raise Unusable(
+            f"{e} ({stats['ok'] + stats['failed']} judgments saved in {log_path}; a rerun asks only for "
+            f"the rest)"
+        ) from None
 
     # ---- report over every answer asked for, this run's and earlier runs'
     judged = read_judgments(log_path, fingerprint)
     scores = by_situation(answers, judged)
     rows = score_rows(scores) + (paired_rows(scores, baseline) if len(scores) > 1 else [])
     fails = sum(s_["failed"] for s_ in scores.values())
-    notes = [f"Judge {s.model} at {base_url}; question sha256 {fields['question_sha256'][:12]}, max_tokens "
-             f"{s.max_tokens}, temperature {s.temperature}. Scores 1-5; 'overall' is the mean of the five aspects. "
-             f"Each situation counts once (the mean of its judged answers); ± is the standard error over situations. "
-             f"{fails} answer(s) failed (no usable reply after {1 + s.max_retries} asks, or the request failed): "
-             f"they have no score, and a rerun asks for them again."]
+    notes = [
+        f"Judge {s.model} at {base_url}; question sha256 {fields['question_sha256'][:12]}, max_tokens "
+        f"{s.max_tokens}, temperature {s.temperature}. Scores 1-5; 'overall' is the mean of the five aspects. "
+        f"Each situation counts once (the mean of its judged answers); ± is the standard error over situations. "
+        f"{fails} answer(s) failed (no usable reply after {1 + s.max_retries} asks, or the request failed): "
+        f"they have no score, and a rerun asks for them again."
+    ]
     write_text(os.path.join(args.out, "judge_results.csv"), csv_text(rows))
     table = markdown(rows, notes)
     write_text(os.path.join(args.out, "judge_results.md"), table + "\n")
     plot_scores(rows, os.path.join(args.out, "judge.png"))
     print(table)
     used = [judged[a.key] for a in answers if a.key in judged]
-    print(f"[judge] {len(used)} judgments, {sum(r['attempts'] for r in used)} asks, "
-          f"{sum(r['tokens']['prompt'] or 0 for r in used)} prompt and "
-          f"{sum(r['tokens']['completion'] or 0 for r in used)} completion tokens; results in {args.out}")
+    print(
+        f"[judge] {len(used)} judgments, {sum(r['attempts'] for r in used)} asks, "
+        f"{sum(r['tokens']['prompt'] or 0 for r in used)} prompt and "
+        f"{sum(r['tokens']['completion'] or 0 for r in used)} completion tokens; results in {args.out}"
+    )
 
 
 if __name__ == "__main__":

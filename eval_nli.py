@@ -11,6 +11,7 @@ For each test situation, reference perspective explanation e_i and sentence s_j 
     python eval_nli.py --model default --model runs/default/sft --model runs/default/checkpoint --prompt both
     python eval_nli.py --answers runs/eval/answers.jsonl --nli roberta-large-mnli    # re-score, no generation
 """
+
 import dataclasses
 import json
 import os
@@ -23,33 +24,51 @@ import torch
 
 import reward
 from opgrpo_min import chat_prompt, sample_groups
-from plumbing import (check_device, check_knobs, check_model_path, check_prompts, claim_out_dir, dataclass_args,
-                      load_embedder, load_policy, load_situations, markdown_table, plot_accuracy, resolve_model,
-                      run_cli, write_text)
+from plumbing import (
+    check_device,
+    check_knobs,
+    check_model_path,
+    check_prompts,
+    claim_out_dir,
+    dataclass_args,
+    load_embedder,
+    load_policy,
+    load_situations,
+    markdown_table,
+    plot_accuracy,
+    resolve_model,
+    run_cli,
+    write_text,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PAPER_NLI = "microsoft/deberta-v2-xlarge-mnli"   # the NLI model of the paper's evaluation code
-ACCURACY_THRESHOLD = 0.33        # a situation counts as covered when its score is strictly above this
-MAX_PROMPT_LEN = 512             # as in training; a longer prompt is an error, never cut
+PAPER_NLI = "microsoft/deberta-v2-xlarge-mnli"  # the NLI model of the paper's evaluation code
+ACCURACY_THRESHOLD = 0.33  # a situation counts as covered when its score is strictly above this
+MAX_PROMPT_LEN = 512  # as in training; a longer prompt is an error, never cut
+
+
+PROMPTS = ("implicit", "explicit", "both")  # --prompt: as trained, the paper's baseline, or both
 
 
 @dataclasses.dataclass
 class Config:  # knobs: '# what it does | values it takes'
-    model: list = None           # policy, repeatable: hub id, dir, run dir or checkpoint; 'default' = SmolLM2-135M
-    prompt: str = "both"         # implicit: as trained; explicit: the baseline | v in ("implicit", "explicit", "both")
-    answers: str = None          # score this answers JSONL (id, model, prompt, answer) instead of generating
+    model: list = None  # policy, repeatable: hub id, dir or run dir; 'default' = SmolLM2
+    prompt: str = "both"  # implicit (trained), explicit (baseline) or both | v in PROMPTS
+    answers: str = (
+        None  # score this answers JSONL (id, model, prompt, answer) instead of generating
+    )
     data: str = os.path.join(HERE, "data", "test.jsonl")  # test situations
-    nli: list = None             # NLI model, repeatable; 'none' = only the offline metric; None = the paper's
-    sim_model: str = None        # Sentence Transformer of the coverage metric; None = embedded MiniLM
-    max_new_tokens: int = 1200   # paper 1200; ~200 keeps a CPU run short | v >= 1
-    temperature: float = 0.7     # test-time sampling, as in the paper | v > 0
-    top_p: float = 0.9           # test-time nucleus sampling, as in the paper | 0 < v <= 1
-    batch_size: int = 32         # prompts per generate call (wider is faster) | v >= 1
-    nli_batch_size: int = 32     # (premise, hypothesis) pairs per NLI forward | v >= 1
-    device: str = None           # None = cuda when present, else cpu
-    seed: int = 0                # sampling seed | 0 <= v < 2**32
-    out: str = "runs/eval"       # answers.jsonl, results.csv/.md, accuracy.png, config.json
-    overwrite: bool = False      # generate into an --out that holds answers: they are moved aside, not deleted
+    nli: list = None  # NLI model, repeatable; 'none' = only the offline metric; None = the paper's
+    sim_model: str = None  # Sentence Transformer of the coverage metric; None = embedded MiniLM
+    max_new_tokens: int = 1200  # paper 1200; ~200 keeps a CPU run short | v >= 1
+    temperature: float = 0.7  # test-time sampling, as in the paper | v > 0
+    top_p: float = 0.9  # test-time nucleus sampling, as in the paper | 0 < v <= 1
+    batch_size: int = 32  # prompts per generate call (wider is faster) | v >= 1
+    nli_batch_size: int = 32  # (premise, hypothesis) pairs per NLI forward | v >= 1
+    device: str = None  # None = cuda when present, else cpu
+    seed: int = 0  # sampling seed | 0 <= v < 2**32
+    out: str = "runs/eval"  # answers.jsonl, results.csv/.md, accuracy.png, config.json
+    overwrite: bool = False  # into an --out that holds answers (moved aside, not deleted)
 
 
 # ================================================================ text
@@ -68,7 +87,6 @@ def split_sentences(text):
     return [p.strip() for p in pieces if LETTER.search(p)]
 
 
-
 # ================================================================ NLI
 def entailment_index(config, name="the NLI model"):
     """The int index of the 'entailment' (or 'entail', any case, spaces around ignored) class in config.id2label
@@ -81,8 +99,10 @@ def entailment_index(config, name="the NLI model"):
     labels = {int(i): str(v) for i, v in (getattr(config, "id2label", None) or {}).items()}
     hits = [i for i, v in labels.items() if v.strip().lower() in ("entailment", "entail")]
     if len(hits) != 1:
-        raise ValueError(f"{name}: its id2label {labels} has {'no' if not hits else 'more than one'} 'entailment' "
-                         f"label; use an NLI (MNLI-style) model, or set id2label in its config.json to its classes")
+        raise ValueError(
+            f"{name}: its id2label {labels} has {'no' if not hits else 'more than one'} 'entailment' "
+            f"label; use an NLI (MNLI-style) model, or set id2label in its config.json to its classes"
+        )
     return hits[0]
 
 
@@ -90,19 +110,27 @@ def load_nli(name, device="cpu", batch_size=32):
     """entail(premises, hypotheses) -> P(entailment) per pair, from transformers' text-classification pipeline on
     (premise, hypothesis) pairs with every class's softmax score (top_k=None); the class found by entailment_index."""
     from transformers import pipeline
+
     try:
         clf = pipeline("text-classification", model=name, device=device, top_k=None)
     except OSError as e:
-        raise OSError(f"NLI model {name!r} is not available here: no such local directory, not in the Hugging Face "
-                      f"cache, and the hub cannot be reached ({str(e).splitlines()[0][:120]}). Download it once where "
-                      f"there is network (huggingface-cli download {name}) and pass --nli <dir>; HF_HUB_OFFLINE=1 "
-                      f"skips the retries. ") from None
+        raise OSError(
+            f"NLI model {name!r} is not available here: no such local directory, not in the Hugging Face "
+            f"cache, and the hub cannot be reached ({str(e).splitlines()[0][:120]}). Download it once where "
+            f"there is network (huggingface-cli download {name}) and pass --nli <dir>; HF_HUB_OFFLINE=1 "
+            f"skips the retries. "
+        ) from None
     label = clf.model.config.id2label[entailment_index(clf.model.config, f"--nli {name}")]
 
     def entail(premises, hypotheses):
-        rows = clf([dict(text=p, text_pair=h) for p, h in zip(premises, hypotheses)], batch_size=batch_size,
-                   truncation=True, max_length=512)
+        rows = clf(
+            [dict(text=p, text_pair=h) for p, h in zip(premises, hypotheses)],
+            batch_size=batch_size,
+            truncation=True,
+            max_length=512,
+        )
         return np.array([next(x["score"] for x in row if x["label"] == label) for row in rows])
+
     return entail
 
 
@@ -113,7 +141,7 @@ def situation_score(P):
     >>> situation_score(np.array([[0.9, 0.2], [0.1, 0.5]]))     # (0.9 + 0.5) / 2
     0.7
     """
-    P = np.asarray(P, dtype=float)                                # [n_ref, n_sentences]
+    P = np.asarray(P, dtype=float)  # [n_ref, n_sentences]
     return 0.0 if P.size == 0 else float(P.max(1).mean())
 
 
@@ -125,9 +153,13 @@ def nli_scores(texts, items, entail):
         premises += [e for e in refs for _ in sents]
         hypotheses += [h for _ in refs for h in sents]
         shapes.append((len(refs), len(sents)))
-    probs = np.asarray(entail(premises, hypotheses), dtype=float) if premises else np.zeros(0)   # [n_pairs]
+    probs = (
+        np.asarray(entail(premises, hypotheses), dtype=float) if premises else np.zeros(0)
+    )  # [n_pairs]
     ends = np.cumsum([r * c for r, c in shapes])
-    return [situation_score(probs[end - r * c:end].reshape(r, c)) for (r, c), end in zip(shapes, ends)]
+    return [
+        situation_score(probs[end - r * c : end].reshape(r, c)) for (r, c), end in zip(shapes, ends)
+    ]
 
 
 # ================================================================ offline metric
@@ -140,9 +172,11 @@ def embedding_coverage(texts, items, embedder, threshold=reward.COVERAGE_THRESHO
     E = reward.unit_embeddings(embedder, [x for group in refs + cands for x in group])
     rates = []
     for r, c in zip(refs, cands):
-        R = np.stack([E[x] for x in r])                                               # [n_ref, dim]
-        C = np.stack([E[x] for x in c]) if c else np.zeros((0, R.shape[1]), np.float32)  # [n_sent, dim]
-        rates.append(reward.coverage_reward(R @ C.T, threshold)[1])                   # R @ C.T: [n_ref, n_sent]
+        R = np.stack([E[x] for x in r])  # [n_ref, dim]
+        C = (
+            np.stack([E[x] for x in c]) if c else np.zeros((0, R.shape[1]), np.float32)
+        )  # [n_sent, dim]
+        rates.append(reward.coverage_reward(R @ C.T, threshold)[1])  # R @ C.T: [n_ref, n_sent]
     return rates
 
 
@@ -155,8 +189,13 @@ def summarize(scores, threshold=ACCURACY_THRESHOLD):
     """
     x = np.asarray(scores, dtype=float)
     std = float(x.std(ddof=1)) if len(x) > 1 else float("nan")
-    return dict(n=len(x), mean=float(x.mean()), std=std, se=std / np.sqrt(len(x)),
-                accuracy=float((x > threshold).mean()))
+    return dict(
+        n=len(x),
+        mean=float(x.mean()),
+        std=std,
+        se=std / np.sqrt(len(x)),
+        accuracy=float((x > threshold).mean()),
+    )
 
 
 # ================================================================ answers
@@ -165,16 +204,25 @@ def generate_answers(name, items, styles, args):
     batches: a CPU decode step costs about the same for 16 or 88 prompts (reading the weights)."""
     model, tok = load_policy(resolve_model(name), args.device)
     for style in styles:
-        check_prompts(tok, items, MAX_PROMPT_LEN, lambda s: chat_prompt(tok, s, style))
+        check_prompts(tok, items, MAX_PROMPT_LEN, lambda s: chat_prompt(tok, s, style))  # noqa: B023
     todo = [(s, style) for style in styles for s in items]
     torch.manual_seed(args.seed)
     rows = []
     for b in range(0, len(todo), args.batch_size):
-        batch = todo[b:b + args.batch_size]
-        texts = sample_groups(model, tok, [chat_prompt(tok, s.situation, style) for s, style in batch], 1,
-                              args.max_new_tokens, args.temperature, args.top_p).texts
-        rows += [dict(id=s.id, model=name or "default", prompt=style, answer=text, situation=s.situation)
-                 for (s, style), text in zip(batch, texts)]
+        batch = todo[b : b + args.batch_size]
+        texts = sample_groups(
+            model,
+            tok,
+            [chat_prompt(tok, s.situation, style) for s, style in batch],
+            1,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_p,
+        ).texts
+        rows += [
+            dict(id=s.id, model=name or "default", prompt=style, answer=text, situation=s.situation)
+            for (s, style), text in zip(batch, texts)
+        ]
         print(f"[generate] {name}: {len(rows)}/{len(todo)} answers", flush=True)
     return rows
 
@@ -183,9 +231,17 @@ def generate_answers(name, items, styles, args):
 def report_rows(results, items):
     """One row per (model, prompt, metric) x stratum ('all', then each number of reference perspectives)."""
     strata = ["all"] + sorted({len(s.perspectives) for s in items})
-    return [dict(model=model, prompt=prompt, metric=metric, stratum=k,
-                 **summarize([x for x, s in zip(scores, items) if k in ("all", len(s.perspectives))]))
-            for (model, prompt, metric), scores in results.items() for k in strata]
+    return [
+        dict(
+            model=model,
+            prompt=prompt,
+            metric=metric,
+            stratum=k,
+            **summarize([x for x, s in zip(scores, items) if k in ("all", len(s.perspectives))]),
+        )
+        for (model, prompt, metric), scores in results.items()
+        for k in strata
+    ]
 
 
 # ================================================================ main
@@ -198,53 +254,80 @@ def main(argv=None):
         raise ValueError("give --model (generate answers) or --answers (re-score a file), not both")
     args.model = args.model or (None if args.answers else ["default"])
     args.nli = args.nli or [PAPER_NLI]
-    items, t0 = load_situations(args.data), time.perf_counter()   # inputs first, then any output
-    if args.answers:   # re-score a file: every row checked against the test set (extras/answers.py)
+    items, t0 = load_situations(args.data), time.perf_counter()  # inputs first, then any output
+    if args.answers:  # re-score a file: every row checked against the test set (extras/answers.py)
         from extras.answers import load_answers
+
         groups = load_answers(args.answers, items)
     for name in args.model or []:
-        resolve_model(name)                                      # a bad path fails before any generation
+        resolve_model(name)  # a bad path fails before any generation
     check_model_path(args.sim_model, "--sim-model", tokenizer=False)
     for name in [n for n in args.nli if n.lower() != "none"]:
         check_model_path(name, "--nli")
-    claim_out_dir(args.out, () if args.answers else ("answers.jsonl",), args.overwrite, "re-score it with --answers "
-                  f"{args.out}/answers.jsonl, use another --out, or ")
+    claim_out_dir(
+        args.out,
+        () if args.answers else ("answers.jsonl",),
+        args.overwrite,
+        f"re-score it with --answers {args.out}/answers.jsonl, use another --out, or ",
+    )
     config = json.dumps(dataclasses.asdict(args), indent=1)
     print("config:", config)
     write_text(os.path.join(args.out, "config.json"), config)
     if not args.answers:  # ---- generate, saved to answers.jsonl (--answers re-scores it)
         styles = ["implicit", "explicit"] if args.prompt == "both" else [args.prompt]
         rows = [r for name in args.model for r in generate_answers(name, items, styles, args)]
-        write_text(os.path.join(args.out, "answers.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-        print(f"[generate] {len(rows)} answers in {time.perf_counter() - t0:.0f} s -> {args.out}/answers.jsonl")
+        write_text(
+            os.path.join(args.out, "answers.jsonl"), "".join(json.dumps(r) + "\n" for r in rows)
+        )
+        print(
+            f"[generate] {len(rows)} answers in {time.perf_counter() - t0:.0f} s -> {args.out}/answers.jsonl"
+        )
         groups = {}
-        for r in rows:                               # each (model, prompt): its answers in the order of items
+        for r in rows:  # each (model, prompt): its answers in the order of items
             groups.setdefault((r["model"], r["prompt"]), []).append(r["answer"])
     t1, short = time.perf_counter(), lambda name: os.path.basename(name.rstrip("/"))
 
     # ---- offline metric, then each NLI backbone that can be loaded
     embedder = load_embedder(args.sim_model, device=args.device)
-    results = {(*key, f"coverage {short(args.sim_model or 'all-MiniLM-L6-v2')}"): embedding_coverage(t, items, embedder)
-               for key, t in groups.items()}
-    notes = [f"Accuracy: share of situations with score > {ACCURACY_THRESHOLD}. Coverage: share of reference "
-             f"perspective lines matched at cosine >= {reward.COVERAGE_THRESHOLD}."]
+    results = {
+        (*key, f"coverage {short(args.sim_model or 'all-MiniLM-L6-v2')}"): embedding_coverage(
+            t, items, embedder
+        )
+        for key, t in groups.items()
+    }
+    notes = [
+        f"Accuracy: share of situations with score > {ACCURACY_THRESHOLD}. Coverage: share of reference "
+        f"perspective lines matched at cosine >= {reward.COVERAGE_THRESHOLD}."
+    ]
     for name in [n for n in args.nli if n.lower() != "none"]:
         try:
             entail = load_nli(name, args.device, args.nli_batch_size)
-        except OSError as e:    # not loadable here; a model without an entailment label stays an error
-            print(f"[nli] {e}The NLI rows of this model are left out; the embedding coverage is still reported.",
-                  file=sys.stderr)
+        except (
+            OSError
+        ) as e:  # not loadable here; a model without an entailment label stays an error
+            print(
+                f"[nli] {e}The NLI rows of this model are left out; the embedding coverage is still reported.",
+                file=sys.stderr,
+            )
             notes.append(f"NLI {name}: not available here (offline), no NLI rows.")
             continue
-        results.update({(*key, f"NLI {short(name)}"): nli_scores(t, items, entail) for key, t in groups.items()})
+        results.update(
+            {
+                (*key, f"NLI {short(name)}"): nli_scores(t, items, entail)
+                for key, t in groups.items()
+            }
+        )
     rows = report_rows(results, items)
     import pandas as pd
+
     write_text(os.path.join(args.out, "results.csv"), pd.DataFrame(rows).to_csv(index=False))
     table = markdown_table(rows, notes)
     print(table)
     write_text(os.path.join(args.out, "results.md"), table + "\n")
     plot_accuracy(rows, os.path.join(args.out, "accuracy.png"), ACCURACY_THRESHOLD)
-    print(f"[time] generation {t1 - t0:.0f} s, scoring {time.perf_counter() - t1:.0f} s; results in {args.out}")
+    print(
+        f"[time] generation {t1 - t0:.0f} s, scoring {time.perf_counter() - t1:.0f} s; results in {args.out}"
+    )
 
 
 if __name__ == "__main__":

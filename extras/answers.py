@@ -1,5 +1,6 @@
 """Files of saved answers: eval_nli.py --answers FILE re-scores them without generating, every row checked against
 the test set; study.py and eval_judge.py append to theirs after a kill."""
+
 import json
 import os
 
@@ -13,22 +14,30 @@ def load_answers(path, items):
     for n, row in read_jsonl(path, "answers"):
         missing = [k for k in ("id", "model", "prompt", "answer") if k not in row]
         if missing:
-            raise ValueError(f"{path}, line {n}: expected a JSON object with id, model, prompt, answer "
-                             f"(missing {', '.join(missing)})")
+            raise ValueError(
+                f"{path}, line {n}: expected a JSON object with id, model, prompt, answer "
+                f"(missing {', '.join(missing)})"
+            )
         key, sid = (row["model"], row["prompt"]), str(row["id"])
         if sid not in known:
-            raise ValueError(f"{path}, line {n}: id {sid!r} is not in the test set; the answers were made for "
-                             f"another data file: pass that file as --data")
+            raise ValueError(
+                f"{path}, line {n}: id {sid!r} is not in the test set; the answers were made for "
+                f"another data file: pass that file as --data"
+            )
         if sid in groups.setdefault(key, {}):
-            raise ValueError(f"{path}, line {n}: a second answer of model {key[0]!r}, prompt {key[1]!r} to {sid!r}")
+            raise ValueError(
+                f"{path}, line {n}: a second answer of model {key[0]!r}, prompt {key[1]!r} to {sid!r}"
+            )
         groups[key][sid] = row["answer"] if isinstance(row["answer"], str) else ""
     if not groups:
         raise ValueError(f"{path}: no answers in the file")
     for (model, prompt), answers in groups.items():
         missing = [s.id for s in items if s.id not in answers]
         if missing:
-            raise ValueError(f"{path}: model {model!r}, prompt {prompt!r} has no answer for {len(missing)} test "
-                             f"situation(s), e.g. {missing[0]!r}: regenerate, or pass the matching --data")
+            raise ValueError(
+                f"{path}: model {model!r}, prompt {prompt!r} has no answer for {len(missing)} test "
+                f"situation(s), e.g. {missing[0]!r}: regenerate, or pass the matching --data"
+            )
     return {key: [answers[s.id] for s in items] for key, answers in groups.items()}
 
 

@@ -3,14 +3,17 @@
 The judge is a local causal LM (read from its next-token logits) or, with --judge-url, any model behind an
 OpenAI-compatible endpoint (eval_judge.py's client).
 """
+
 import numpy as np
 import torch
 
 import reward
 from plumbing import load_policy
 
-JUDGE_QUESTION = ("Do these two statements express the same meaning or perspective?\n\nA: {a}\nB: {b}\n\n"
-                  "Answer with Yes or No.")
+JUDGE_QUESTION = (
+    "Do these two statements express the same meaning or perspective?\n\nA: {a}\nB: {b}\n\n"
+    "Answer with Yes or No."
+)
 
 
 def judge_triplets(situations, model, judge, threshold=0.75):
@@ -22,16 +25,34 @@ def judge_triplets(situations, model, judge, threshold=0.75):
     positive, the most similar No the negative; an anchor without both gives no triplet. Returns a list of dicts
     {"situation": its id, "anchor", "positive", "negative"} in the order of situations and explanations.
     Example: candidates [x 0.9 No, y 0.8 Yes, z 0.76 No] give (anchor, y, x)."""
-    pools = [list(dict.fromkeys([p.explanation for p in s.perspectives]
-                                + [p.paraphrase for p in s.perspectives if p.paraphrase])) for s in situations]
-    vec, asks = reward.unit_embeddings(model, [t for pool in pools for t in pool]), []  # asks: (sid, anchor, cands)
+    pools = [
+        list(
+            dict.fromkeys(
+                [p.explanation for p in s.perspectives]
+                + [p.paraphrase for p in s.perspectives if p.paraphrase]
+            )
+        )
+        for s in situations
+    ]
+    vec, asks = (
+        reward.unit_embeddings(model, [t for pool in pools for t in pool]),
+        [],
+    )  # asks: (sid, anchor, cands)
     for s, pool in zip(situations, pools):
-        E = np.stack([vec[t] for t in pool])                                  # [n_pool, dim]
+        E = np.stack([vec[t] for t in pool])  # [n_pool, dim]
         for a in [p.explanation for p in s.perspectives]:
-            cos = E @ vec[a]                                                  # [n_pool]
-            asks.append((s.id, a, [pool[j] for j in np.argsort(-cos) if pool[j] != a and cos[j] >= threshold]))
+            cos = E @ vec[a]  # [n_pool]
+            asks.append(
+                (
+                    s.id,
+                    a,
+                    [pool[j] for j in np.argsort(-cos) if pool[j] != a and cos[j] >= threshold],
+                )
+            )
     pairs = [(a, c) for _, a, cands in asks for c in cands]
-    print(f"judging {len(pairs)} pairs with base cosine >= {threshold} ({len(situations)} situations)")
+    print(
+        f"judging {len(pairs)} pairs with base cosine >= {threshold} ({len(situations)} situations)"
+    )
     said = dict(zip(pairs, map(bool, judge(pairs)))) if pairs else {}
     out = []
     for sid, a, cands in asks:
@@ -47,6 +68,7 @@ def judge_for(judge, url=None, device="cpu"):
     else a local causal LM ('embedded': the SmolLM2-135M, a weak judge), read from its next-token logits."""
     if url:
         from eval_judge import ask_yes_no
+
         return lambda pairs: ask_yes_no(pairs, judge, JUDGE_QUESTION, base_url=url)
     lm, tok = load_policy(None if judge == "embedded" else judge, device)
     return lambda pairs: judge_margins(lm, tok, pairs, JUDGE_QUESTION) > 0
@@ -57,15 +79,31 @@ def judge_margins(model, tokenizer, pairs, question, batch_size=8):
     model's chat template), one forward per batch of pairs and no generation: > 0 means the model says Yes.
     'Yes' / ' Yes' both count."""
     from tqdm.auto import tqdm
-    ids = {w: sorted({tokenizer.encode(v, add_special_tokens=False)[0] for v in (w, " " + w)}) for w in ("Yes", "No")}
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": question.format(a=a, b=b)}],
-                                             add_generation_prompt=True, tokenize=False) for a, b in pairs]
-    tokenizer.padding_side, margins = "left", []            # left padding: every prompt's last token is at -1
-    for k in tqdm(range(0, len(prompts), batch_size), desc="judge", disable=len(prompts) <= batch_size):
-        enc = tokenizer(prompts[k:k + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+
+    ids = {
+        w: sorted({tokenizer.encode(v, add_special_tokens=False)[0] for v in (w, " " + w)})
+        for w in ("Yes", "No")
+    }
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": question.format(a=a, b=b)}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for a, b in pairs
+    ]
+    tokenizer.padding_side, margins = "left", []  # left padding: every prompt's last token is at -1
+    for k in tqdm(
+        range(0, len(prompts), batch_size), desc="judge", disable=len(prompts) <= batch_size
+    ):
+        enc = tokenizer(
+            prompts[k : k + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        )
         enc = enc.to(model.device)
-        pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)           # [b, T]: padding does not shift RoPE
+        pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(
+            min=0
+        )  # [b, T]: padding does not shift RoPE
         with torch.no_grad():
-            last = model(**enc, position_ids=pos).logits[:, -1].float()       # [b, vocab]
+            last = model(**enc, position_ids=pos).logits[:, -1].float()  # [b, vocab]
         margins += (last[:, ids["Yes"]].max(-1).values - last[:, ids["No"]].max(-1).values).tolist()
     return np.array(margins)

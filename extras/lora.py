@@ -5,8 +5,14 @@ def lora_config(rank):
     """The LoRA adapter of --lora-rank: every linear layer of the blocks, alpha = 2 x rank, no dropout (dropout
     would make the sampler and the learner differ). peft keeps the adapter in float32 on a bf16 model."""
     from peft import LoraConfig
-    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
 
 
 def with_lora(model, rank):
@@ -15,12 +21,14 @@ def with_lora(model, rank):
     try:
         from peft import get_peft_model
     except ImportError:
-        raise ImportError("--lora-rank needs peft: pip install peft (or pip install -r requirements-extra.txt)") \
-            from None
+        raise ImportError(
+            "--lora-rank needs peft: pip install peft (or pip install -r requirements-extra.txt)"
+        ) from None
     return get_peft_model(model, lora_config(rank))
 
 
 def saved_adapter(base, checkpoint):
     """The trainable adapter of a checkpoint, on its frozen base model (a --resume of a LoRA run)."""
     from peft import PeftModel
+
     return PeftModel.from_pretrained(base, checkpoint, is_trainable=True)

@@ -1,5 +1,6 @@
 """The command line as a specification: every bad input is one clear line and a non-zero exit, resuming works from the
 command line and survives SIGKILL at any moment, and nothing a run rewrites can be lost half-way."""
+
 import json
 import os
 import signal
@@ -12,17 +13,27 @@ import torch
 
 import eval_nli
 import opgrpo_min as om
-from tools import convert_data, score_answers
 import plumbing
-from extras import resume
 import sim_train
 import study
+from extras import resume
+from tools import convert_data, score_answers
 
 REPO = os.path.dirname(om.HERE) if os.path.basename(om.HERE) == "tests" else om.HERE
 TRAIN, TEST = (os.path.join(REPO, "data", f"{k}.jsonl") for k in ("train", "test"))
-SCRIPTS = {"opgrpo_min": om.main, "sim_train": sim_train.main, "eval_nli": eval_nli.main,
-           "tools/score_answers": score_answers.main, "study": study.main, "tools/convert_data": convert_data.main}
-GOOD = {"id": "1", "situation": "Lying to a friend", "perspectives": [{"name": "Honesty", "explanation": "Lies hurt."}]}
+SCRIPTS = {
+    "opgrpo_min": om.main,
+    "sim_train": sim_train.main,
+    "eval_nli": eval_nli.main,
+    "tools/score_answers": score_answers.main,
+    "study": study.main,
+    "tools/convert_data": convert_data.main,
+}
+GOOD = {
+    "id": "1",
+    "situation": "Lying to a friend",
+    "perspectives": [{"name": "Honesty", "explanation": "Lies hurt."}],
+}
 
 
 # ================================================================ bad inputs, one table
@@ -46,21 +57,52 @@ def data_file(tmp, kind):
         "missing": ("gone.jsonl", None, "no such"),
         "empty": ("empty.jsonl", b"", "no "),
         "invalid JSON": ("bad.jsonl", b'{"id": "1", "situation": ', "line 1: not JSON"),
-        "missing field": ("nofield.jsonl", json.dumps({k: v for k, v in GOOD.items() if k != "situation"}).encode(),
-                          "line 1: missing field 'situation'"),
-        "not UTF-8": ("latin1.jsonl", json.dumps(GOOD).encode() + b"\n" + json.dumps(GOOD).replace(
-            "Lies", "Caf\xe9").encode("latin-1"), "line 2: not UTF-8"),
-        "malformed CSV row": ("authors.csv", b'prompt,answer\nx,"In the perspective of A, a."\ny,just some words\n',
-                              "row 2: answer line"),
-        "a CSV file": ("authors.csv", b'prompt,answer\nx,"In the perspective of A, a."\n', "python tools/convert_data"),
-        "CSV with a BOM and a bad row": ("bom.csv", b'\xef\xbb\xbfprompt,answer\nx,just words\n', "row 1: answer line"),
-        "not UTF-8 CSV": ("latin1.csv", b'prompt,answer\nx,"In the perspective of A, caf\xe9."\n', "line 2: not UTF-8"),
+        "missing field": (
+            "nofield.jsonl",
+            json.dumps({k: v for k, v in GOOD.items() if k != "situation"}).encode(),
+            "line 1: missing field 'situation'",
+        ),
+        "not UTF-8": (
+            "latin1.jsonl",
+            json.dumps(GOOD).encode()
+            + b"\n"
+            + json.dumps(GOOD).replace("Lies", "Caf\xe9").encode("latin-1"),
+            "line 2: not UTF-8",
+        ),
+        "malformed CSV row": (
+            "authors.csv",
+            b'prompt,answer\nx,"In the perspective of A, a."\ny,just some words\n',
+            "row 2: answer line",
+        ),
+        "a CSV file": (
+            "authors.csv",
+            b'prompt,answer\nx,"In the perspective of A, a."\n',
+            "python tools/convert_data",
+        ),
+        "CSV with a BOM and a bad row": (
+            "bom.csv",
+            b"\xef\xbb\xbfprompt,answer\nx,just words\n",
+            "row 1: answer line",
+        ),
+        "not UTF-8 CSV": (
+            "latin1.csv",
+            b'prompt,answer\nx,"In the perspective of A, caf\xe9."\n',
+            "line 2: not UTF-8",
+        ),
         "JSON top level 5": ("five.json", b"5", "expected a list of situation objects"),
         "JSON top level null": ("null.json", b"null", "expected a list of situation objects"),
-        "non-text paraphrase": ("para.jsonl", json.dumps(dict(GOOD, perspectives=[dict(
-            GOOD["perspectives"][0], paraphrase=["not", "text"])])).encode(), "line 1: a perspective's 'kind' and"),
-        "over-long situation": ("long.jsonl", (json.dumps(GOOD) + "\n" + json.dumps(long)).encode(),
-                                "line 2: the prompt of situation '2' has"),
+        "non-text paraphrase": (
+            "para.jsonl",
+            json.dumps(
+                dict(GOOD, perspectives=[dict(GOOD["perspectives"][0], paraphrase=["not", "text"])])
+            ).encode(),
+            "line 1: a perspective's 'kind' and",
+        ),
+        "over-long situation": (
+            "long.jsonl",
+            (json.dumps(GOOD) + "\n" + json.dumps(long)).encode(),
+            "line 2: the prompt of situation '2' has",
+        ),
     }
     name, content, says = cases[kind]
     path = tmp / name
@@ -72,8 +114,11 @@ def data_file(tmp, kind):
 def answers_file(tmp, kind):
     """An answers file (id, model, prompt, answer) with one defect, or a good one."""
     ids = [json.loads(line)["id"] for line in open(TEST)]
-    good = "".join(json.dumps(dict(id=i, model="m", prompt="implicit", answer="In the perspective of A, a.")) + "\n"
-                   for i in ids)
+    good = "".join(
+        json.dumps(dict(id=i, model="m", prompt="implicit", answer="In the perspective of A, a."))
+        + "\n"
+        for i in ids
+    )
     if kind == "good":
         path = tmp / "answers.jsonl"
         path.write_text(good)
@@ -94,41 +139,143 @@ def model_dir(tmp, kind):
     return str(path)
 
 
-DATA_KINDS = ["missing", "empty", "invalid JSON", "missing field", "not UTF-8", "non-text paraphrase", "a CSV file"]
-FOREIGN_KINDS = ["missing", "malformed CSV row", "CSV with a BOM and a bad row", "not UTF-8 CSV", "JSON top level 5",
-                 "JSON top level null"]
+DATA_KINDS = [
+    "missing",
+    "empty",
+    "invalid JSON",
+    "missing field",
+    "not UTF-8",
+    "non-text paraphrase",
+    "a CSV file",
+]
+FOREIGN_KINDS = [
+    "missing",
+    "malformed CSV row",
+    "CSV with a BOM and a bad row",
+    "not UTF-8 CSV",
+    "JSON top level 5",
+    "JSON top level null",
+]
 NOT_FINITE = ["inf", "nan", "-inf"]
 CASES = (  # (script, what is wrong); see build() for the command line of each
     [("opgrpo_min", f"--train-data {k}") for k in DATA_KINDS + ["over-long situation"]]
-    + [("opgrpo_min", c) for c in ("--steps 0", "--steps -3", "--lr nan", "--preset huge", "--model missing",
-                                   "--out is a file", "--out read-only", "--top-p 0", "--top-p 1.5", "--beta -1",
-                                   "--clip-eps 2", "--sft-steps -3", "--device cuda", "--device tpu",
-                                   "--resume changes --lr", "--lr 1e300", "--seed -1", "--seed 4294967296",
-                                   "--model empty folder", "--model junk folder", "--sim-model empty folder",
-                                   "--preset ''", "--dtype ''", "--device ''", "--model ''", "--out ''")]
-    + [("opgrpo_min", f"{k} {v}") for k in ("--temperature", "--beta", "--adv-eps", "--lr", "--sft-lr",
-                                            "--weight-decay", "--grad-clip", "--coverage-threshold") for v in NOT_FINITE]
+    + [
+        ("opgrpo_min", c)
+        for c in (
+            "--steps 0",
+            "--steps -3",
+            "--lr nan",
+            "--preset huge",
+            "--model missing",
+            "--out is a file",
+            "--out read-only",
+            "--top-p 0",
+            "--top-p 1.5",
+            "--beta -1",
+            "--clip-eps 2",
+            "--sft-steps -3",
+            "--device cuda",
+            "--device tpu",
+            "--resume changes --lr",
+            "--lr 1e300",
+            "--seed -1",
+            "--seed 4294967296",
+            "--model empty folder",
+            "--model junk folder",
+            "--sim-model empty folder",
+            "--preset ''",
+            "--dtype ''",
+            "--device ''",
+            "--model ''",
+            "--out ''",
+        )
+    ]
+    + [
+        ("opgrpo_min", f"{k} {v}")
+        for k in (
+            "--temperature",
+            "--beta",
+            "--adv-eps",
+            "--lr",
+            "--sft-lr",
+            "--weight-decay",
+            "--grad-clip",
+            "--coverage-threshold",
+        )
+        for v in NOT_FINITE
+    ]
     + [("sim_train", f"--data {k}") for k in DATA_KINDS]
-    + [("sim_train", c) for c in ("--epochs 0", "--epochs -1", "--lr nan", "--lr inf", "--scale inf", "--scale 0",
-                                  "--warmup inf", "--seed -1", "--base missing", "--base empty folder",
-                                  "--judge missing", "--judge-url http://127.0.0.1:9/v1", "--out is a file",
-                                  "--out read-only", "--out ''")]
+    + [
+        ("sim_train", c)
+        for c in (
+            "--epochs 0",
+            "--epochs -1",
+            "--lr nan",
+            "--lr inf",
+            "--scale inf",
+            "--scale 0",
+            "--warmup inf",
+            "--seed -1",
+            "--base missing",
+            "--base empty folder",
+            "--judge missing",
+            "--judge-url http://127.0.0.1:9/v1",
+            "--out is a file",
+            "--out read-only",
+            "--out ''",
+        )
+    ]
     + [("eval_nli", f"--data {k}") for k in DATA_KINDS]
     + [("eval_nli", f"--answers {k}") for k in DATA_KINDS[:5]]
-    + [("eval_nli", c) for c in ("--max-new-tokens 0", "--max-new-tokens -1", "--temperature nan",
-                                 "--temperature inf", "--top-p inf", "--seed -1", "--model missing",
-                                 "--model junk folder", "--sim-model missing", "--nli missing", "--device tpu",
-                                 "--device ''", "--prompt neither", "--out is a file", "--out read-only")]
+    + [
+        ("eval_nli", c)
+        for c in (
+            "--max-new-tokens 0",
+            "--max-new-tokens -1",
+            "--temperature nan",
+            "--temperature inf",
+            "--top-p inf",
+            "--seed -1",
+            "--model missing",
+            "--model junk folder",
+            "--sim-model missing",
+            "--nli missing",
+            "--device tpu",
+            "--device ''",
+            "--prompt neither",
+            "--out is a file",
+            "--out read-only",
+        )
+    ]
     + [("eval_nli", "--device cuda")] * (not torch.cuda.is_available())
     + [("tools/score_answers", f"--data {k}") for k in DATA_KINDS]
     + [("tools/score_answers", f"--answers {k}") for k in DATA_KINDS[:5]]
-    + [("tools/score_answers", c) for c in ("--sim-model missing", "--out is a file", "--out read-only")]
+    + [
+        ("tools/score_answers", c)
+        for c in ("--sim-model missing", "--out is a file", "--out read-only")
+    ]
     + [("tools/convert_data", f"DATA {k}") for k in FOREIGN_KINDS]
     + [("tools/convert_data", "--out exists")]
-    + [("study", c) for c in ("--seeds 0", "--situations -1", "--situations 0", "--answers 1", "--lr inf",
-                              "--coverage-threshold nan", "--steps 0", "--styles implicit", "--styles loud",
-                              "--rows seed7", "--model missing", "--train-data missing", "--batch-size 0",
-                              "--seed -1")])
+    + [
+        ("study", c)
+        for c in (
+            "--seeds 0",
+            "--situations -1",
+            "--situations 0",
+            "--answers 1",
+            "--lr inf",
+            "--coverage-threshold nan",
+            "--steps 0",
+            "--styles implicit",
+            "--styles loud",
+            "--rows seed7",
+            "--model missing",
+            "--train-data missing",
+            "--batch-size 0",
+            "--seed -1",
+        )
+    ]
+)
 
 
 def build(script, case, tmp, run_dir, tiny_model_dir):
@@ -136,16 +283,21 @@ def build(script, case, tmp, run_dir, tiny_model_dir):
     flag, _, what = case.partition(" ")
     what = "" if what == "''" else what
     good_answers = answers_file(tmp, "good")[0]
-    args = {"opgrpo_min": {"--train-data": TRAIN, "--device": "cpu", "--model": tiny_model_dir},
-            "sim_train": {"--data": TRAIN}, "eval_nli": {"--data": TEST, "--answers": good_answers},
-            "tools/score_answers": {"--data": TEST, "--answers": good_answers},
-            "study": {"--model": tiny_model_dir, "--smoke": None},
-            "tools/convert_data": {"DATA": None}}[script]
+    args = {
+        "opgrpo_min": {"--train-data": TRAIN, "--device": "cpu", "--model": tiny_model_dir},
+        "sim_train": {"--data": TRAIN},
+        "eval_nli": {"--data": TEST, "--answers": good_answers},
+        "tools/score_answers": {"--data": TEST, "--answers": good_answers},
+        "study": {"--model": tiny_model_dir, "--smoke": None},
+        "tools/convert_data": {"DATA": None},
+    }[script]
     args["--out"], says = str(tmp / "out"), [flag]
-    if flag in ("--train-data", "--data", "DATA") and what in DATA_KINDS + FOREIGN_KINDS + ["over-long situation"]:
+    if flag in ("--train-data", "--data", "DATA") and what in DATA_KINDS + FOREIGN_KINDS + [
+        "over-long situation"
+    ]:
         args[flag], why = data_file(tmp, what)
         says = [args[flag], why]
-    elif script == "tools/convert_data":                             # --out exists
+    elif script == "tools/convert_data":  # --out exists
         (tmp / "out").mkdir()
         args["DATA"] = data_file(tmp, "a CSV file")[0]
         says = ["--out", "exists"]
@@ -155,7 +307,7 @@ def build(script, case, tmp, run_dir, tiny_model_dir):
     elif what == "missing":
         args[flag], says = str(tmp / "no" / "such" / "model"), [flag, "no such file or directory"]
         if flag == "--model" and script == "eval_nli":
-            del args["--answers"]                                     # --model generates; --answers re-scores
+            del args["--answers"]  # --model generates; --answers re-scores
     elif what.endswith("folder"):
         args[flag], says = model_dir(tmp, what), [flag, "not a model folder"]
         if flag == "--model" and script == "eval_nli":
@@ -167,12 +319,18 @@ def build(script, case, tmp, run_dir, tiny_model_dir):
         else:
             args[flag], says = read_only_dir(tmp), ["--out", "cannot write"]
     elif flag == "--resume":
-        return ["--resume", run_dir, "--lr", "0.5"], str(tmp / "out"), ["--lr 0.5", "a resume keeps it"]
+        return (
+            ["--resume", run_dir, "--lr", "0.5"],
+            str(tmp / "out"),
+            ["--lr 0.5", "a resume keeps it"],
+        )
     else:
         args[flag] = what
-    if flag == "--judge-url":                                         # a URL without --judge MODEL
+    if flag == "--judge-url":  # a URL without --judge MODEL
         says = ["--judge-url", "--judge MODEL"]
-    argv = [x for kv in args.items() for x in kv if x is not None and x != "DATA"]    # DATA: a positional argument
+    argv = [
+        x for kv in args.items() for x in kv if x is not None and x != "DATA"
+    ]  # DATA: a positional argument
     return argv, args["--out"], says
 
 
@@ -185,18 +343,49 @@ def run_dir(tiny_model_dir, tmp_path_factory):
 
 
 def tiny_argv(model, out, steps, *extra):
-    return ["--model", str(model), "--out", str(out), "--device", "cpu", "--sft-steps", "1", "--sft-batch", "2",
-            "--steps", str(steps), "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6",
-            "--lr", "1e-3", "--micro-batch", "4", "--updates-per-step", "2", "--sample-every", "0",
-            "--save-every", "2", *extra]
+    return [
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--sft-steps",
+        "1",
+        "--sft-batch",
+        "2",
+        "--steps",
+        str(steps),
+        "--prompts-per-step",
+        "2",
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--lr",
+        "1e-3",
+        "--micro-batch",
+        "4",
+        "--updates-per-step",
+        "2",
+        "--sample-every",
+        "0",
+        "--save-every",
+        "2",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("script, case", CASES, ids=[f"{s}: {c}" for s, c in CASES])
-def test_a_bad_input_is_one_line_and_a_non_zero_exit(script, case, tmp_path, run_dir, tiny_model_dir, capsys):
+def test_a_bad_input_is_one_line_and_a_non_zero_exit(
+    script, case, tmp_path, run_dir, tiny_model_dir, capsys
+):
     argv, out, says = build(script, case, tmp_path, run_dir, tiny_model_dir)
-    with pytest.raises(SystemExit) as e:       # any other exception would be a traceback
+    with pytest.raises(SystemExit) as e:  # any other exception would be a traceback
         plumbing.run_cli(SCRIPTS[script], argv)
-    message = str(e.value.code) if not isinstance(e.value.code, int) else capsys.readouterr().err.strip()
+    message = (
+        str(e.value.code) if not isinstance(e.value.code, int) else capsys.readouterr().err.strip()
+    )
     assert e.value.code != 0 and message.startswith("error:") and "\n" not in message, message
     for s in says:
         assert s in message, f"{s!r} not in {message!r}"
@@ -207,8 +396,11 @@ def test_a_bad_input_is_one_line_and_a_non_zero_exit(script, case, tmp_path, run
 # ================================================================ existing folders: refused, left byte for byte
 def tree(path):
     """{relative path: bytes} of every file under path: what must not change."""
-    return {os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read()
-            for d, _, fs in os.walk(path) for f in fs}
+    return {
+        os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read()
+        for d, _, fs in os.walk(path)
+        for f in fs
+    }
 
 
 def edit_json(path, change):
@@ -220,37 +412,68 @@ def edit_json(path, change):
 def other_run_checkpoint(run, tmp):
     """The checkpoint of another run (seed 1) beside this run's metrics."""
     import shutil
+
     other = tmp / "other"
     om.main(tiny_argv(json.load(open(run / "config.json"))["model"], other, 2, "--seed", "1"))
     shutil.rmtree(run / "checkpoint")
     shutil.copytree(other / "checkpoint", run / "checkpoint")
 
 
-RESUME_CASES = {   # what is done to a copy of a finished 2-step run, and what the refusal must say
+RESUME_CASES = {  # what is done to a copy of a finished 2-step run, and what the refusal must say
     "sft/ deleted": (lambda run, tmp: __import__("shutil").rmtree(run / "sft"), "the KL reference"),
-    "metrics.jsonl deleted": (lambda run, tmp: (run / "metrics.jsonl").unlink(), "metrics.jsonl is missing"),
-    "metrics.jsonl garbage": (lambda run, tmp: (run / "metrics.jsonl").write_text("garbage\n"),
-                              "metrics.jsonl is not the history of the checkpoint"),
-    "metrics.jsonl short": (lambda run, tmp: (run / "metrics.jsonl").write_text(
-        (run / "metrics.jsonl").read_text().splitlines(True)[0]), "holds 1 rows up to step 2"),
+    "metrics.jsonl deleted": (
+        lambda run, tmp: (run / "metrics.jsonl").unlink(),
+        "metrics.jsonl is missing",
+    ),
+    "metrics.jsonl garbage": (
+        lambda run, tmp: (run / "metrics.jsonl").write_text("garbage\n"),
+        "metrics.jsonl is not the history of the checkpoint",
+    ),
+    "metrics.jsonl short": (
+        lambda run, tmp: (run / "metrics.jsonl").write_text(
+            (run / "metrics.jsonl").read_text().splitlines(True)[0]
+        ),
+        "holds 1 rows up to step 2",
+    ),
     "another run's checkpoint": (other_run_checkpoint, "not the history of the checkpoint"),
-    "chat template replaced": (lambda run, tmp: (run / "checkpoint" / "chat_template.jinja").write_text(
-        "{{ messages[0]['content'] }}"), "the chat template"),
-    "truncated weights": (lambda run, tmp: (run / "checkpoint" / "model.safetensors").write_bytes(
-        (run / "checkpoint" / "model.safetensors").read_bytes()[:1000]), "model.safetensors"),
-    "trainer state without rng": (lambda run, tmp: edit_json(run / "checkpoint" / "trainer_state.json",
-                                                             lambda d: d.pop("rng")), "trainer_state.json: not a"),
-    "trainer state without step": (lambda run, tmp: edit_json(run / "checkpoint" / "trainer_state.json",
-                                                              lambda d: d.pop("step")), "trainer_state.json: not a"),
-    "truncated optimizer state": (lambda run, tmp: (run / "checkpoint" / "trainer_state.pt").write_bytes(b"PK\x03"),
-                                  "trainer_state.pt: damaged"),
+    "chat template replaced": (
+        lambda run, tmp: (run / "checkpoint" / "chat_template.jinja").write_text(
+            "{{ messages[0]['content'] }}"
+        ),
+        "the chat template",
+    ),
+    "truncated weights": (
+        lambda run, tmp: (run / "checkpoint" / "model.safetensors").write_bytes(
+            (run / "checkpoint" / "model.safetensors").read_bytes()[:1000]
+        ),
+        "model.safetensors",
+    ),
+    "trainer state without rng": (
+        lambda run, tmp: edit_json(
+            run / "checkpoint" / "trainer_state.json", lambda d: d.pop("rng")
+        ),
+        "trainer_state.json: not a",
+    ),
+    "trainer state without step": (
+        lambda run, tmp: edit_json(
+            run / "checkpoint" / "trainer_state.json", lambda d: d.pop("step")
+        ),
+        "trainer_state.json: not a",
+    ),
+    "truncated optimizer state": (
+        lambda run, tmp: (run / "checkpoint" / "trainer_state.pt").write_bytes(b"PK\x03"),
+        "trainer_state.pt: damaged",
+    ),
     "--steps below the checkpoint": (lambda run, tmp: None, "--steps 1: the checkpoint"),
 }
 
 
 @pytest.mark.parametrize("case", RESUME_CASES)
-def test_a_resume_that_would_not_continue_its_run_is_refused_and_changes_nothing(case, run_dir, tmp_path, capsys):
+def test_a_resume_that_would_not_continue_its_run_is_refused_and_changes_nothing(
+    case, run_dir, tmp_path, capsys
+):
     import shutil
+
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     change, says = RESUME_CASES[case]
@@ -277,22 +500,43 @@ def test_a_resume_of_data_that_changed_since_is_refused(tiny_model_dir, tmp_path
 
 def test_the_same_data_and_model_under_another_path_resume(run_dir, tmp_path, tiny_model_dir):
     import shutil
+
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     os.symlink(TRAIN, tmp_path / "same.jsonl")
     os.symlink(tiny_model_dir, tmp_path / "same-model")
-    rows = om.main(["--resume", str(run), "--train-data", str(tmp_path / "same.jsonl"), "--model",
-                    str(tmp_path / "same-model") + "/", "--steps", "3"])
+    rows = om.main(
+        [
+            "--resume",
+            str(run),
+            "--train-data",
+            str(tmp_path / "same.jsonl"),
+            "--model",
+            str(tmp_path / "same-model") + "/",
+            "--steps",
+            "3",
+        ]
+    )
     assert [r["step"] for r in rows] == [1, 2, 3]
 
 
-EXISTING = {   # script: (a folder holding earlier work, argv into it, what the refusal must say)
+EXISTING = {  # script: (a folder holding earlier work, argv into it, what the refusal must say)
     "opgrpo_min": lambda tmp, run_dir, model: (run_dir, tiny_argv(model, "{out}", 2), "--resume"),
-    "sim_train": lambda tmp, run_dir, model: (fake_output(tmp, "sim_eval.json"), ["--data", TRAIN], "sim_eval.json"),
-    "eval_nli": lambda tmp, run_dir, model: (fake_output(tmp, "answers.jsonl"), ["--model", model, "--data", TEST],
-                                             "re-score it with --answers"),
-    "study": lambda tmp, run_dir, model: (fake_output(tmp, "settings.json", json.dumps(dict(steps=99))),
-                                          ["--smoke", "--model", model], "--steps 2: the study in"),
+    "sim_train": lambda tmp, run_dir, model: (
+        fake_output(tmp, "sim_eval.json"),
+        ["--data", TRAIN],
+        "sim_eval.json",
+    ),
+    "eval_nli": lambda tmp, run_dir, model: (
+        fake_output(tmp, "answers.jsonl"),
+        ["--model", model, "--data", TEST],
+        "re-score it with --answers",
+    ),
+    "study": lambda tmp, run_dir, model: (
+        fake_output(tmp, "settings.json", json.dumps(dict(steps=99))),
+        ["--smoke", "--model", model],
+        "--steps 2: the study in",
+    ),
 }
 
 
@@ -303,13 +547,18 @@ def fake_output(tmp, name, text="{}"):
 
 
 @pytest.mark.parametrize("script", EXISTING)
-def test_a_folder_that_holds_earlier_work_is_refused_byte_for_byte(script, run_dir, tmp_path, tiny_model_dir):
+def test_a_folder_that_holds_earlier_work_is_refused_byte_for_byte(
+    script, run_dir, tmp_path, tiny_model_dir
+):
     import shutil
+
     folder, argv, says = EXISTING[script](tmp_path, run_dir, tiny_model_dir)
     if folder == run_dir:
         shutil.copytree(run_dir, tmp_path / "run")
         folder = str(tmp_path / "run")
-    argv = [a.format(out=folder) for a in argv] + ([] if "{out}" in " ".join(argv) else ["--out", folder])
+    argv = [a.format(out=folder) for a in argv] + (
+        [] if "{out}" in " ".join(argv) else ["--out", folder]
+    )
     before = tree(folder)
     with pytest.raises(SystemExit) as e:
         plumbing.run_cli(SCRIPTS[script], argv)
@@ -320,17 +569,21 @@ def test_a_folder_that_holds_earlier_work_is_refused_byte_for_byte(script, run_d
     assert tree(folder) == before
 
 
-def test_overwrite_moves_the_earlier_run_aside_and_keeps_it_whole(run_dir, tmp_path, tiny_model_dir):
+def test_overwrite_moves_the_earlier_run_aside_and_keeps_it_whole(
+    run_dir, tmp_path, tiny_model_dir
+):
     import shutil
+
     shutil.copytree(run_dir, tmp_path / "run")
     before = tree(tmp_path / "run")
     om.main(tiny_argv(tiny_model_dir, tmp_path / "run", 1, "--overwrite"))
-    assert tree(tmp_path / "run.replaced-1") == before                 # the earlier run, byte for byte
+    assert tree(tmp_path / "run.replaced-1") == before  # the earlier run, byte for byte
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1]
 
 
 def test_the_table_covers_every_script_and_the_docs_state_its_size():
     from collections import Counter
+
     assert {s for s, _ in CASES} == set(SCRIPTS)
     text = " ".join(open(os.path.join(REPO, "docs", "testing.md")).read().split())
     assert f"{len(CASES)} bad inputs" in text
@@ -339,14 +592,32 @@ def test_the_table_covers_every_script_and_the_docs_state_its_size():
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_a_bad_input_from_a_real_process_has_no_traceback(script, tmp_path):
-    path, _ = data_file(tmp_path, "not UTF-8 CSV" if script == "tools/convert_data" else "not UTF-8")
-    flag = {"opgrpo_min": ["--train-data"], "study": ["--train-data"], "tools/convert_data": []}.get(script, ["--data"])
-    extra = ["--answers", answers_file(tmp_path, "good")[0]] if script in ("eval_nli", "tools/score_answers") else []
-    p = subprocess.run([sys.executable, f"{script}.py", *flag, path, *extra, "--out", str(tmp_path / "o")], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    path, _ = data_file(
+        tmp_path, "not UTF-8 CSV" if script == "tools/convert_data" else "not UTF-8"
+    )
+    flag = {
+        "opgrpo_min": ["--train-data"],
+        "study": ["--train-data"],
+        "tools/convert_data": [],
+    }.get(script, ["--data"])
+    extra = (
+        ["--answers", answers_file(tmp_path, "good")[0]]
+        if script in ("eval_nli", "tools/score_answers")
+        else []
+    )
+    p = subprocess.run(
+        [sys.executable, f"{script}.py", *flag, path, *extra, "--out", str(tmp_path / "o")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines()[-1] == f"error: {path}, line 2: not UTF-8 text (byte 0xe9); save the file " \
-                                                f"as UTF-8"
+    assert (
+        p.stderr.strip().splitlines()[-1]
+        == f"error: {path}, line 2: not UTF-8 text (byte 0xe9); save the file "
+        f"as UTF-8"
+    )
 
 
 # ================================================================ resume
@@ -355,29 +626,49 @@ def test_resume_from_the_command_line_continues_the_run_exactly(tiny_model_dir, 
     straight = om.main(tiny_argv(tiny_model_dir, tmp_path / "a", 4))
     b = tmp_path / "b"
     om.main(tiny_argv(tiny_model_dir, b, 2))
-    resumed = om.main(["--resume", str(b), "--steps", "4", "--save-every", "3", "--sample-every", "0"])
+    resumed = om.main(
+        ["--resume", str(b), "--steps", "4", "--save-every", "3", "--sample-every", "0"]
+    )
     assert [r["step"] for r in resumed] == [1, 2, 3, 4] and clean(resumed) == clean(straight)
     assert json.load(open(b / "config.json"))["steps"] == 4
 
 
-@pytest.mark.parametrize("flag, value", [("--model", "other"), ("--train-data", TEST), ("--group-size", "4"),
-                                         ("--prompts-per-step", "3"), ("--max-new-tokens", "9"), ("--lr", "0.5"),
-                                         ("--mask-keywords", "none"), ("--seed", "7"), ("--out", "/tmp/elsewhere")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--model", "other"),
+        ("--train-data", TEST),
+        ("--group-size", "4"),
+        ("--prompts-per-step", "3"),
+        ("--max-new-tokens", "9"),
+        ("--lr", "0.5"),
+        ("--mask-keywords", "none"),
+        ("--seed", "7"),
+        ("--out", "/tmp/elsewhere"),
+    ],
+)
 def test_a_resume_refuses_a_knob_that_would_mix_two_runs(run_dir, flag, value):
-    with pytest.raises(ValueError, match=f"{flag} {value}: the run in .* has .*only --steps, --save-every and "
-                                         f"--sample-every may change"):
+    with pytest.raises(
+        ValueError,
+        match=f"{flag} {value}: the run in .* has .*only --steps, --save-every and "
+        f"--sample-every may change",
+    ):
         om.main(["--resume", run_dir, flag, value])
 
 
 def test_a_resume_accepts_a_knob_given_again_with_its_saved_value(run_dir):
     saved = json.load(open(os.path.join(run_dir, "checkpoint", "trainer_state.json")))["config"]
-    cfg = resume.resumed_config(om.parse_args(["--resume", run_dir, "--lr", str(saved["lr"]), "--steps", "9"]),
-                                 om.Config(**saved), om.RESUMABLE)
+    cfg = resume.resumed_config(
+        om.parse_args(["--resume", run_dir, "--lr", str(saved["lr"]), "--steps", "9"]),
+        om.Config(**saved),
+        om.RESUMABLE,
+    )
     assert (cfg.lr, cfg.steps, cfg.out) == (saved["lr"], 9, run_dir)
 
 
 class Exploit:
     """Unpickling this creates a file: what a shared run directory could do with weights_only=False."""
+
     def __init__(self, path):
         self.path = path
 
@@ -388,22 +679,32 @@ class Exploit:
 def test_a_trainer_state_that_would_run_code_is_refused_and_nothing_runs(run_dir, tmp_path):
     evil = tmp_path / "evil"
     import shutil
+
     shutil.copytree(run_dir, evil)
     marker = tmp_path / "code-ran"
-    torch.save({"optimizer": Exploit(str(marker))}, evil / "checkpoint" / "trainer_state.pt")   # torch.save's format
-    with pytest.raises(plumbing.DataError, match="trainer_state.pt: refused: it holds Python objects besides tensors"):
+    torch.save(
+        {"optimizer": Exploit(str(marker))}, evil / "checkpoint" / "trainer_state.pt"
+    )  # torch.save's format
+    with pytest.raises(
+        plumbing.DataError,
+        match="trainer_state.pt: refused: it holds Python objects besides tensors",
+    ):
         om.main(["--resume", str(evil)])
     assert not marker.exists()
     with pytest.raises(SystemExit, match="error: .*refused"):
         plumbing.run_cli(om.main, ["--resume", str(evil)])
     assert not marker.exists()
-    torch.load(evil / "checkpoint" / "trainer_state.pt", weights_only=False)   # the file really does run code
+    torch.load(
+        evil / "checkpoint" / "trainer_state.pt", weights_only=False
+    )  # the file really does run code
     assert marker.exists()
 
 
 def test_the_trainer_state_loads_without_pickle_and_restores_every_rng(run_dir):
     import random
+
     import numpy as np
+
     data, tensors = resume.load_trainer_state(os.path.join(run_dir, "checkpoint"), om.Config)
     assert data["step"] == 2 and isinstance(data["config"], om.Config)
     draw = lambda: (random.random(), float(np.random.rand()), torch.rand(1).item())
@@ -411,13 +712,18 @@ def test_the_trainer_state_loads_without_pickle_and_restores_every_rng(run_dir):
     rng, first = plumbing.rng_state(), draw()
     resume.set_rng_state(data["rng"], tensors)
     assert draw() == first
-    as_saved = dict(python=json.loads(json.dumps(rng["python"])), numpy=json.loads(json.dumps(rng["numpy"])))
-    resume.set_rng_state(as_saved, dict(torch_rng=rng["torch"], cuda_rng=rng["cuda"]))    # through JSON, as it is saved
+    as_saved = dict(
+        python=json.loads(json.dumps(rng["python"])), numpy=json.loads(json.dumps(rng["numpy"]))
+    )
+    resume.set_rng_state(
+        as_saved, dict(torch_rng=rng["torch"], cuda_rng=rng["cuda"])
+    )  # through JSON, as it is saved
     assert draw() == first
 
 
 def test_a_rewrite_that_fails_half_way_loses_no_row(run_dir, tmp_path, monkeypatch):
     import shutil
+
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     before = (run / "metrics.jsonl").read_text()
@@ -425,10 +731,11 @@ def test_a_rewrite_that_fails_half_way_loses_no_row(run_dir, tmp_path, monkeypat
 
     real = os.fsync
 
-    def disk_full(fd):                           # metrics.jsonl's new copy is written, then fails before the rename
+    def disk_full(fd):  # metrics.jsonl's new copy is written, then fails before the rename
         if "metrics.jsonl" in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(28, "No space left on device")
         real(fd)
+
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left"):
         om.main(["--resume", str(run), "--steps", "3"])
@@ -440,7 +747,9 @@ def test_write_text_replaces_a_file_whole(tmp_path, monkeypatch):
     path = tmp_path / "f.txt"
     plumbing.write_text(str(path), "old\n")
     real = os.replace
-    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed before the rename")))
+    monkeypatch.setattr(
+        os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed before the rename"))
+    )
     with pytest.raises(OSError):
         plumbing.write_text(str(path), "new\n" * 1000)
     monkeypatch.setattr(os, "replace", real)
@@ -491,32 +800,47 @@ KILLER = textwrap.dedent('''
 ''')
 
 
-def test_sigkill_at_any_point_then_resume_from_the_cli_gives_the_straight_run(tiny_model_dir, tmp_path):
+def test_sigkill_at_any_point_then_resume_from_the_cli_gives_the_straight_run(
+    tiny_model_dir, tmp_path
+):
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER.format(repo=REPO))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
     def run(argv, kill_at=""):
-        p = subprocess.run([sys.executable, str(killer), *argv], env=dict(env, KILL_AT=kill_at), cwd=REPO,
-                           capture_output=True, text=True, timeout=300)
+        p = subprocess.run(
+            [sys.executable, str(killer), *argv],
+            env=dict(env, KILL_AT=kill_at),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert p.returncode == (-signal.SIGKILL if kill_at else 0), p.stderr[-2000:]
         return p
+
     run(tiny_argv(tiny_model_dir, tmp_path / "straight", 6))
     crash = tmp_path / "crash"
-    run(tiny_argv(tiny_model_dir, crash, 6), "update:4")                  # killed in step 4; checkpoint of step 2
-    run(["--resume", str(crash)], "checkpoint-write")                       # killed writing the step-4 checkpoint
-    assert (crash / "checkpoint.tmp").is_dir() and not (crash / "checkpoint.tmp" / "trainer_state.json").exists()
-    run(["--resume", str(crash)], "checkpoint-rename")                      # killed between the two renames
+    run(tiny_argv(tiny_model_dir, crash, 6), "update:4")  # killed in step 4; checkpoint of step 2
+    run(["--resume", str(crash)], "checkpoint-write")  # killed writing the step-4 checkpoint
+    assert (crash / "checkpoint.tmp").is_dir() and not (
+        crash / "checkpoint.tmp" / "trainer_state.json"
+    ).exists()
+    run(["--resume", str(crash)], "checkpoint-rename")  # killed between the two renames
     assert (crash / "checkpoint.old").is_dir() and not (crash / "checkpoint").exists()
-    run(["--resume", str(crash)], "metrics-rewrite")                        # killed rewriting metrics.jsonl
-    run(["--resume", str(crash)], "before-checkpoint")                      # step-4 row written, no checkpoint
+    run(["--resume", str(crash)], "metrics-rewrite")  # killed rewriting metrics.jsonl
+    run(["--resume", str(crash)], "before-checkpoint")  # step-4 row written, no checkpoint
     assert [json.loads(line)["step"] for line in open(crash / "metrics.jsonl")] == [1, 2, 3, 4]
-    run(["--resume", str(crash)], "checkpoint-rmtree")                      # step-4 save: its .old half deleted
-    assert (crash / "checkpoint.old").is_dir() and not (crash / "checkpoint.old" / "model.safetensors").exists()
-    run(["--resume", str(crash)], "after-second-rename")                    # that save works; step 6: both whole
-    assert (crash / "checkpoint.old" / "model.safetensors").exists() and (crash / "checkpoint").is_dir()
+    run(["--resume", str(crash)], "checkpoint-rmtree")  # step-4 save: its .old half deleted
+    assert (crash / "checkpoint.old").is_dir() and not (
+        crash / "checkpoint.old" / "model.safetensors"
+    ).exists()
+    run(["--resume", str(crash)], "after-second-rename")  # that save works; step 6: both whole
+    assert (crash / "checkpoint.old" / "model.safetensors").exists() and (
+        crash / "checkpoint"
+    ).is_dir()
     run(["--resume", str(crash)])
     rows = lambda d: [json.loads(line) for line in open(d / "metrics.jsonl")]
     clean = lambda rs: [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rs]
-    assert [r["step"] for r in rows(crash)] == [1, 2, 3, 4, 5, 6]          # every step exactly once
+    assert [r["step"] for r in rows(crash)] == [1, 2, 3, 4, 5, 6]  # every step exactly once
     assert clean(rows(crash)) == clean(rows(tmp_path / "straight"))

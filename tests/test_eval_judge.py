@@ -2,6 +2,7 @@
 API, reached through the real openai client. Each answer carries a mark, [[id=... mode=... scores=...]], that tells
 the fake judge how to reply to it, and the fake counts the requests per answer: so every test knows exactly what
 was asked, how often, and what came back. No test reaches an address outside the loopback range."""
+
 import collections
 import csv
 import http.server
@@ -19,12 +20,12 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-import eval_judge as ej   # noqa: E402  (after the skip: the module itself imports openai only when asked to)
-import plumbing            # noqa: E402
+import eval_judge as ej  # noqa: E402  (after the skip: the module itself imports openai only when asked to)
+import plumbing  # noqa: E402
 from extras.judge import JUDGE_QUESTION  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEY = "sk-test-DO-NOT-LEAK-7f3a9c1e5b"     # recognisable, so a leak into any file or output is found
+KEY = "sk-test-DO-NOT-LEAK-7f3a9c1e5b"  # recognisable, so a leak into any file or output is found
 MARK = re.compile(r"\[\[(.*?)\]\]")
 
 
@@ -34,8 +35,14 @@ class FakeJudge:
     good, fenced (```json fence), string ("4"), range (a 7), broken (cut-off JSON, then good), echo (repeats the
     Authorization header before good JSON), 429 (Retry-After: 1, then good), 500 (every time, until `healthy`),
     slow (sleeps `sleep` s, default 3, then good); for the pair question: yes, no, bold (**Yes**), other."""
+
     def __init__(self):
-        self.asked, self.times, self.bodies, self.auth = collections.Counter(), collections.defaultdict(list), [], []
+        self.asked, self.times, self.bodies, self.auth = (
+            collections.Counter(),
+            collections.defaultdict(list),
+            [],
+            [],
+        )
         self.lock, self.healthy = threading.Lock(), False
 
     def respond(self, body, auth):
@@ -49,7 +56,9 @@ class FakeJudge:
             self.auth.append(auth)
             n = self.asked[spec["id"]]
         scores = [int(x) for x in spec.get("scores", "4,4,4,4,4").split(",")]
-        good = {a: {"reason": f"the {a} is as scored", "score": x} for a, x in zip(ej.ASPECTS, scores)}
+        good = {
+            a: {"reason": f"the {a} is as scored", "score": x} for a, x in zip(ej.ASPECTS, scores)
+        }
         mode = spec.get("mode", "good")
         time.sleep(float(spec.get("sleep", 3 if mode == "slow" else 0)))
         if mode == "429" and n == 1:
@@ -57,12 +66,20 @@ class FakeJudge:
         if mode == "500" and not self.healthy:
             return 500, {"Retry-After-Ms": "10"}, None
         replies = dict(
-            fenced="Here is my grading.\n```json\n" + json.dumps(good, indent=2) + "\n```\nThat is all.",
-            string=json.dumps({a: {"reason": "ok", "score": str(v["score"])} for a, v in good.items()}),
+            fenced="Here is my grading.\n```json\n"
+            + json.dumps(good, indent=2)
+            + "\n```\nThat is all.",
+            string=json.dumps(
+                {a: {"reason": "ok", "score": str(v["score"])} for a, v in good.items()}
+            ),
             range=json.dumps(dict(good, depth={"reason": "very deep", "score": 7})),
             broken='{"helpfulness": {"reason": "cut sh' if n == 1 else json.dumps(good),
             echo=f"I was sent {auth}. " + json.dumps(good),
-            yes="Yes, they make the same point.", no="No.", bold="**Yes**", other="Perhaps; it depends.")
+            yes="Yes, they make the same point.",
+            no="No.",
+            bold="**Yes**",
+            other="Perhaps; it depends.",
+        )
         return 200, {}, replies.get(mode, json.dumps(good))
 
 
@@ -77,24 +94,41 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path != "/v1/chat/completions":
             status, headers, text = 404, {}, None
         else:
-            status, headers, text = self.server.fake.respond(body, self.headers.get("Authorization"))
+            status, headers, text = self.server.fake.respond(
+                body, self.headers.get("Authorization")
+            )
         if text is None:
             payload = {"error": {"message": f"fake error {status}", "type": "fake", "code": None}}
         else:
             user = body["messages"][-1]["content"]
-            payload = {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
-                       "model": body["model"], "choices": [{"index": 0, "finish_reason": "stop",
-                                                            "message": {"role": "assistant", "content": text}}],
-                       "usage": {"prompt_tokens": len(user) // 4, "completion_tokens": len(text) // 4,
-                                 "total_tokens": len(user) // 4 + len(text) // 4}}
+            payload = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": text},
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": len(user) // 4,
+                    "completion_tokens": len(text) // 4,
+                    "total_tokens": len(user) // 4 + len(text) // 4,
+                },
+            }
         data = json.dumps(payload).encode()
         try:
             self.send_response(status)
-            for k, v in dict(headers, **{"Content-Type": "application/json", "Content-Length": len(data)}).items():
+            for k, v in dict(
+                headers, **{"Content-Type": "application/json", "Content-Length": len(data)}
+            ).items():
                 self.send_header(k, str(v))
             self.end_headers()
             self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):   # the client gave up (a timeout test)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
             pass
 
 
@@ -121,9 +155,17 @@ def environment(monkeypatch):
 
 def answers_file(tmp, marks, systems=(("m", "implicit"),), name="answers.jsonl"):
     """An answers JSONL as eval_nli.py writes it: for each system, situation s1, s2, ... answered with marks[k]."""
-    rows = [dict(id=f"s{k + 1}", model=model, prompt=prompt, situation=f"Situation {k + 1}: may I skip the meeting?",
-                 answer=f"An answer by {model} ({prompt}). [[{mark}]]")
-            for (model, prompt), sys_marks in zip(systems, marks) for k, mark in enumerate(sys_marks)]
+    rows = [
+        dict(
+            id=f"s{k + 1}",
+            model=model,
+            prompt=prompt,
+            situation=f"Situation {k + 1}: may I skip the meeting?",
+            answer=f"An answer by {model} ({prompt}). [[{mark}]]",
+        )
+        for (model, prompt), sys_marks in zip(systems, marks)
+        for k, mark in enumerate(sys_marks)
+    ]
     path = tmp / name
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -131,8 +173,25 @@ def answers_file(tmp, marks, systems=(("m", "implicit"),), name="answers.jsonl")
 
 def judge(fake, answers, out, *extra):
     """eval_judge.main against the fake with fast retries; returns the rows of judgments.jsonl."""
-    ej.main(["--answers", answers, "--out", str(out), "--base-url", fake.url, "--api-key-env", "JUDGE_TEST_KEY",
-             "--timeout", "2", "--http-retries", "1", "--concurrency", "2", *extra])
+    ej.main(
+        [
+            "--answers",
+            answers,
+            "--out",
+            str(out),
+            "--base-url",
+            fake.url,
+            "--api-key-env",
+            "JUDGE_TEST_KEY",
+            "--timeout",
+            "2",
+            "--http-retries",
+            "1",
+            "--concurrency",
+            "2",
+            *extra,
+        ]
+    )
     return [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
 
 
@@ -159,12 +218,15 @@ def test_parse_scores_takes_whole_numbers_1_to_5_from_json_anywhere_in_the_reply
     assert ej.parse_scores("Scores: " + json.dumps(good) + " -- done") == three
     assert ej.parse_scores(json.dumps({a.title(): {"score": " 3"} for a in ej.ASPECTS})) == three
     assert ej.parse_scores(json.dumps({a: 3.0 for a in ej.ASPECTS})) == three
-    refused = {"no JSON object": "I liked it.", "not JSON": '{"helpfulness": {"score": 4}',
-               "no 'depth'": json.dumps({a: v for a, v in good.items() if a != "depth"}),
-               "outside 1-5": json.dumps(dict(good, clarity={"score": 0})),
-               "not a whole number": json.dumps(dict(good, clarity={"score": 4.5})),
-               "4/5": json.dumps(dict(good, clarity={"score": "4/5"})),
-               "True": json.dumps(dict(good, clarity={"score": True}))}
+    refused = {
+        "no JSON object": "I liked it.",
+        "not JSON": '{"helpfulness": {"score": 4}',
+        "no 'depth'": json.dumps({a: v for a, v in good.items() if a != "depth"}),
+        "outside 1-5": json.dumps(dict(good, clarity={"score": 0})),
+        "not a whole number": json.dumps(dict(good, clarity={"score": 4.5})),
+        "4/5": json.dumps(dict(good, clarity={"score": "4/5"})),
+        "True": json.dumps(dict(good, clarity={"score": True})),
+    }
     for says, reply in refused.items():
         with pytest.raises(ValueError, match=re.escape(says)):
             ej.parse_scores(reply)
@@ -176,51 +238,88 @@ def test_table_of_six_answers_is_right_by_hand(fake, tmp_path):
     # overall (mean of five): A 3, 4, 4 -> 3.667, std sqrt(1/3), se 1/3 = 0.333
     #                         B 2, 3, 5 -> 3.333, std sqrt(7/3), se sqrt(7)/3 = 0.882
     # B - A: helpfulness -3, -2, +2 -> -1, sign-flip p 6/8 = 0.75; overall -1, -1, +1 -> -1/3, p 8/8 = 1
-    marks = [["id=a1 mode=good scores=5,4,3,2,1", "id=a2 mode=fenced scores=4,4,4,4,4",
-              "id=a3 mode=string scores=3,5,5,5,2"],
-             ["id=b1 mode=good scores=2,2,2,2,2", "id=b2 mode=fenced scores=2,3,3,3,4",
-              "id=b3 mode=string scores=5,5,5,5,5"]]
+    marks = [
+        [
+            "id=a1 mode=good scores=5,4,3,2,1",
+            "id=a2 mode=fenced scores=4,4,4,4,4",
+            "id=a3 mode=string scores=3,5,5,5,2",
+        ],
+        [
+            "id=b1 mode=good scores=2,2,2,2,2",
+            "id=b2 mode=fenced scores=2,3,3,3,4",
+            "id=b3 mode=string scores=5,5,5,5,5",
+        ],
+    ]
     out = tmp_path / "judge"
     rows = judge(fake, answers_file(tmp_path, marks, [("m", "implicit"), ("m", "explicit")]), out)
     assert sorted(r["id"] for r in rows) == ["s1", "s1", "s2", "s2", "s3", "s3"]
-    assert all(r["status"] == "ok" and r["attempts"] == 1 and r["tokens"]["prompt"] > 0 for r in rows)
+    assert all(
+        r["status"] == "ok" and r["attempts"] == 1 and r["tokens"]["prompt"] > 0 for r in rows
+    )
     assert {r["system"] for r in rows} == {"m / implicit", "m / explicit"}
     a3 = next(r for r in rows if r["system"] == "m / implicit" and r["id"] == "s3")
     assert a3["scores"] == dict(zip(ej.ASPECTS, [3, 5, 5, 5, 2])) and '"score": "3"' in a3["reply"]
 
-    body = fake.bodies[0]   # what the judge was asked: the paper's 450 tokens, greedy, our question
+    body = fake.bodies[0]  # what the judge was asked: the paper's 450 tokens, greedy, our question
     assert (body["model"], body["max_tokens"], body["temperature"]) == ("gpt-4.1", 450, 0.0)
     assert body["messages"][0] == {"role": "system", "content": ej.SYSTEM_PROMPT}
-    assert "Situation" in body["messages"][1]["content"] and "An answer by m" in body["messages"][1]["content"]
+    assert (
+        "Situation" in body["messages"][1]["content"]
+        and "An answer by m" in body["messages"][1]["content"]
+    )
 
     table = csv.DictReader((out / "judge_results.csv").read_text().splitlines())
     csv_rows = {(r["table"], r["system"], r["metric"]): r for r in table}
-    expect = {("m / implicit", "helpfulness"): (4, 1 / 3 ** 0.5), ("m / explicit", "helpfulness"): (3, 1),
-              ("m / implicit", "overall"): (11 / 3, 1 / 3), ("m / explicit", "overall"): (10 / 3, 7 ** 0.5 / 3)}
+    expect = {
+        ("m / implicit", "helpfulness"): (4, 1 / 3**0.5),
+        ("m / explicit", "helpfulness"): (3, 1),
+        ("m / implicit", "overall"): (11 / 3, 1 / 3),
+        ("m / explicit", "overall"): (10 / 3, 7**0.5 / 3),
+    }
     for (system, metric), (mean, se) in expect.items():
         r = csv_rows[("scores", system, metric)]
         assert (float(r["mean"]), float(r["se"])) == pytest.approx((mean, se), abs=1e-6)
         assert (r["judged"], r["failed"], r["situations"]) == ("3", "0", "3")
     d = csv_rows[("paired", "m / explicit", "helpfulness")]
-    assert (float(d["mean"]), float(d["p"]), d["vs"]) == (pytest.approx(-1), pytest.approx(0.75), "m / implicit")
+    assert (float(d["mean"]), float(d["p"]), d["vs"]) == (
+        pytest.approx(-1),
+        pytest.approx(0.75),
+        "m / implicit",
+    )
     assert float(d["lo"]) <= -1 <= float(d["hi"])
     d = csv_rows[("paired", "m / explicit", "overall")]
     assert (float(d["mean"]), float(d["p"])) == (pytest.approx(-1 / 3), pytest.approx(1.0))
     md = (out / "judge_results.md").read_text()
-    assert "| m / implicit | 3 | 0 | 4.00 ± 0.58 |" in md and "| m / explicit | 3 | 0 | 3.00 ± 1.00 |" in md
+    assert (
+        "| m / implicit | 3 | 0 | 4.00 ± 0.58 |" in md
+        and "| m / explicit | 3 | 0 | 3.00 ± 1.00 |" in md
+    )
     assert "3.67 ± 0.33 |" in md and "3.33 ± 0.88 |" in md and "-1.00 [" in md and "p=0.750" in md
     assert os.path.getsize(out / "judge.png") > 0
 
 
 # ================================================================ retries and failures
 def test_unusable_replies_are_asked_again_and_failures_are_counted_never_scored(fake, tmp_path):
-    marks = [["id=broken mode=broken", "id=range mode=range", "id=rate mode=429", "id=down mode=500",
-              "id=slow mode=slow sleep=3"]]
+    marks = [
+        [
+            "id=broken mode=broken",
+            "id=range mode=range",
+            "id=rate mode=429",
+            "id=down mode=500",
+            "id=slow mode=slow sleep=3",
+        ]
+    ]
     out = tmp_path / "judge"
     rows = {r["id"]: r for r in judge(fake, answers_file(tmp_path, marks), out, "--timeout", "0.5")}
-    by_mark = dict(zip(["broken", "range", "rate", "down", "slow"], [rows[f"s{k}"] for k in range(1, 6)]))
+    by_mark = dict(
+        zip(["broken", "range", "rate", "down", "slow"], [rows[f"s{k}"] for k in range(1, 6)])
+    )
     # broken JSON, then a good reply: asked twice, judged
-    assert (by_mark["broken"]["status"], by_mark["broken"]["attempts"], fake.asked["broken"]) == ("ok", 2, 2)
+    assert (by_mark["broken"]["status"], by_mark["broken"]["attempts"], fake.asked["broken"]) == (
+        "ok",
+        2,
+        2,
+    )
     # a 7, every time: asked 1 + --max-retries (2) times, then failed with its reply and the reason; no score
     r = by_mark["range"]
     assert (r["status"], r["attempts"], r["scores"], fake.asked["range"]) == ("failed", 3, None, 3)
@@ -242,27 +341,52 @@ def test_unusable_replies_are_asked_again_and_failures_are_counted_never_scored(
 
 
 # ================================================================ nothing paid for twice
-def test_rerun_asks_only_for_missing_or_failed_answers_and_a_success_replaces_the_failure(fake, tmp_path):
+def test_rerun_asks_only_for_missing_or_failed_answers_and_a_success_replaces_the_failure(
+    fake, tmp_path
+):
     marks = [["id=fine mode=good", "id=down mode=500"]]
     path, out = answers_file(tmp_path, marks), tmp_path / "judge"
     first = judge(fake, path, out)
     assert {r["id"]: r["status"] for r in first} == {"s1": "ok", "s2": "failed"}
     fake.healthy = True
     rows = judge(fake, path, out)
-    assert [(r["id"], r["status"]) for r in rows[2:]] == [("s2", "ok")]      # appended; the fine one is not asked
+    assert [(r["id"], r["status"]) for r in rows[2:]] == [
+        ("s2", "ok")
+    ]  # appended; the fine one is not asked
     assert (fake.asked["fine"], fake.asked["down"]) == (1, 3)
-    assert "| m / implicit | 2 | 0 |" in (out / "judge_results.md").read_text()   # the last row for a key wins
+    assert (
+        "| m / implicit | 2 | 0 |" in (out / "judge_results.md").read_text()
+    )  # the last row for a key wins
     judge(fake, path, out)
-    assert (fake.asked["fine"], fake.asked["down"]) == (1, 3)                   # all judged: nothing asked
+    assert (fake.asked["fine"], fake.asked["down"]) == (1, 3)  # all judged: nothing asked
 
 
 def test_a_run_killed_mid_way_then_rerun_asks_every_answer_once(fake, tmp_path):
     n = 6
-    path, out = answers_file(tmp_path, [[f"id=k{k} mode=good sleep=0.4" for k in range(n)]]), tmp_path / "judge"
-    argv = ["--answers", path, "--out", str(out), "--base-url", fake.url, "--api-key-env", "JUDGE_TEST_KEY",
-            "--concurrency", "1", "--timeout", "5"]
-    proc = subprocess.Popen([sys.executable, "eval_judge.py", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    path, out = (
+        answers_file(tmp_path, [[f"id=k{k} mode=good sleep=0.4" for k in range(n)]]),
+        tmp_path / "judge",
+    )
+    argv = [
+        "--answers",
+        path,
+        "--out",
+        str(out),
+        "--base-url",
+        fake.url,
+        "--api-key-env",
+        "JUDGE_TEST_KEY",
+        "--concurrency",
+        "1",
+        "--timeout",
+        "5",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "eval_judge.py", *argv],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     log, deadline = out / "judgments.jsonl", time.time() + 40
     while time.time() < deadline and proc.poll() is None:
         if log.exists() and log.read_text().count("\n") >= 2:
@@ -275,8 +399,10 @@ def test_a_run_killed_mid_way_then_rerun_asks_every_answer_once(fake, tmp_path):
     rows = judge(fake, path, out, "--concurrency", "1")
     keys = [(r["system"], r["id"], r["sample"]) for r in rows]
     assert len(keys) == len(set(keys)) == n and all(r["status"] == "ok" for r in rows)
-    assert all(fake.asked[f"k{int(r['id'][1:]) - 1}"] == 1 for r in before)    # a saved row is never asked again
-    assert sum(fake.asked.values()) <= n + 1                                    # + the one request in flight
+    assert all(
+        fake.asked[f"k{int(r['id'][1:]) - 1}"] == 1 for r in before
+    )  # a saved row is never asked again
+    assert sum(fake.asked.values()) <= n + 1  # + the one request in flight
     assert sum(fake.asked.values()) >= n and set(fake.asked) == {f"k{k}" for k in range(n)}
 
 
@@ -288,10 +414,29 @@ def ctrl_c_as_in_a_terminal():
 
 def test_ctrl_c_sends_nothing_more_but_saves_the_replies_in_flight(fake, tmp_path):
     n = 10
-    path, out = answers_file(tmp_path, [[f"id=c{k} mode=good sleep=0.5" for k in range(n)]]), tmp_path / "judge"
-    proc = subprocess.Popen([sys.executable, "eval_judge.py", "--answers", path, "--out", str(out), "--base-url",
-                             fake.url, "--concurrency", "3"], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_in_a_terminal)
+    path, out = (
+        answers_file(tmp_path, [[f"id=c{k} mode=good sleep=0.5" for k in range(n)]]),
+        tmp_path / "judge",
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "eval_judge.py",
+            "--answers",
+            path,
+            "--out",
+            str(out),
+            "--base-url",
+            fake.url,
+            "--concurrency",
+            "3",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ctrl_c_as_in_a_terminal,
+    )
     log, deadline = out / "judgments.jsonl", time.time() + 40
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
         time.sleep(0.05)
@@ -300,18 +445,22 @@ def test_ctrl_c_sends_nothing_more_but_saves_the_replies_in_flight(fake, tmp_pat
     err = proc.communicate(timeout=30)[1]
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert proc.returncode == 130 and "Ctrl-C: saving the" in err and "Traceback" not in err
-    assert before < len(rows) == sum(fake.asked.values()) < n   # the replies in flight were saved; none sent after
+    assert (
+        before < len(rows) == sum(fake.asked.values()) < n
+    )  # the replies in flight were saved; none sent after
 
 
 def test_a_torn_last_line_is_ignored_and_cut_before_appending_any_other_bad_line_is_named(tmp_path):
-    row = lambda i: json.dumps(dict(system="m", id=f"s{i}", sample=0, status="ok", fingerprint="fp")) + "\n"
+    row = lambda i: (
+        json.dumps(dict(system="m", id=f"s{i}", sample=0, status="ok", fingerprint="fp")) + "\n"
+    )
     path = tmp_path / "judgments.jsonl"
     path.write_text(row(1) + row(2)[:25])
     assert list(ej.read_judgments(str(path), "fp")) == [("m", "s1", 0)]
     with ej.JudgmentLog(str(path), fsync_every=8) as log:
         log.add(json.loads(row(3)))
     assert path.read_text() == row(1) + row(3)
-    path.write_text(row(1) + row(2).rstrip("\n"))         # whole, but for its newline: kept and ended
+    path.write_text(row(1) + row(2).rstrip("\n"))  # whole, but for its newline: kept and ended
     with ej.JudgmentLog(str(path), fsync_every=1) as log:
         log.add(json.loads(row(3)))
     assert path.read_text() == row(1) + row(2) + row(3)
@@ -324,13 +473,24 @@ def test_a_torn_last_line_is_ignored_and_cut_before_appending_any_other_bad_line
 
 
 @pytest.mark.parametrize("change", ["model", "question", "max-tokens"])
-def test_a_changed_judge_or_question_is_refused_naming_it_and_nothing_is_written(fake, tmp_path, monkeypatch,
-                                                                                  change):
+def test_a_changed_judge_or_question_is_refused_naming_it_and_nothing_is_written(
+    fake, tmp_path, monkeypatch, change
+):
     path, out = answers_file(tmp_path, [["id=a mode=good", "id=b mode=good"]]), tmp_path / "judge"
     judge(fake, path, out, "--model", "judge-a", "--limit", "1")
     before, asked = files(out), dict(fake.asked)
-    argv = ["--answers", path, "--out", str(out), "--base-url", fake.url, "--api-key-env", "JUDGE_TEST_KEY",
-            "--model", "judge-a"]
+    argv = [
+        "--answers",
+        path,
+        "--out",
+        str(out),
+        "--base-url",
+        fake.url,
+        "--api-key-env",
+        "JUDGE_TEST_KEY",
+        "--model",
+        "judge-a",
+    ]
     if change == "model":
         argv[-1] = "judge-b"
     elif change == "max-tokens":
@@ -338,8 +498,11 @@ def test_a_changed_judge_or_question_is_refused_naming_it_and_nothing_is_written
     else:
         monkeypatch.setattr(ej, "USER_TEMPLATE", ej.USER_TEMPLATE + "\nBe brief.")
     msg = cli_error(argv)
-    says = {"model": "--model judge-b: the judgments in", "max-tokens": "--max-tokens 300: the judgments in",
-            "question": "the judge question"}[change]
+    says = {
+        "model": "--model judge-b: the judgments in",
+        "max-tokens": "--max-tokens 300: the judgments in",
+        "question": "the judge question",
+    }[change]
     assert says in msg and str(out) in msg and "another --out" in msg
     assert files(out) == before and dict(fake.asked) == asked
 
@@ -349,8 +512,10 @@ def test_the_key_is_sent_but_never_written_or_printed(fake, tmp_path, capsys):
     marks = [["id=e1 mode=echo", "id=e2 mode=500", "id=e3 mode=good"]]
     out = tmp_path / "judge"
     rows = judge(fake, answers_file(tmp_path, marks), out)
-    assert f"Bearer {KEY}" in fake.auth                                 # the server got it
-    assert "[API KEY]" in next(r["reply"] for r in rows if r["id"] == "s1")   # echoed back, and redacted
+    assert f"Bearer {KEY}" in fake.auth  # the server got it
+    assert "[API KEY]" in next(
+        r["reply"] for r in rows if r["id"] == "s1"
+    )  # echoed back, and redacted
     printed = capsys.readouterr()
     assert KEY not in printed.out + printed.err
     for name, data in files(out).items():
@@ -360,69 +525,137 @@ def test_the_key_is_sent_but_never_written_or_printed(fake, tmp_path, capsys):
 def test_a_missing_key_for_a_remote_server_is_one_line_before_any_request(tmp_path, monkeypatch):
     def no_client(*args, **kwargs):
         raise AssertionError("a client was made")
+
     monkeypatch.setattr(openai, "OpenAI", no_client)
     path, out = answers_file(tmp_path, [["id=a mode=good"]]), tmp_path / "judge"
-    msg = cli_error(["--answers", path, "--out", str(out)])                         # api.openai.com
+    msg = cli_error(["--answers", path, "--out", str(out)])  # api.openai.com
     assert "OPENAI_API_KEY is not set" in msg and "https://api.openai.com/v1" in msg
-    msg = cli_error(["--answers", path, "--out", str(out), "--base-url", "https://judge.example.invalid/v1",
-                     "--api-key-env", "MY_JUDGE_KEY"])
+    msg = cli_error(
+        [
+            "--answers",
+            path,
+            "--out",
+            str(out),
+            "--base-url",
+            "https://judge.example.invalid/v1",
+            "--api-key-env",
+            "MY_JUDGE_KEY",
+        ]
+    )
     assert "--api-key-env MY_JUDGE_KEY" in msg and "MY_JUDGE_KEY is not set" in msg
     assert not out.exists()
 
 
 def test_an_unreachable_server_is_one_line(tmp_path):
-    with socket.socket() as s:              # a loopback port that was free a moment ago: nothing listens there
+    with socket.socket() as s:  # a loopback port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     path, out = answers_file(tmp_path, [["id=a mode=good", "id=b mode=good"]]), tmp_path / "judge"
-    msg = cli_error(["--answers", path, "--out", str(out), "--base-url", f"http://127.0.0.1:{port}/v1",
-                     "--http-retries", "0", "--concurrency", "1"])
-    assert f"--base-url http://127.0.0.1:{port}/v1: cannot connect" in msg and "a rerun asks only for the rest" in msg
+    msg = cli_error(
+        [
+            "--answers",
+            path,
+            "--out",
+            str(out),
+            "--base-url",
+            f"http://127.0.0.1:{port}/v1",
+            "--http-retries",
+            "0",
+            "--concurrency",
+            "1",
+        ]
+    )
+    assert (
+        f"--base-url http://127.0.0.1:{port}/v1: cannot connect" in msg
+        and "a rerun asks only for the rest" in msg
+    )
     assert (out / "judgments.jsonl").read_text() == ""
 
 
 def test_a_bad_answers_row_is_one_line_naming_file_and_line(tmp_path):
     path = tmp_path / "answers.jsonl"
     good = dict(id="s1", model="m", prompt="implicit", answer="a", situation="s")
-    path.write_text(json.dumps(good) + "\n" + json.dumps({k: v for k, v in good.items() if k != "situation"}) + "\n")
-    assert f"{path}, line 2: missing field(s) situation" in cli_error(["--answers", str(path), "--dry-run"])
+    path.write_text(
+        json.dumps(good)
+        + "\n"
+        + json.dumps({k: v for k, v in good.items() if k != "situation"})
+        + "\n"
+    )
+    assert f"{path}, line 2: missing field(s) situation" in cli_error(
+        ["--answers", str(path), "--dry-run"]
+    )
     path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
-    assert f"{path}, line 2: a second answer of 'm / implicit'" in cli_error(["--answers", str(path), "--dry-run"])
+    assert f"{path}, line 2: a second answer of 'm / implicit'" in cli_error(
+        ["--answers", str(path), "--dry-run"]
+    )
 
 
 def test_dry_run_counts_requests_and_tokens_and_sends_and_writes_nothing(fake, tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     words = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]",
-                                  chat_template="{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=words,
+        unk_token="[UNK]",
+        chat_template="{% for m in messages %}{{ m['content'] }} {% endfor %}",
+    )
     tok.save_pretrained(tmp_path / "tok")
     marks = [["id=a", "id=b", "id=c"], ["id=d", "id=e", "id=f"]]
-    path, out = answers_file(tmp_path, marks, [("m", "implicit"), ("m", "explicit")]), tmp_path / "judge"
-    ej.main(["--answers", path, "--out", str(out), "--dry-run", "--limit", "2"])       # the first 2 of each system
-    chars = sum(len(m["content"]) for a in ej.answers_to_judge(path, 2) for m in ej.judge_messages(a.situation, a.text))
+    path, out = (
+        answers_file(tmp_path, marks, [("m", "implicit"), ("m", "explicit")]),
+        tmp_path / "judge",
+    )
+    ej.main(
+        ["--answers", path, "--out", str(out), "--dry-run", "--limit", "2"]
+    )  # the first 2 of each system
+    chars = sum(
+        len(m["content"])
+        for a in ej.answers_to_judge(path, 2)
+        for m in ej.judge_messages(a.situation, a.text)
+    )
     said = capsys.readouterr().out
-    assert "dry run: 4 requests (0 of 4 answers already judged" in said and f"about {chars // 4} prompt" in said
+    assert (
+        "dry run: 4 requests (0 of 4 answers already judged" in said
+        and f"about {chars // 4} prompt" in said
+    )
     assert "at most 1800 completion tokens" in said and not out.exists()
-    judge(fake, path, out, "--limit", "1")                                           # a1 and d1 judged
+    judge(fake, path, out, "--limit", "1")  # a1 and d1 judged
     capsys.readouterr()
-    ej.main(["--answers", path, "--out", str(out), "--dry-run", "--tokenizer", str(tmp_path / "tok")])
+    ej.main(
+        ["--answers", path, "--out", str(out), "--dry-run", "--tokenizer", str(tmp_path / "tok")]
+    )
     said = capsys.readouterr().out
-    assert "dry run: 4 requests (2 of 6 answers already judged" in said and "(the tokenizer of" in said
+    assert (
+        "dry run: 4 requests (2 of 6 answers already judged" in said and "(the tokenizer of" in said
+    )
     assert sum(fake.asked.values()) == 2
 
 
 def test_ask_yes_no_takes_the_first_word_through_the_same_client(fake, capsys):
-    pairs = [("[[id=y mode=yes]] Lies hurt.", "Lying harms people."), ("[[id=n mode=no]] a", "b"),
-             ("[[id=o mode=other]] a", "b"), ("[[id=b mode=bold]] a", "b"), ("[[id=d mode=500]] a", "b"),
-             ("[[id=y mode=yes]] Lies hurt.", "Lying harms people.")]
-    said = ej.ask_yes_no(pairs, "judge-small", JUDGE_QUESTION, base_url=fake.url,
-                         api_key_env="NO_SUCH_VARIABLE", http_retries=0)
+    pairs = [
+        ("[[id=y mode=yes]] Lies hurt.", "Lying harms people."),
+        ("[[id=n mode=no]] a", "b"),
+        ("[[id=o mode=other]] a", "b"),
+        ("[[id=b mode=bold]] a", "b"),
+        ("[[id=d mode=500]] a", "b"),
+        ("[[id=y mode=yes]] Lies hurt.", "Lying harms people."),
+    ]
+    said = ej.ask_yes_no(
+        pairs,
+        "judge-small",
+        JUDGE_QUESTION,
+        base_url=fake.url,
+        api_key_env="NO_SUCH_VARIABLE",
+        http_retries=0,
+    )
     assert said == [True, False, False, True, False, True]
-    assert fake.asked["y"] == 1                                 # a repeated pair is asked once
-    assert set(fake.auth) == {"Bearer none"}                    # loopback and no key set: the dummy key
-    user = next(b for b in fake.bodies if "Lies hurt" in b["messages"][-1]["content"])["messages"][-1]["content"]
+    assert fake.asked["y"] == 1  # a repeated pair is asked once
+    assert set(fake.auth) == {"Bearer none"}  # loopback and no key set: the dummy key
+    user = next(b for b in fake.bodies if "Lies hurt" in b["messages"][-1]["content"])["messages"][
+        -1
+    ]["content"]
     assert user == JUDGE_QUESTION.format(a=pairs[0][0], b=pairs[0][1])
     err = capsys.readouterr().err
     assert "1 of 6 replies start with neither Yes nor No" in err and "'Perhaps" in err

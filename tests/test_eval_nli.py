@@ -1,6 +1,7 @@
 """eval_nli.py as a specification: the NLI scoring math on a fake predictor with hand-computed numbers, the
 entailment label read from id2label, the offline coverage on the real MiniLM, and a full run on the tiny policy
 with a tiny NLI cross-encoder built here (random weights, so only the plumbing is checked, not the numbers)."""
+
 import csv
 import json
 import os
@@ -14,8 +15,16 @@ import torch
 import eval_nli
 import plumbing
 import reward
-from eval_nli import (embedding_coverage, entailment_index, load_nli, nli_scores, resolve_model,
-                      situation_score, split_sentences, summarize)
+from eval_nli import (
+    embedding_coverage,
+    entailment_index,
+    load_nli,
+    nli_scores,
+    resolve_model,
+    situation_score,
+    split_sentences,
+    summarize,
+)
 from extras.answers import load_answers
 from opgrpo_min import reference_answer
 from plumbing import Perspective, Situation, load_situations
@@ -25,21 +34,27 @@ TEST_DATA = os.path.join(os.path.dirname(eval_nli.__file__), "data", "test.jsonl
 
 def fake_entail(table):
     """An entail() that looks each (premise, hypothesis) up in `table` (unknown pairs: 0) and records its calls."""
+
     def entail(premises, hypotheses):
         entail.calls.append(list(zip(premises, hypotheses)))
         return [table.get(pair, 0.0) for pair in zip(premises, hypotheses)]
+
     entail.calls = []
     return entail
 
 
 def situation(sid, *explanations):
-    return Situation(sid, f"situation {sid}", [Perspective(f"P{i}", e) for i, e in enumerate(explanations)])
+    return Situation(
+        sid, f"situation {sid}", [Perspective(f"P{i}", e) for i, e in enumerate(explanations)]
+    )
 
 
 @pytest.fixture(scope="module")
 def nli_dir(tmp_path_factory):
     """A tiny random BERT cross-encoder with the MiniLM tokenizer, its labels in an unusual order."""
-    return build_nli(tmp_path_factory.mktemp("nli"), {0: "contradiction", 1: "entailment", 2: "neutral"})
+    return build_nli(
+        tmp_path_factory.mktemp("nli"), {0: "contradiction", 1: "entailment", 2: "neutral"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +73,19 @@ def small_data(tmp_path_factory):
 
 def build_nli(path, id2label):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
     tok = AutoTokenizer.from_pretrained(plumbing.default_embedder_path())
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, num_labels=3, id2label=id2label,
-                        label2id={v: k for k, v in id2label.items()})
+    config = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+    )
     BertForSequenceClassification(config).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -76,39 +99,66 @@ def test_sentences_end_at_end_marks_and_line_breaks_and_tags_are_not_sentences()
 
 
 def test_situation_score_is_the_mean_over_perspectives_of_the_max_over_sentences():
-    entail = fake_entail({("ea", "s1."): 0.9, ("ea", "s2."): 0.2, ("eb", "s1."): 0.1, ("eb", "s2."): 0.5,
-                          ("ec", "s3."): 0.4})
-    scores = nli_scores(["s1. s2.", "s3."], [situation("x", "ea", "eb"), situation("y", "ec")], entail)
-    assert scores == pytest.approx([(0.9 + 0.5) / 2, 0.4]), \
+    entail = fake_entail(
+        {
+            ("ea", "s1."): 0.9,
+            ("ea", "s2."): 0.2,
+            ("eb", "s1."): 0.1,
+            ("eb", "s2."): 0.5,
+            ("ec", "s3."): 0.4,
+        }
+    )
+    scores = nli_scores(
+        ["s1. s2.", "s3."], [situation("x", "ea", "eb"), situation("y", "ec")], entail
+    )
+    assert scores == pytest.approx([(0.9 + 0.5) / 2, 0.4]), (
         "situation_score: mean over reference perspectives of the max over answer sentences"
-    assert len(entail.calls) == 1 and len(entail.calls[0]) == 4 + 1, "nli_scores: every pair of the batch in one call"
+    )
+    assert len(entail.calls) == 1 and len(entail.calls[0]) == 4 + 1, (
+        "nli_scores: every pair of the batch in one call"
+    )
 
 
 def test_an_empty_answer_scores_zero_and_sends_no_pair_to_the_nli_model():
     entail = fake_entail({("ea", "s1."): 0.8})
-    assert nli_scores(["", " \n- ", "s1."], [situation("x", "ea")] * 3, entail) == pytest.approx([0, 0, 0.8]), \
-        "an answer without a sentence scores 0"
-    assert entail.calls == [[("ea", "s1.")]], "an answer without a sentence sends no pair to the NLI model"
-    assert situation_score(np.zeros((3, 0))) == 0.0, "situation_score: no sentence (an empty P) -> 0.0"
+    assert nli_scores(["", " \n- ", "s1."], [situation("x", "ea")] * 3, entail) == pytest.approx(
+        [0, 0, 0.8]
+    ), "an answer without a sentence scores 0"
+    assert entail.calls == [[("ea", "s1.")]], (
+        "an answer without a sentence sends no pair to the NLI model"
+    )
+    assert situation_score(np.zeros((3, 0))) == 0.0, (
+        "situation_score: no sentence (an empty P) -> 0.0"
+    )
 
 
 def test_summary_uses_the_sample_std_and_accuracy_counts_scores_strictly_above_0_33():
     s = summarize([0.33, 0.34, 0.2, 1.0])
     assert s["n"] == 4 and s["mean"] == pytest.approx(0.4675), "summarize: n and the mean"
-    assert s["std"] == pytest.approx(np.sqrt(0.390275 / 3)) and s["se"] == pytest.approx(s["std"] / 2), \
-        "summarize: the sample std (ddof 1) and se = std / sqrt(n)"
-    assert s["accuracy"] == 0.5, "summarize: accuracy is the share of scores strictly above 0.33"   # 0.34 and 1.0
-    assert summarize([0.33])["accuracy"] == 0.0 and np.isnan(summarize([0.5])["std"]), \
+    assert s["std"] == pytest.approx(np.sqrt(0.390275 / 3)) and s["se"] == pytest.approx(
+        s["std"] / 2
+    ), "summarize: the sample std (ddof 1) and se = std / sqrt(n)"
+    assert s["accuracy"] == 0.5, (
+        "summarize: accuracy is the share of scores strictly above 0.33"
+    )  # 0.34 and 1.0
+    assert summarize([0.33])["accuracy"] == 0.0 and np.isnan(summarize([0.5])["std"]), (
         "summarize: 0.33 itself does not count; one score has std NaN"
+    )
 
 
 # ================================================================ the entailment label
-@pytest.mark.parametrize("id2label, index", [({0: "contradiction", 1: "entailment", 2: "neutral"}, 1),
-                                             ({0: "ENTAILMENT", 1: "NEUTRAL", 2: "CONTRADICTION"}, 0),
-                                             ({"0": "not_entail", "1": " Entail "}, 1)])
+@pytest.mark.parametrize(
+    "id2label, index",
+    [
+        ({0: "contradiction", 1: "entailment", 2: "neutral"}, 1),
+        ({0: "ENTAILMENT", 1: "NEUTRAL", 2: "CONTRADICTION"}, 0),
+        ({"0": "not_entail", "1": " Entail "}, 1),
+    ],
+)
 def test_entailment_index_is_read_from_id2label_in_any_order_and_case(id2label, index):
-    assert entailment_index(SimpleNamespace(id2label=id2label)) == index, \
+    assert entailment_index(SimpleNamespace(id2label=id2label)) == index, (
         "entailment_index: the index of the 'entailment' or 'entail' label, any case, spaces ignored"
+    )
 
 
 def test_nli_model_without_an_entailment_label_is_a_clear_error(tmp_path):
@@ -120,14 +170,30 @@ def test_nli_model_without_an_entailment_label_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_nli_pipeline_gives_the_entailment_probability_of_a_plain_forward(nli_dir, batch_size):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    premises = ["Lying hurts trust.", "Rules matter.", "A much longer premise about duties " * 40]   # truncated at 512
+
+    premises = [
+        "Lying hurts trust.",
+        "Rules matter.",
+        "A much longer premise about duties " * 40,
+    ]  # truncated at 512
     hypotheses = ["Trust suffers from lies.", "x", "Duties bind."]
     got = load_nli(nli_dir, batch_size=batch_size)(premises, hypotheses)
-    tok, model = AutoTokenizer.from_pretrained(nli_dir), AutoModelForSequenceClassification.from_pretrained(nli_dir)
-    with torch.no_grad():                                               # one pair at a time: no padding at all
-        probs = torch.cat([model(**tok(p, h, truncation=True, max_length=512, return_tensors="pt")).logits.softmax(-1)
-                           for p, h in zip(premises, hypotheses)])
-    assert got == pytest.approx(probs[:, 1].numpy(), abs=1e-6)         # column 1: 'entailment' in this model
+    tok, model = (
+        AutoTokenizer.from_pretrained(nli_dir),
+        AutoModelForSequenceClassification.from_pretrained(nli_dir),
+    )
+    with torch.no_grad():  # one pair at a time: no padding at all
+        probs = torch.cat(
+            [
+                model(
+                    **tok(p, h, truncation=True, max_length=512, return_tensors="pt")
+                ).logits.softmax(-1)
+                for p, h in zip(premises, hypotheses)
+            ]
+        )
+    assert got == pytest.approx(
+        probs[:, 1].numpy(), abs=1e-6
+    )  # column 1: 'entailment' in this model
     assert not np.allclose(got, probs[:, 0].numpy())
 
 
@@ -135,9 +201,14 @@ def test_nli_pipeline_gives_the_entailment_probability_of_a_plain_forward(nli_di
 def test_embedding_coverage_counts_reference_perspectives_matched_by_sentences(minilm):
     items = load_situations(TEST_DATA)[:3]
     full = [reference_answer(s) for s in items]
-    assert embedding_coverage(full, items, minilm) == [1.0, 1.0, 1.0]   # the reference covers itself
-    first = [reward.perspective_line(s.perspectives[0].name, s.perspectives[0].explanation) for s in items]             # one perspective of n
-    assert embedding_coverage(first, items, minilm) == pytest.approx([1 / len(s.perspectives) for s in items])
+    assert embedding_coverage(full, items, minilm) == [1.0, 1.0, 1.0]  # the reference covers itself
+    first = [
+        reward.perspective_line(s.perspectives[0].name, s.perspectives[0].explanation)
+        for s in items
+    ]  # one perspective of n
+    assert embedding_coverage(first, items, minilm) == pytest.approx(
+        [1 / len(s.perspectives) for s in items]
+    )
     assert embedding_coverage(["", "", ""], items, minilm) == [0.0, 0.0, 0.0]
 
 
@@ -149,15 +220,33 @@ def test_answers_are_matched_to_the_test_set_by_id_not_by_row_order(tmp_path):
     assert load_answers(path, items) == {("m", "implicit"): ["answer a", "answer b"]}
 
 
-@pytest.mark.parametrize("rows, match", [
-    ([dict(id="a", model="m", prompt="implicit", answer=""), dict(id="zz", model="m", prompt="implicit", answer="")],
-     r"line 2: id 'zz' is not in the test set"),
-    ([dict(id="a", model="m", prompt="implicit", answer="")], r"no answer for 1 test situation\(s\), e.g. 'b'"),
-    ([dict(id="a", model="m", prompt="p", answer="")] * 2, "line 2: a second answer"),
-    ([dict(id="a", model="m", answer="")], "line 1: expected a JSON object with id, model, prompt, answer")])
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        (
+            [
+                dict(id="a", model="m", prompt="implicit", answer=""),
+                dict(id="zz", model="m", prompt="implicit", answer=""),
+            ],
+            r"line 2: id 'zz' is not in the test set",
+        ),
+        (
+            [dict(id="a", model="m", prompt="implicit", answer="")],
+            r"no answer for 1 test situation\(s\), e.g. 'b'",
+        ),
+        ([dict(id="a", model="m", prompt="p", answer="")] * 2, "line 2: a second answer"),
+        (
+            [dict(id="a", model="m", answer="")],
+            "line 1: expected a JSON object with id, model, prompt, answer",
+        ),
+    ],
+)
 def test_an_answers_file_that_does_not_match_the_test_set_is_a_clear_error(tmp_path, rows, match):
     with pytest.raises(ValueError, match=match):
-        load_answers(write_jsonl(tmp_path / "answers.jsonl", rows), [situation("a", "e"), situation("b", "e")])
+        load_answers(
+            write_jsonl(tmp_path / "answers.jsonl", rows),
+            [situation("a", "e"), situation("b", "e")],
+        )
 
 
 def write_jsonl(path, rows):
@@ -167,54 +256,122 @@ def write_jsonl(path, rows):
 
 def test_a_checkpoint_that_does_not_exist_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="--model .*checkpoint: no such file or directory"):
-        eval_nli.main(["--model", str(tmp_path / "runs" / "default" / "checkpoint"), "--out", str(tmp_path / "o")])
+        eval_nli.main(
+            [
+                "--model",
+                str(tmp_path / "runs" / "default" / "checkpoint"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     assert not (tmp_path / "o" / "answers.jsonl").exists()
     run = tmp_path / "run"
     run.mkdir()
     with pytest.raises(FileNotFoundError, match="not a model folder: it holds no weights"):
         resolve_model(str(run))
     (run / "checkpoint").mkdir()
-    for name in ("model.safetensors", "tokenizer.json"):                # an opgrpo_min.py run dir -> its checkpoint
+    for name in (
+        "model.safetensors",
+        "tokenizer.json",
+    ):  # an opgrpo_min.py run dir -> its checkpoint
         (run / "checkpoint" / name).touch()
     assert resolve_model(str(run)) == str(run / "checkpoint")
-    assert resolve_model("default") is None and resolve_model("owner/hub-model") == "owner/hub-model"
+    assert (
+        resolve_model("default") is None and resolve_model("owner/hub-model") == "owner/hub-model"
+    )
 
 
 # ================================================================ end to end
-def test_full_run_generates_scores_and_rescores_the_same_numbers(tiny_model_dir, nli_dir, small_data, tmp_path):
+def test_full_run_generates_scores_and_rescores_the_same_numbers(
+    tiny_model_dir, nli_dir, small_data, tmp_path
+):
     out = tmp_path / "run"
-    eval_nli.main(["--model", tiny_model_dir, "--prompt", "both", "--nli", nli_dir, "--max-new-tokens", "8",
-                   "--data", small_data, "--out", str(out)])
+    eval_nli.main(
+        [
+            "--model",
+            tiny_model_dir,
+            "--prompt",
+            "both",
+            "--nli",
+            nli_dir,
+            "--max-new-tokens",
+            "8",
+            "--data",
+            small_data,
+            "--out",
+            str(out),
+        ]
+    )
     answers = [json.loads(line) for line in open(out / "answers.jsonl")]
     assert len(answers) == 2 * 6 and {a["prompt"] for a in answers} == {"implicit", "explicit"}
     assert set(answers[0]) == {"id", "model", "prompt", "answer", "situation"}
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 2 * 2 * (1 + 3)                                 # prompts x metrics x (all + 3 strata)
-    assert {r["metric"] for r in rows} == {"coverage all-MiniLM-L6-v2", f"NLI {os.path.basename(nli_dir)}"}
+    assert len(rows) == 2 * 2 * (1 + 3)  # prompts x metrics x (all + 3 strata)
+    assert {r["metric"] for r in rows} == {
+        "coverage all-MiniLM-L6-v2",
+        f"NLI {os.path.basename(nli_dir)}",
+    }
     assert [r["stratum"] for r in rows[:4]] == ["all", "3", "4", "5"] and rows[1]["n"] == "2"
     assert all(0 <= float(r["accuracy"]) <= 1 for r in rows)
     assert "Accuracy: share of situations with score > 0.33" in (out / "results.md").read_text()
     assert (out / "accuracy.png").exists() and (out / "config.json").exists()
 
-    random.Random(0).shuffle(answers)                                   # re-score without generating
+    random.Random(0).shuffle(answers)  # re-score without generating
     shuffled = write_jsonl(tmp_path / "shuffled.jsonl", answers)
-    eval_nli.main(["--answers", shuffled, "--data", small_data, "--nli", nli_dir, "--out", str(tmp_path / "again")])
+    eval_nli.main(
+        [
+            "--answers",
+            shuffled,
+            "--data",
+            small_data,
+            "--nli",
+            nli_dir,
+            "--out",
+            str(tmp_path / "again"),
+        ]
+    )
     again = list(csv.DictReader(open(tmp_path / "again" / "results.csv")))
-    assert [(r["metric"], r["stratum"]) for r in again] == [(r["metric"], r["stratum"]) for r in rows]
+    assert [(r["metric"], r["stratum"]) for r in again] == [
+        (r["metric"], r["stratum"]) for r in rows
+    ]
     assert [float(r["mean"]) for r in again] == pytest.approx([float(r["mean"]) for r in rows])
 
 
-def test_an_unavailable_nli_model_is_reported_and_coverage_is_still_computed(small_data, tmp_path, capsys,
-                                                                              monkeypatch):
+def test_an_unavailable_nli_model_is_reported_and_coverage_is_still_computed(
+    small_data, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    rows = [dict(id=s.id, model="m", prompt="implicit", answer=reference_answer(s)) for s in load_situations(small_data)]
+    rows = [
+        dict(id=s.id, model="m", prompt="implicit", answer=reference_answer(s))
+        for s in load_situations(small_data)
+    ]
     answers = write_jsonl(tmp_path / "a.jsonl", rows)
     with pytest.raises(FileNotFoundError, match="--nli .*no-such-nli: no such file or directory"):
-        eval_nli.main(["--answers", answers, "--data", small_data, "--nli", str(tmp_path / "no-such-nli"),
-                       "--out", str(tmp_path / "out")])                   # a path that is not there: refused
+        eval_nli.main(
+            [
+                "--answers",
+                answers,
+                "--data",
+                small_data,
+                "--nli",
+                str(tmp_path / "no-such-nli"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )  # a path that is not there: refused
     assert not (tmp_path / "out").exists()
-    eval_nli.main(["--answers", answers, "--data", small_data, "--nli", "no-owner/no-such-nli-model",
-                   "--out", str(tmp_path / "out")])                     # a hub id the hub cannot give here
+    eval_nli.main(
+        [
+            "--answers",
+            answers,
+            "--data",
+            small_data,
+            "--nli",
+            "no-owner/no-such-nli-model",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )  # a hub id the hub cannot give here
     assert "is not available here" in capsys.readouterr().err
     table = (tmp_path / "out" / "results.md").read_text()
     assert "not available here (offline), no NLI rows" in table

@@ -1,5 +1,6 @@
 """The one-GPU path without a GPU: LoRA (--lora-rank) and the gpu preset's choices (bf16 weights, MasterAdamW,
 gradient checkpointing, G 10) run end to end on the CPU with tiny models."""
+
 import json
 import os
 
@@ -17,7 +18,9 @@ def alternating_reward(roll, _items):
     return [float(i % 2) for i in range(len(roll.texts))], {}
 
 
-def test_lora_trains_the_adapter_only_and_its_reference_is_the_base_model(tiny_model_dir, monkeypatch):
+def test_lora_trains_the_adapter_only_and_its_reference_is_the_base_model(
+    tiny_model_dir, monkeypatch
+):
     pytest.importorskip("peft")
     model, tok = plumbing.load_policy(tiny_model_dir)
     policy = with_lora(model, 4)
@@ -25,21 +28,40 @@ def test_lora_trains_the_adapter_only_and_its_reference_is_the_base_model(tiny_m
     adapter = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
     assert adapter and all(p.requires_grad == ("lora_" in n) for n, p in policy.named_parameters())
     no_grad_calls, real = [], om.token_logprobs
-    def spy(m, *a, **k):  # the log-probs taken without gradients: per step the sampler's (old), then the reference
+
+    def spy(
+        m, *a, **k
+    ):  # the log-probs taken without gradients: per step the sampler's (old), then the reference
         out = real(m, *a, **k)
         if not torch.is_grad_enabled():
             no_grad_calls.append((a[0].clone(), a[1].clone(), out))
         return out
+
     monkeypatch.setattr(om, "token_logprobs", spy)
-    cfg = om.resolve_config(om.Config(device="cpu", steps=2, prompts_per_step=2, group_size=2, max_new_tokens=6,
-                                      lr=1e-2, micro_batch=4, updates_per_step=2, beta=0.1, lora_rank=4,
-                                      sample_every=0, save_every=0))
+    cfg = om.resolve_config(
+        om.Config(
+            device="cpu",
+            steps=2,
+            prompts_per_step=2,
+            group_size=2,
+            max_new_tokens=6,
+            lr=1e-2,
+            micro_batch=4,
+            updates_per_step=2,
+            beta=0.1,
+            lora_rank=4,
+            sample_every=0,
+            save_every=0,
+        )
+    )
     items = plumbing.load_situations(cfg.train_data)[:2]
     torch.manual_seed(0)
     om.grpo_train(policy, tok, items, alternating_reward, cfg, ref_model=policy)
     trained = dict(policy.named_parameters())
-    assert all(torch.equal(trained[n], p) for n, p in base.items())                      # the base never moves
-    assert all(not torch.equal(trained[n], p) for n, p in adapter.items() if "lora_B" in n)  # the adapter does
+    assert all(torch.equal(trained[n], p) for n, p in base.items())  # the base never moves
+    assert all(
+        not torch.equal(trained[n], p) for n, p in adapter.items() if "lora_B" in n
+    )  # the adapter does
     # step 2's reference log-probs are the untouched base model's, and differ from the trained policy's
     (ids, attn, ref_logp), (_, _, old_logp) = no_grad_calls[3], no_grad_calls[2]
     plain = plumbing.load_policy(tiny_model_dir)[0]
@@ -49,9 +71,31 @@ def test_lora_trains_the_adapter_only_and_its_reference_is_the_base_model(tiny_m
 
 
 def tiny_run(model, out, steps, *extra):
-    return ["--model", str(model), "--out", str(out), "--device", "cpu", "--sft-steps", "2", "--sft-batch", "2",
-            "--steps", str(steps), "--prompts-per-step", "1", "--max-new-tokens", "8", "--lr", "1e-3",
-            "--sample-every", "0", "--save-every", "2", *extra]
+    return [
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--sft-steps",
+        "2",
+        "--sft-batch",
+        "2",
+        "--steps",
+        str(steps),
+        "--prompts-per-step",
+        "1",
+        "--max-new-tokens",
+        "8",
+        "--lr",
+        "1e-3",
+        "--sample-every",
+        "0",
+        "--save-every",
+        "2",
+        *extra,
+    ]
 
 
 def clean(rows):
@@ -61,7 +105,17 @@ def clean(rows):
 def test_lora_run_saves_its_sft_merged_resumes_exactly_and_loads(tiny_model_dir, tmp_path):
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
-    argv = ("--lora-rank", "4", "--group-size", "2", "--micro-batch", "4", "--updates-per-step", "2")
+
+    argv = (
+        "--lora-rank",
+        "4",
+        "--group-size",
+        "2",
+        "--micro-batch",
+        "4",
+        "--updates-per-step",
+        "2",
+    )
     straight = om.main(tiny_run(tiny_model_dir, tmp_path / "a", 3, *argv))
     om.main(tiny_run(tiny_model_dir, tmp_path / "b", 2, *argv))
     resumed = om.main(["--resume", str(tmp_path / "b"), "--steps", "3"])
@@ -78,16 +132,21 @@ def test_lora_run_saves_its_sft_merged_resumes_exactly_and_loads(tiny_model_dir,
 
 
 @pytest.mark.parametrize("lora", ["0", "4"])
-def test_gpu_preset_runs_a_tiny_qwen_end_to_end_then_resumes_and_loads(tiny_qwen_dir, tmp_path, monkeypatch, lora):
+def test_gpu_preset_runs_a_tiny_qwen_end_to_end_then_resumes_and_loads(
+    tiny_qwen_dir, tmp_path, monkeypatch, lora
+):
     """bf16 weights, MasterAdamW, gradient checkpointing and G 10 (the gpu preset's own), on a Qwen2ForCausalLM with
     Qwen's chat template and generation defaults: 2 steps, a resume to 3, and the checkpoint loads in bf16. With
     LoRA (the 24 GB card's way) the adapter trains in float32 under plain AdamW over the bf16 base."""
     if lora != "0":
         pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
+
     optimizers, checkpointing = [], []
     real_adamw, real_training = om.adamw, om.training
-    monkeypatch.setattr(om, "adamw", lambda *a, **k: optimizers.append(real_adamw(*a, **k)) or optimizers[-1])
+    monkeypatch.setattr(
+        om, "adamw", lambda *a, **k: optimizers.append(real_adamw(*a, **k)) or optimizers[-1]
+    )
     monkeypatch.setattr(om, "training", lambda m, c: checkpointing.append(c) or real_training(m, c))
     gpu = ("--preset", "gpu", "--dtype", "bfloat16", "--lora-rank", lora)
     straight = om.main(tiny_run(tiny_qwen_dir, tmp_path / "a", 3, *gpu))

@@ -1,5 +1,6 @@
 """The project's imports as a specification: no module imports its way back to itself (function-local imports
 included), and the bottom layers, plumbing.py and reward.py, import nothing of the project."""
+
 import ast
 import os
 
@@ -40,11 +41,12 @@ def cycle(graph):
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == "open":
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in state and (found := visit(n)):
                 return found
         state[m] = "done"
         stack.pop()
+
     return next((c for m in sorted(graph) if m not in state and (c := visit(m))), None)
 
 
@@ -56,8 +58,10 @@ def test_the_cycle_finder_finds_a_cycle_by_hand():
 def test_no_module_imports_its_way_back_to_itself():
     mods = project_modules()
     graph = {m: imports(p, mods) - {m} for m, p in mods.items()}
-    assert {"opgrpo_min", "reward", "plumbing", "extras.resume", "eval_judge"} <= set(graph)   # the walk sees them
-    assert "extras.resume" in graph["opgrpo_min"]              # a function-local import is an edge too
+    assert {"opgrpo_min", "reward", "plumbing", "extras.resume", "eval_judge"} <= set(
+        graph
+    )  # the walk sees them
+    assert "extras.resume" in graph["opgrpo_min"]  # a function-local import is an edge too
     assert cycle(graph) is None, " -> ".join(cycle(graph))
 
 

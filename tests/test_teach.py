@@ -2,6 +2,7 @@
 scores zero, blanking any one function costs points, nothing of a student's files but the assigned functions takes
 part in grading, every failing check names its rule, planted copies cannot be told apart by diff or by file times,
 and bad input ends in one line. Grading runs pytest in a fresh copy of the project: the file takes a few minutes."""
+
 import ast
 import json
 import os
@@ -24,8 +25,12 @@ def all_blanked(tmp_path_factory):
 
 
 def cli(*argv, cwd=ROOT):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "teach.py"), *map(str, argv)], cwd=cwd,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "teach.py"), *map(str, argv)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
 
 
 def write_back(copy, *names):
@@ -34,7 +39,7 @@ def write_back(copy, *names):
         script = teach.find_functions(ROOT, [name])[name]
         reference = open(os.path.join(ROOT, script)).read()
         first, last = teach.spans(reference, [name])[name]
-        body = "".join(reference.splitlines(keepends=True)[first - 1:last])
+        body = "".join(reference.splitlines(keepends=True)[first - 1 : last])
         path = os.path.join(copy, script)
         with open(path) as f:
             text = f.read()
@@ -60,8 +65,13 @@ def test_list_prints_each_functions_points_and_the_timeout_is_at_most_two_minute
     run = cli("list")
     assert run.returncode == 0
     for name, (points, _) in teach.ASSIGNABLE.items():
-        assert f"{points} points" in next(line for line in run.stdout.splitlines() if line.startswith(name + " "))
-    assert teach.TIMEOUT <= 120 and teach.ASSIGNABLE["grpo_loss"][0] > teach.ASSIGNABLE["tag_reward"][0]
+        assert f"{points} points" in next(
+            line for line in run.stdout.splitlines() if line.startswith(name + " ")
+        )
+    assert (
+        teach.TIMEOUT <= 120
+        and teach.ASSIGNABLE["grpo_loss"][0] > teach.ASSIGNABLE["tag_reward"][0]
+    )
 
 
 # ================================================================ grading
@@ -98,9 +108,9 @@ def test_blanking_any_one_function_costs_points(name, tmp_path):
 
 
 # ================================================================ nothing but the functions takes part
-FOOLS = {   # a file a student adds to a copy, hoping for points
+FOOLS = {  # a file a student adds to a copy, hoping for points
     "conftest.py": "import pytest\n@pytest.hookimpl(hookwrapper=True)\ndef pytest_runtest_makereport(item, call):\n"
-                   "    outcome = yield\n    outcome.get_result().outcome = 'passed'\n",
+    "    outcome = yield\n    outcome.get_result().outcome = 'passed'\n",
     "pytest.ini": "[pytest]\naddopts = -p no:python --deselect tests\n",
     "setup.cfg": "[tool:pytest]\naddopts = -k nothing_at_all\n",
     "pyproject.toml": "[tool.pytest.ini_options]\naddopts = '-k nothing_at_all'\n",
@@ -123,9 +133,13 @@ def test_only_the_functions_body_is_taken_not_the_rest_of_the_students_module(tm
     constant is ours again and a helper outside the function is not there."""
     teach.make(["ladder_bucket"], str(tmp_path / "copy"))
     script = tmp_path / "copy" / "reward.py"
-    text = script.read_text().replace("COVERAGE_EDGES = (0.2, 0.4, 0.6, 0.8)", "COVERAGE_EDGES = (0.0,)")
-    script.write_text(text.replace('raise NotImplementedError("ladder_bucket',
-                                   'return _mine(rate)  # ("') + "\n\ndef _mine(rate):\n    return 0\n")
+    text = script.read_text().replace(
+        "COVERAGE_EDGES = (0.2, 0.4, 0.6, 0.8)", "COVERAGE_EDGES = (0.0,)"
+    )
+    script.write_text(
+        text.replace('raise NotImplementedError("ladder_bucket', 'return _mine(rate)  # ("')
+        + "\n\ndef _mine(rate):\n    return 0\n"
+    )
     (row,) = teach.grade(str(tmp_path / "copy"))
     assert row["points"] == 0 and "NameError" in " ".join(m for _, m in row["failed"]), row
 
@@ -133,10 +147,16 @@ def test_only_the_functions_body_is_taken_not_the_rest_of_the_students_module(tm
 def test_a_student_function_that_breaks_its_module_scores_zero_with_the_reason(tmp_path):
     teach.make(["uniqueness_bucket"], str(tmp_path / "copy"))
     script = tmp_path / "copy" / "reward.py"
-    broken = script.read_text().replace('raise NotImplementedError("uniqueness_bucket', 'return (u ==\n    ("')
-    script.write_text(broken)                                                    # an unclosed bracket
+    broken = script.read_text().replace(
+        'raise NotImplementedError("uniqueness_bucket', 'return (u ==\n    ("'
+    )
+    script.write_text(broken)  # an unclosed bracket
     (row,) = teach.grade(str(tmp_path / "copy"))
-    assert (row["points"], row["cases"]) == (0, 0) and "does not parse" in row["note"] and "SyntaxError" in row["note"]
+    assert (
+        (row["points"], row["cases"]) == (0, 0)
+        and "does not parse" in row["note"]
+        and "SyntaxError" in row["note"]
+    )
 
 
 def test_a_function_that_never_returns_costs_only_its_own_points_and_shows_as_a_timeout(tmp_path):
@@ -145,14 +165,23 @@ def test_a_function_that_never_returns_costs_only_its_own_points_and_shows_as_a_
     teach.make(["ladder_bucket", "uniqueness_bucket"], str(tmp_path / "copy"))
     write_back(tmp_path / "copy", "uniqueness_bucket")
     script = tmp_path / "copy" / "reward.py"
-    script.write_text(script.read_text().replace('raise NotImplementedError("ladder_bucket', 'while True: pass  # ("'))
+    script.write_text(
+        script.read_text().replace(
+            'raise NotImplementedError("ladder_bucket', 'while True: pass  # ("'
+        )
+    )
     run = cli("grade", tmp_path / "copy", "--timeout", "30")
     loops = next(line for line in run.stdout.splitlines() if line.startswith("ladder_bucket "))
-    written = next(line for line in run.stdout.splitlines() if line.startswith("uniqueness_bucket "))
+    written = next(
+        line for line in run.stdout.splitlines() if line.startswith("uniqueness_bucket ")
+    )
     assert "timeout" in loops.split() and loops.split()[-3] == "0.0", run.stdout
     assert "ran past --timeout 30 s" in run.stdout
-    assert float(written.split()[-3]) == float(written.split()[-1]) == teach.ASSIGNABLE["uniqueness_bucket"][0], \
-        run.stdout
+    assert (
+        float(written.split()[-3])
+        == float(written.split()[-1])
+        == teach.ASSIGNABLE["uniqueness_bucket"][0]
+    ), run.stdout
 
 
 def test_a_failing_check_names_the_rule_it_checks(tmp_path):
@@ -163,14 +192,23 @@ def test_a_failing_check_names_the_rule_it_checks(tmp_path):
     script = tmp_path / "copy" / "opgrpo_min.py"
     text = script.read_text()
     wrong = "((ratio > 1 + clip_eps) | (ratio < 1 - clip_eps)).float()"
-    assert "(((ratio > 1 + clip_eps) & (A > 0)) | ((ratio < 1 - clip_eps) & (A < 0))).float()" in text
-    script.write_text(text.replace("(((ratio > 1 + clip_eps) & (A > 0)) | ((ratio < 1 - clip_eps) & (A < 0))).float()",
-                                   wrong))
+    assert (
+        "(((ratio > 1 + clip_eps) & (A > 0)) | ((ratio < 1 - clip_eps) & (A < 0))).float()" in text
+    )
+    script.write_text(
+        text.replace(
+            "(((ratio > 1 + clip_eps) & (A > 0)) | ((ratio < 1 - clip_eps) & (A < 0))).float()",
+            wrong,
+        )
+    )
     run = cli("grade", tmp_path / "copy")
     assert "clip_frac: share of answer tokens whose clip is active" in run.stdout, run.stdout
     assert "grpo_loss" in run.stdout and "Traceback" not in run.stderr
     verbose = cli("grade", tmp_path / "copy", "--verbose")
-    assert "pytest's report" in verbose.stdout and "def test_grpo_loss_clip_cases_by_hand" in verbose.stdout
+    assert (
+        "pytest's report" in verbose.stdout
+        and "def test_grpo_loss_clip_cases_by_hand" in verbose.stdout
+    )
 
 
 # ================================================================ blanking
@@ -203,57 +241,88 @@ def kept(x):
 def test_blanking_keeps_decorators_signature_and_docstring_and_nothing_of_the_body():
     before, after = ast.parse(SOURCE), ast.parse(teach.blank_source(SOURCE, ["double", "plain"]))
     for old, new in zip(before.body[1:3], after.body[1:3]):
-        kept = lambda f: [ast.dump(x) for x in [f.args, *f.decorator_list]]            # noqa: E731
+        kept = lambda f: [ast.dump(x) for x in [f.args, *f.decorator_list]]  # noqa: E731
         assert kept(new) == kept(old)
         assert ast.get_docstring(new) == ast.get_docstring(old)
         raise_ = new.body[-1]
         assert isinstance(raise_, ast.Raise) and raise_.exc.func.id == "NotImplementedError"
         assert len(new.body) == (2 if ast.get_docstring(old) else 1)
-    assert ast.dump(after.body[3]) == ast.dump(before.body[3])                  # `kept` untouched
+    assert ast.dump(after.body[3]) == ast.dump(before.body[3])  # `kept` untouched
     text = teach.blank_source(SOURCE, ["double", "plain"])
-    assert "trails it" not in text and "no docstring" not in text and "a signature over two lines" in text
+    assert (
+        "trails it" not in text
+        and "no docstring" not in text
+        and "a signature over two lines" in text
+    )
 
 
-def test_the_copy_holds_the_project_and_the_readers_docs_but_not_runs_git_or_the_teachers_files(all_blanked):
+def test_the_copy_holds_the_project_and_the_readers_docs_but_not_runs_git_or_the_teachers_files(
+    all_blanked,
+):
     names = set(os.listdir(all_blanked))
-    assert {"opgrpo_min.py", "reward.py", "README.md", "tests", "data", "scale", "requirements.txt", "docs",
-            teach.MANIFEST} <= names
+    assert {
+        "opgrpo_min.py",
+        "reward.py",
+        "README.md",
+        "tests",
+        "data",
+        "scale",
+        "requirements.txt",
+        "docs",
+        teach.MANIFEST,
+    } <= names
     assert not {"runs", ".git"} & names
     docs = set(os.listdir(all_blanked / "docs"))
-    assert {"paper_to_code.md", "training.md"} <= docs and not {"assignments.md", "measure_assignments.py",
-                                                                "planted_bugs.json"} & docs
+    assert {"paper_to_code.md", "training.md"} <= docs and not {
+        "assignments.md",
+        "measure_assignments.py",
+        "planted_bugs.json",
+    } & docs
     with open(os.path.join(ROOT, "data", "train.jsonl"), "rb") as f:
         assert (all_blanked / "data" / "train.jsonl").read_bytes() == f.read()
 
 
 def test_the_copy_has_no_broken_link(all_blanked):
     import re
+
     for here, _, files in os.walk(all_blanked):
         for name in (f for f in files if f.endswith(".md")):
             for target in re.findall(r"\]\(([^)#\s]+)", open(os.path.join(here, name)).read()):
                 if not re.match(r"[a-z]+:", target):
-                    assert os.path.exists(os.path.join(here, target)), (os.path.join(here, name), target)
+                    assert os.path.exists(os.path.join(here, target)), (
+                        os.path.join(here, name),
+                        target,
+                    )
     assert "](docs/assignments.md)" in open(os.path.join(ROOT, "README.md")).read()
-    assert "](docs/assignments.md)" not in (all_blanked / "README.md").read_text()     # the teacher's: plain text
+    assert (
+        "](docs/assignments.md)" not in (all_blanked / "README.md").read_text()
+    )  # the teacher's: plain text
 
 
 def test_no_test_in_the_copy_spells_out_a_blanked_function(all_blanked):
-    tests = "".join(open(os.path.join(here, f)).read() for here, _, fs in os.walk(all_blanked / "tests")
-                    for f in fs if f.endswith(".py") and f != "test_teach.py")
-    trl_test = "def test_trl_ratio_cap_delta_is_the_recipes_dual_clip"          # TRL's loss: grpo_loss in other words
-    assert trl_test not in tests and trl_test in open(os.path.join(ROOT, "tests", "test_scale.py")).read()
+    tests = "".join(
+        open(os.path.join(here, f)).read()
+        for here, _, fs in os.walk(all_blanked / "tests")
+        for f in fs
+        if f.endswith(".py") and f != "test_teach.py"
+    )
+    trl_test = "def test_trl_ratio_cap_delta_is_the_recipes_dual_clip"  # TRL's loss: grpo_loss in other words
+    assert (
+        trl_test not in tests
+        and trl_test in open(os.path.join(ROOT, "tests", "test_scale.py")).read()
+    )
     for name, script in teach.find_functions(ROOT, teach.ASSIGNABLE).items():
         source = open(os.path.join(ROOT, script)).read()
         first, last = teach.spans(source, [name])[name]
         node = next(n for n in ast.parse(source).body if getattr(n, "name", None) == name)
-        body = source.splitlines()[node.body[1 if ast.get_docstring(node) else 0].lineno - 1:last]
+        body = source.splitlines()[node.body[1 if ast.get_docstring(node) else 0].lineno - 1 : last]
         for line in (b.strip() for b in body):
             if len(line) > 30 and not line.startswith("#"):
                 assert line not in tests, f"{name}: {line!r} is in a test of the copy"
 
 
 def test_a_student_copy_made_inside_the_project_is_not_copied_again(tmp_path):
-    project = tmp_path / "project"                                  # a plain copy: no .git, so files are walked
+    project = tmp_path / "project"  # a plain copy: no .git, so files are walked
     teach.make([], str(project))
     teach.make(["ladder_bucket"], str(project / "hw1"), root=str(project))
     teach.make(["ladder_bucket"], str(tmp_path / "hw2"), root=str(project))
@@ -261,56 +330,108 @@ def test_a_student_copy_made_inside_the_project_is_not_copied_again(tmp_path):
 
 
 # ================================================================ planted bugs
-def test_each_seed_plants_one_of_at_least_four_bugs_that_neither_diff_nor_file_times_give_away(tmp_path):
+def test_each_seed_plants_one_of_at_least_four_bugs_that_neither_diff_nor_file_times_give_away(
+    tmp_path,
+):
     import difflib
+
     table = json.load(open(os.path.join(ROOT, "docs", "planted_bugs.json")))
     assert len(table["bugs"]) >= 4
-    bugs = {seed: teach.make([], str(tmp_path / f"s{seed}"), plant=seed)["bug"] for seed in range(6)}
-    assert set(bugs.values()) == set(table["bugs"])                      # every bug, one per seed
+    bugs = {
+        seed: teach.make([], str(tmp_path / f"s{seed}"), plant=seed)["bug"] for seed in range(6)
+    }
+    assert set(bugs.values()) == set(table["bugs"])  # every bug, one per seed
     texts = {seed: (tmp_path / f"s{seed}" / "opgrpo_min.py").read_text() for seed in bugs}
     for a, b in [(0, 1), (1, 2), (2, 3)]:
-        hunks = [g for g in difflib.SequenceMatcher(None, texts[a].splitlines(), texts[b].splitlines())
-                 .get_opcodes() if g[0] != "equal"]
-        assert len(hunks) >= 5, (a, b, len(hunks))                     # the bug is one change among decoys
+        hunks = [
+            g
+            for g in difflib.SequenceMatcher(
+                None, texts[a].splitlines(), texts[b].splitlines()
+            ).get_opcodes()
+            if g[0] != "equal"
+        ]
+        assert len(hunks) >= 5, (a, b, len(hunks))  # the bug is one change among decoys
     for seed in bugs:
         copy = tmp_path / f"s{seed}"
-        times = {os.stat(os.path.join(here, f)).st_mtime for here, dirs, fs in os.walk(copy) for f in fs + dirs}
+        times = {
+            os.stat(os.path.join(here, f)).st_mtime
+            for here, dirs, fs in os.walk(copy)
+            for f in fs + dirs
+        }
         assert times == {teach.FIXED_TIME}
         assert bugs[seed] not in (copy / teach.MANIFEST).read_text()
         bug_old = table["bugs"][bugs[seed]][1]
-        assert bug_old not in texts[seed]                               # it is planted
+        assert bug_old not in texts[seed]  # it is planted
     reference = open(os.path.join(ROOT, "opgrpo_min.py")).read()
-    for script, old, new in table["decoys"]:
+    for _script, old, new in table["decoys"]:
         assert reference.count(old) == 1 and old != new
 
 
 def test_the_bug_list_stays_with_the_teacher(tmp_path):
     teach.make([], str(tmp_path / "plain"))
-    run = subprocess.run([sys.executable, "teach.py", "make", "--blank", "none", "--plant", "3", "--out",
-                          str(tmp_path / "again")], cwd=tmp_path / "plain", capture_output=True, text=True)
-    assert run.returncode == 2 and "the teacher's bug list" in run.stderr and not (tmp_path / "again").exists()
+    run = subprocess.run(
+        [
+            sys.executable,
+            "teach.py",
+            "make",
+            "--blank",
+            "none",
+            "--plant",
+            "3",
+            "--out",
+            str(tmp_path / "again"),
+        ],
+        cwd=tmp_path / "plain",
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        run.returncode == 2
+        and "the teacher's bug list" in run.stderr
+        and not (tmp_path / "again").exists()
+    )
 
 
 # ================================================================ bad input
 def test_help_runs_and_import_has_no_side_effects(tmp_path):
     assert cli("--help").returncode == 0 and "grade" in cli("--help").stdout
-    assert "planted bugs" in cli("make", "--help").stdout and "fresh copy" in cli("grade", "--help").stdout
-    run = subprocess.run([sys.executable, "-c", "import teach"], cwd=tmp_path, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert (
+        "planted bugs" in cli("make", "--help").stdout
+        and "fresh copy" in cli("grade", "--help").stdout
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", "import teach"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     assert (run.returncode, run.stdout, run.stderr, os.listdir(tmp_path)) == (0, "", "", [])
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["make", "--blank", "no_such_function", "--out", "{tmp}/s"], "'no_such_function' is not an assignable function"),
-    (["make", "--blank", "grpo_update", "--out", "{tmp}/s"], "'grpo_update' is not an assignable function"),
-    (["make", "--blank", " , ", "--out", "{tmp}/s"], "names no function"),
-    (["make", "--blank", "grpo_loss", "--out", "{tmp}/full"], "is not empty"),
-    (["make", "--blank", "grpo_loss", "--out", "{tmp}/full/a_file"], "is a file"),
-    (["grade", "{tmp}/full"], "no student copy"),
-    (["grade", "{tmp}/nowhere"], "no such directory"),
-    (["grade", "{tmp}/full", "--timeout", "0"], "--timeout 0: must be > 0"),
-    (["grade", "{tmp}/full", "--blank", "no_such_function"], "'no_such_function' is not an assignable function"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (
+            ["make", "--blank", "no_such_function", "--out", "{tmp}/s"],
+            "'no_such_function' is not an assignable function",
+        ),
+        (
+            ["make", "--blank", "grpo_update", "--out", "{tmp}/s"],
+            "'grpo_update' is not an assignable function",
+        ),
+        (["make", "--blank", " , ", "--out", "{tmp}/s"], "names no function"),
+        (["make", "--blank", "grpo_loss", "--out", "{tmp}/full"], "is not empty"),
+        (["make", "--blank", "grpo_loss", "--out", "{tmp}/full/a_file"], "is a file"),
+        (["grade", "{tmp}/full"], "no student copy"),
+        (["grade", "{tmp}/nowhere"], "no such directory"),
+        (["grade", "{tmp}/full", "--timeout", "0"], "--timeout 0: must be > 0"),
+        (
+            ["grade", "{tmp}/full", "--blank", "no_such_function"],
+            "'no_such_function' is not an assignable function",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_without_a_traceback_and_writes_nothing(tmp_path, argv, words):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "a_file").write_text("x")
@@ -324,6 +445,7 @@ def test_bad_input_is_one_line_without_a_traceback_and_writes_nothing(tmp_path, 
 # ================================================================ the paper-to-code map
 def test_every_function_and_test_the_paper_to_code_map_names_exists():
     import re
+
     text = open(os.path.join(ROOT, "docs", "paper_to_code.md")).read()
     rows = [line for line in text.splitlines() if line.startswith("| ") and "`" in line]
     functions = re.findall(r"`([\w/]+\.py):(\w+)`", "\n".join(rows))
@@ -331,9 +453,16 @@ def test_every_function_and_test_the_paper_to_code_map_names_exists():
     assert len(rows) >= 20 and len(functions) >= 25 and len(cases) >= 40
     for path, name in functions + cases:
         tree = ast.parse(open(os.path.join(ROOT, path)).read())
-        assert name in {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}, f"{path}:{name}"
-    for name, (_, ids) in teach.ASSIGNABLE.items():          # the row of each assignable function cites its tests
+        assert name in {
+            n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+        }, f"{path}:{name}"
+    for name, (
+        _,
+        ids,
+    ) in teach.ASSIGNABLE.items():  # the row of each assignable function cites its tests
         row = next(r for r in rows if f":{name}`" in r)
-        assert any(f"`{i}`" in row for i in ids), f"{name}: its row cites none of the tests that grade it"
+        assert any(f"`{i}`" in row for i in ids), (
+            f"{name}: its row cites none of the tests that grade it"
+        )
     greedy = next(r for r in rows if ":greedy_matches`" in r)
     assert all(f"`{i}`" in greedy for i in teach.ASSIGNABLE["greedy_matches"][1])

@@ -10,6 +10,7 @@
 Every row is checked as the scripts check our JSONL (plumbing.situation_of); a bad one is one line naming the file
 and the row or entry, and nothing is written.
 """
+
 import csv
 import dataclasses
 import json
@@ -31,7 +32,9 @@ def situations(path):
     if not os.path.isfile(path):
         raise plumbing.DataError(f"{path}: no such data file")
     if os.path.splitext(path)[1].lower() not in (".csv", ".json"):
-        raise plumbing.DataError(f"{path}: convert a .csv (the authors') or a .json (ValueKaleidoscope)")
+        raise plumbing.DataError(
+            f"{path}: convert a .csv (the authors') or a .json (ValueKaleidoscope)"
+        )
     try:
         rows = csv_rows(path) if path.lower().endswith(".csv") else kaleido_rows(path)
     except UnicodeDecodeError:
@@ -49,20 +52,37 @@ def csv_rows(path):
         rows = csv.DictReader(f)
         missing = {"prompt", "answer"} - set(rows.fieldnames or [])
         if missing:
-            raise plumbing.DataError(f"{path}: missing column(s) {sorted(missing)}; the authors' CSV has 'prompt' "
-                                     f"and 'answer'")
+            raise plumbing.DataError(
+                f"{path}: missing column(s) {sorted(missing)}; the authors' CSV has 'prompt' "
+                f"and 'answer'"
+            )
         try:
             for n, row in enumerate(rows, 1):
                 pieces = reward.split_perspectives(row["answer"] or "")
                 parsed = [reward.parse_perspective(p) for p in pieces]
                 if None in parsed:
-                    raise plumbing.DataError(f"{path}, row {n}: answer line {pieces[parsed.index(None)][:60]!r} is not "
-                                     f"'In the perspective of NAME, ...'")
+                    raise plumbing.DataError(
+                        f"{path}, row {n}: answer line {pieces[parsed.index(None)][:60]!r} is not "
+                        f"'In the perspective of NAME, ...'"
+                    )
                 text = (row["prompt"] or "").strip()
-                head = om.IMPLICIT_PROMPT.split("{")[0].strip()   # the CSV may hold the whole implicit prompt
-                text = text[len(head):] if text.startswith(head) else text
-                out.append((f"{path}, row {n}", dict(id=row.get("id") or f"row-{n}", situation=text, perspectives=[
-                    dict(name=name, explanation=explanation) for name, explanation in parsed])))
+                head = om.IMPLICIT_PROMPT.split("{")[
+                    0
+                ].strip()  # the CSV may hold the whole implicit prompt
+                text = text[len(head) :] if text.startswith(head) else text
+                out.append(
+                    (
+                        f"{path}, row {n}",
+                        dict(
+                            id=row.get("id") or f"row-{n}",
+                            situation=text,
+                            perspectives=[
+                                dict(name=name, explanation=explanation)
+                                for name, explanation in parsed
+                            ],
+                        ),
+                    )
+                )
         except csv.Error as e:  # a stray quote, a NUL byte
             raise plumbing.DataError(f"{path}, line {rows.line_num}: not valid CSV ({e})") from None
     return out
@@ -78,8 +98,10 @@ def kaleido_rows(path):
     if isinstance(data, dict):
         data = data["data"] if isinstance(data.get("data"), list) else list(data.values())
     if not isinstance(data, list):
-        raise plumbing.DataError(f"{path}: expected a list of situation objects at the top level, got "
-                                 f"{type(data).__name__}")
+        raise plumbing.DataError(
+            f"{path}: expected a list of situation objects at the top level, got "
+            f"{type(data).__name__}"
+        )
     out = []
     for n, row in enumerate(data):
         where = f"{path}, entry {n}"
@@ -90,25 +112,40 @@ def kaleido_rows(path):
             raise plumbing.DataError(f"{where}: missing field {missing!r}")
         vrd, expl = row["vrd"], row["explanation"]
         if not isinstance(vrd, list) or not isinstance(expl, list) or len(vrd) != len(expl):
-            raise plumbing.DataError(f"{where}: 'vrd' and 'explanation' must be lists of the same length")
+            raise plumbing.DataError(
+                f"{where}: 'vrd' and 'explanation' must be lists of the same length"
+            )
         ps = []
         for v, e in zip(vrd, expl):
-            kind, _, name = str(v).partition(":")  # 'Value: Honesty' -> kind 'value', name 'Honesty'
+            kind, _, name = str(v).partition(
+                ":"
+            )  # 'Value: Honesty' -> kind 'value', name 'Honesty'
             kind, name = (kind.strip().lower(), name) if name else ("", kind)
-            ps.append(dict(name=name.strip(), explanation=str(e).strip(), kind=kind if kind in KINDS else None))
+            ps.append(
+                dict(
+                    name=name.strip(),
+                    explanation=str(e).strip(),
+                    kind=kind if kind in KINDS else None,
+                )
+            )
         out.append((where, dict(id=row.get("id", n), situation=row["situation"], perspectives=ps)))
     return out
 
 
 def main(argv=None):
-    p = plumbing.ArgumentParser(description=__doc__, formatter_class=plumbing.argparse.RawDescriptionHelpFormatter)
+    p = plumbing.ArgumentParser(
+        description=__doc__, formatter_class=plumbing.argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("data", help="the authors' .csv or a ValueKaleidoscope .json")
     p.add_argument("--out", required=True, help="the JSONL to write (an existing file is refused)")
     args = p.parse_args(argv)
     items = situations(args.data)
     if os.path.exists(args.out):
         raise FileExistsError(f"--out {args.out}: exists; pass a new file name")
-    rows = [{k: v for k, v in dataclasses.asdict(s).items() if k != "where" and v is not None} for s in items]
+    rows = [
+        {k: v for k, v in dataclasses.asdict(s).items() if k != "where" and v is not None}
+        for s in items
+    ]
     plumbing.write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows)} situations to {args.out}")
     return items

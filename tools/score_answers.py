@@ -6,6 +6,7 @@ Each JSONL row needs 'id' (a situation of --data) and 'answer' (eval_nli.py's an
 both). Each answer is scored against its situation's reference answer (opgrpo_min.reference_answer) by
 reward.score_answers; OUT/scores.jsonl gets one breakdown per row, and the mean of each term is printed.
 """
+
 import json
 import os
 import sys
@@ -16,35 +17,57 @@ if ROOT not in sys.path:  # run as a script: the core modules live one folder up
 import numpy as np  # noqa: E402
 
 import opgrpo_min as om  # noqa: E402
-import reward  # noqa: E402
 import plumbing  # noqa: E402
+import reward  # noqa: E402
 
 
 def main(argv=None):
-    p = plumbing.ArgumentParser(description=__doc__, formatter_class=plumbing.argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--answers", required=True, help="JSONL: one object with 'id' and 'answer' per line")
-    p.add_argument("--data", default=os.path.join(ROOT, "data", "test.jsonl"),
-                   help="the situations the ids refer to (their references are scored against)")
-    p.add_argument("--sim-model", help="Sentence Transformer: hub id or local dir (default: embedded MiniLM)")
-    p.add_argument("--mask-keywords", choices=reward.MASK_MODES, default="answer", help="see reward.score_answers")
+    p = plumbing.ArgumentParser(
+        description=__doc__, formatter_class=plumbing.argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--answers", required=True, help="JSONL: one object with 'id' and 'answer' per line"
+    )
+    p.add_argument(
+        "--data",
+        default=os.path.join(ROOT, "data", "test.jsonl"),
+        help="the situations the ids refer to (their references are scored against)",
+    )
+    p.add_argument(
+        "--sim-model", help="Sentence Transformer: hub id or local dir (default: embedded MiniLM)"
+    )
+    p.add_argument(
+        "--mask-keywords",
+        choices=reward.MASK_MODES,
+        default="answer",
+        help="see reward.score_answers",
+    )
     p.add_argument("--out", default="runs/reward", help="directory for scores.jsonl")
     args = p.parse_args(argv)
     items, rows = {s.id: s for s in plumbing.load_situations(args.data)}, []
     for n, row in plumbing.read_jsonl(args.answers, "answers"):
         if not isinstance(row.get("answer"), str) or str(row.get("id")) not in items:
-            raise plumbing.DataError(f"{args.answers}, line {n}: needs a text 'answer' and the 'id' of a situation "
-                                    f"in {args.data}")
+            raise plumbing.DataError(
+                f"{args.answers}, line {n}: needs a text 'answer' and the 'id' of a situation "
+                f"in {args.data}"
+            )
         rows.append(row)
     if not rows:
         raise plumbing.DataError(f"{args.answers}: no answers in the file")
     plumbing.check_model_path(args.sim_model, "--sim-model")
     plumbing.claim_out_dir(args.out)
     ss = [items[str(r["id"])] for r in rows]
-    parts = reward.score_answers([r["answer"] for r in rows], [om.reference_answer(s) for s in ss],
-                                 plumbing.load_embedder(args.sim_model), situations=[s.situation for s in ss],
-                                 mask_keywords=args.mask_keywords)
-    plumbing.write_text(os.path.join(args.out, "scores.jsonl"),
-                       "".join(json.dumps(dict(id=r["id"], **vars(b))) + "\n" for r, b in zip(rows, parts)))
+    parts = reward.score_answers(
+        [r["answer"] for r in rows],
+        [om.reference_answer(s) for s in ss],
+        plumbing.load_embedder(args.sim_model),
+        situations=[s.situation for s in ss],
+        mask_keywords=args.mask_keywords,
+    )
+    plumbing.write_text(
+        os.path.join(args.out, "scores.jsonl"),
+        "".join(json.dumps(dict(id=r["id"], **vars(b))) + "\n" for r, b in zip(rows, parts)),
+    )
     means = {k: float(np.mean([getattr(b, k) for b in parts])) for k in vars(parts[0])}
     print(f"{len(parts)} answers: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
     return means
