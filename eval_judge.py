@@ -37,17 +37,10 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numpy as np
 
 from extras.answers import drop_torn_tail
-from plumbing import (
-    ArgumentParser,
-    DataError,
-    claim_out_dir,
-    not_utf8,
-    pyplot,
-    read_jsonl,
-    run_cli,
-    save_figure,
-    write_text,
-)
+from harness.cli import ArgumentParser, run_cli
+from harness.data import DataError, not_utf8, read_jsonl
+from harness.report import pyplot, save_figure
+from harness.runs import claim_out_dir, write_text
 
 ASPECTS = ("helpfulness", "clarity", "factuality", "depth", "engagement")
 METRICS = ASPECTS + ("overall",)  # overall: the mean of an answer's five scores
@@ -114,7 +107,7 @@ def question_sha256():
 # ================================================================ data
 @dataclasses.dataclass
 class Answer:
-    system: str  # study.py's `row`, or 'MODEL / PROMPT' for eval_nli.py's rows
+    system: str  # study/run.py's `row`, or 'MODEL / PROMPT' for eval_nli.py's rows
     id: str  # the situation
     sample: int  # which answer to that situation (0 when there is one)
     situation: str
@@ -126,8 +119,8 @@ class Answer:
 
 
 def answers_to_judge(path, limit=None):
-    """The answers to judge, in file order, from the answers JSONL that eval_nli.py or study.py writes. A system is
-    'ROW / PROMPT' when the row has a `row` (study.py), else 'MODEL / PROMPT'; an answer's key is (system, id, sample
+    """The answers to judge, in file order, from the answers JSONL that eval_nli.py or study/run.py writes. A system is
+    'ROW / PROMPT' when the row has a `row` (study/run.py), else 'MODEL / PROMPT'; an answer's key is (system, id, sample
     or 0).
     `limit`: only the first N answers of each system. Every row is checked before anything is asked or written.
     Example: rows (m, implicit, s1), (m, implicit, s2), (m, explicit, s1) with limit 1 -> the first and the third."""
@@ -598,7 +591,7 @@ def score_rows(systems):
 def paired_rows(systems, baseline):
     """One row per other system and metric: that system minus the baseline over the situations both have a score
     for (mean, 95 % bootstrap interval, sign-flip p: stats.paired)."""
-    from stats import paired
+    from harness.stats import paired
 
     rows, base = [], systems[baseline]["values"]
     for name, s in systems.items():
@@ -802,8 +795,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--answers",
         required=True,
-        help="answers JSONL of eval_nli.py or study.py (id, model, prompt, "
-        "answer, situation; study.py's `row` and `sample` are used when present)",
+        help="answers JSONL of eval_nli.py or study/run.py (id, model, prompt, "
+        "answer, situation; study/run.py's `row` and `sample` are used when present)",
     )
     p.add_argument(
         "--model",

@@ -23,23 +23,12 @@ import numpy as np
 import torch
 
 import reward
+from harness.cli import check_knobs, dataclass_args, run_cli
+from harness.data import check_prompts, load_situations
+from harness.models import check_device, check_model_path, load_embedder, load_policy, resolve_model
+from harness.report import markdown_table, plot_accuracy
+from harness.runs import claim_out_dir, write_text
 from opgrpo_min import chat_prompt, sample_groups
-from plumbing import (
-    check_device,
-    check_knobs,
-    check_model_path,
-    check_prompts,
-    claim_out_dir,
-    dataclass_args,
-    load_embedder,
-    load_policy,
-    load_situations,
-    markdown_table,
-    plot_accuracy,
-    resolve_model,
-    run_cli,
-    write_text,
-)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_NLI = "microsoft/deberta-v2-xlarge-mnli"  # the NLI model of the paper's evaluation code

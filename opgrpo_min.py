@@ -19,35 +19,23 @@ import math
 import os
 import random
 import sys
+import time
 
 import numpy as np
 import torch
 
 import reward
-from plumbing import (
-    StopAfterStep,
-    atomic_save,
+from harness.cli import StopAfterStep, check_knobs, dataclass_args, oom_hint, run_cli
+from harness.data import check_prompts, load_situations
+from harness.models import (
     check_device,
-    check_knobs,
     check_model_path,
-    check_prompts,
-    claim_out_dir,
-    clock,
-    dataclass_args,
-    eos_ids,
-    fingerprints,
     load_embedder,
     load_policy,
-    load_situations,
     model_fingerprint,
-    oom_hint,
-    own_sampling_only,
-    plot_rewards,
-    run_cli,
-    save_checkpoint,
-    training,
-    write_text,
 )
+from harness.report import plot_rewards
+from harness.runs import atomic_save, claim_out_dir, fingerprints, save_checkpoint, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -122,6 +110,54 @@ PRESETS = {  # knobs left at None above take these
         gradient_checkpointing=1,
     ),
 }
+
+
+# ================================================================ the step's helpers: timing, train/eval mode, EOS
+def clock(model):
+    """time.perf_counter() after the GPU has finished its queued work, so phase timings are true."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter()
+
+
+@contextlib.contextmanager
+def training(model, checkpointing):
+    """model.train() for a block of updates, with gradient checkpointing if asked; eval mode (and the KV cache that
+    generation needs) again after it. transformers 5.23 renamed gradient_checkpointing_* to activation_*."""
+    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    model.train()
+    if checkpointing:
+        getattr(model, f"{kind}_checkpointing_enable")()
+    try:
+        yield
+    finally:
+        if checkpointing:
+            getattr(model, f"{kind}_checkpointing_disable")()
+        model.eval()
+
+
+def eos_ids(model, tokenizer):
+    """Every id that ends an answer: the generation config's EOS ids and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    return sorted(e for e in eos if e is not None)
+
+
+@contextlib.contextmanager
+def own_sampling_only(model):
+    """generate() fills every field our config leaves unset from the model's generation_config.json, e.g.
+    Qwen2.5-Instruct's repetition_penalty 1.05, which would make the samples come from another distribution than
+    the one the learner scores. For the call, the model's own generation config is a blank one."""
+    from transformers import GenerationConfig
+
+    base = (
+        model.get_base_model() if hasattr(model, "get_base_model") else model
+    )  # a peft model generates with it
+    saved, base.generation_config = base.generation_config, GenerationConfig()
+    try:
+        yield
+    finally:
+        base.generation_config = saved
 
 
 # ================================================================ data: prompts and the reference answer
@@ -343,9 +379,8 @@ def token_logprobs(
     changes nothing. Rows go through the model micro_batch at a time; full-vocabulary logits are computed only for
     answer positions (logits_to_keep) and turned to float32 one row at a time, never for the whole batch.
     entropy=True returns (logp, H), H [B, T] = -sum_v pi(v) log pi(v) of each position's distribution (no grad)."""
-    pos = (attention_mask.cumsum(1) - 1).clamp(
-        min=0
-    )  # left padding: positions count real tokens only
+    # left padding: positions count real tokens only
+    pos = (attention_mask.cumsum(1) - 1).clamp(min=0)
     rows, ents = [], []
     for i in range(0, input_ids.shape[0], micro_batch):
         sl = slice(i, i + micro_batch)
@@ -416,9 +451,8 @@ def grpo_loss(
     loss = ((pg + beta * kl) * mask).sum() / num_tokens
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
-        clipped = (
-            ((ratio > 1 + clip_eps) & (A > 0)) | ((ratio < 1 - clip_eps) & (A < 0))
-        ).float()  # clip active
+        # the clip is active: the ratio is past its edge in the direction the advantage pushes
+        clipped = (((ratio > 1 + clip_eps) & (A > 0)) | ((ratio < 1 - clip_eps) & (A < 0))).float()
         stats = dict(
             kl=(kl * mask).sum().item() / n.item(),
             clip_frac=(clipped * mask).sum().item() / n.item(),
@@ -551,9 +585,8 @@ def grpo_train(
             rewards, means = reward_fn(roll, [batch[g] for g in roll.group_ids.tolist()])
             adv = group_advantages(rewards, G, cfg.adv_eps)  # [P*G]
             r = torch.tensor(rewards).view(-1, G)  # [P, G]
-            zero_spread = float(
-                (r.max(1).values == r.min(1).values).float().mean()
-            )  # groups with no signal
+            # the share of groups with no signal: all G rewards equal, so every advantage is 0
+            zero_spread = float((r.max(1).values == r.min(1).values).float().mean())
             t2 = clock(model)
             # ---- log-probs of the sampler (only needed when several updates share one batch) and reference
             T = roll.answer_mask.shape[1]

@@ -91,7 +91,7 @@ def parse_perspective(piece):
     return (m.group(1).strip(), m.group(2).strip()) if m else None
 
 
-# ---------------------------------------------------------------- the similarity estimator (plumbing.load_embedder)
+# ---------------------------------------------------------------- the similarity estimator (harness.models.load_embedder)
 def unit_embeddings(embedder, texts):
     """{text: L2-normalised float32 embedding} of the distinct texts, one encode call: a dot product is the cosine."""
     texts = list(dict.fromkeys(texts))
@@ -353,7 +353,7 @@ def score_answers(
         raise ValueError(f"mask_keywords must be one of {MASK_MODES}, got {mask_keywords!r}")
     if not hasattr(embedder, "encode"):
         raise TypeError(
-            f"embedder must have .encode(list of str), e.g. plumbing.load_embedder(); got {embedder!r:.60}"
+            f"embedder must have .encode(list of str), e.g. harness.models.load_embedder(); got {embedder!r:.60}"
         )
     if isinstance(answers, str) or isinstance(references, str):
         raise TypeError(

@@ -26,16 +26,10 @@ import torch
 from transformers import set_seed
 
 import reward
-from plumbing import (
-    check_knobs,
-    check_model_path,
-    claim_out_dir,
-    dataclass_args,
-    load_embedder,
-    load_situations,
-    run_cli,
-    write_text,
-)
+from harness.cli import check_knobs, dataclass_args, run_cli
+from harness.data import load_situations
+from harness.models import check_model_path, load_embedder
+from harness.runs import claim_out_dir, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JUDGE_THRESHOLD = (

@@ -1,10 +1,10 @@
 """Files of saved answers: eval_nli.py --answers FILE re-scores them without generating, every row checked against
-the test set; study.py and eval_judge.py append to theirs after a kill."""
+the test set; study/run.py and eval_judge.py append to theirs after a kill."""
 
 import json
 import os
 
-from plumbing import read_jsonl
+from harness.data import read_jsonl
 
 
 def load_answers(path, items):
@@ -43,7 +43,7 @@ def load_answers(path, items):
 
 def drop_torn_tail(path):
     """Before appending to a JSONL file: cut away a last line that a kill left half written, or end a whole last row
-    that lacks only its newline (study.py's answers, eval_judge.py's judgments)."""
+    that lacks only its newline (study/run.py's answers, eval_judge.py's judgments)."""
     if not os.path.isfile(path):
         return
     with open(path, "rb+") as f:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 import reward
-from plumbing import load_policy
+from harness.models import load_policy
 
 JUDGE_QUESTION = (
     "Do these two statements express the same meaning or perspective?\n\nA: {a}\nB: {b}\n\n"

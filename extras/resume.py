@@ -1,6 +1,6 @@
 """--resume DIR: continue the run saved in DIR exactly, or refuse with one line that says what differs.
 
-A checkpoint (plumbing.save_checkpoint) holds the policy, the optimizer, every RNG, the step, the config, and
+A checkpoint (harness.runs.save_checkpoint) holds the policy, the optimizer, every RNG, the step, the config, and
 fingerprints of what the run depends on. A resume refuses:
 - a knob given with another value than the run's, except --steps, --save-every and --sample-every;
 - a KL reference, training data file or chat template whose sha256 differs from the one the run started with;
@@ -21,11 +21,12 @@ import zipfile
 import numpy as np
 import torch
 
-from plumbing import DataError, settle
+from harness.data import DataError
+from harness.runs import settle
 
 
 def find_checkpoint(out):
-    """out/checkpoint, after settling a swap that a kill interrupted (plumbing.settle)."""
+    """out/checkpoint, after settling a swap that a kill interrupted (harness.runs.settle)."""
     ckpt = os.path.join(out, "checkpoint")
     settle(ckpt)
     if os.path.isfile(os.path.join(ckpt, "trainer_state.json")):
@@ -186,7 +187,7 @@ def check_same(saved, now, out):
 
 
 def set_rng_state(rng, tensors):
-    """Every RNG as the checkpoint saved it (plumbing.rng_state)."""
+    """Every RNG as the checkpoint saved it (harness.runs.rng_state)."""
     version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = rng["numpy"]

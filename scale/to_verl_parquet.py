@@ -19,8 +19,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: the core and the scale package live one folder up
     sys.path.insert(0, ROOT)
+import harness.cli
+import harness.data
+import harness.runs
 import opgrpo_min as om
-import plumbing
 import reward
 from scale import prompt_messages
 
@@ -59,7 +61,7 @@ def write_parquet(rows, path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with plumbing.replaced(path) as tmp:
+    with harness.runs.replaced(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
 
 
@@ -68,28 +70,28 @@ def read_parquet(path):
     import pyarrow.parquet as pq
 
     if not os.path.isfile(path):
-        raise plumbing.DataError(f"{path}: no such parquet file")
+        raise harness.data.DataError(f"{path}: no such parquet file")
     items = []
     for n, row in enumerate(pq.read_table(path).to_pylist()):
         try:
             info = row["extra_info"]
             items.append(
-                plumbing.Situation(
+                harness.data.Situation(
                     id=info["id"],
                     situation=info["situation"],
                     domain=info["domain"],
-                    perspectives=[plumbing.Perspective(**p) for p in info["perspectives"]],
+                    perspectives=[harness.data.Perspective(**p) for p in info["perspectives"]],
                 )
             )
         except (KeyError, TypeError) as e:
-            raise plumbing.DataError(
+            raise harness.data.DataError(
                 f"{path}, row {n}: not a row written by scale/to_verl_parquet.py ({e!r})"
             ) from None
     return items
 
 
 def main(argv=None):
-    p = plumbing.ArgumentParser(
+    p = harness.cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
@@ -108,9 +110,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     splits = [("train", args.train_data)] + ([("test", args.test_data)] if args.test_data else [])
     data = {
-        split: plumbing.load_situations(path) for split, path in splits
+        split: harness.data.load_situations(path) for split, path in splits
     }  # every file checked before any is written
-    plumbing.claim_out_dir(args.out)
+    harness.runs.claim_out_dir(args.out)
     for split, items in data.items():
         path = os.path.join(args.out, f"{split}.parquet")
         write_parquet(verl_rows(items, split), path)
@@ -118,4 +120,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    plumbing.run_cli(main)
+    harness.cli.run_cli(main)

@@ -20,8 +20,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: the core and the scale package live one folder up
     sys.path.insert(0, ROOT)
+import harness.cli
+import harness.data
+import harness.models
+import harness.runs
 import opgrpo_min as om
-import plumbing
 import reward
 from scale import prompt_messages
 
@@ -68,7 +71,7 @@ HELP = {
 
 def parse_args(argv=None):
     """The knobs above plus TRL-only ones; opgrpo_min.resolve_config checks every range, with its messages."""
-    p = plumbing.ArgumentParser(
+    p = harness.cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     for k, words in HELP.items():
@@ -201,7 +204,7 @@ class TRLReward:
                 f"mask_keywords must be one of {reward.MASK_MODES}, got {mask_keywords!r}"
             )
         self.embedder = (
-            embedder if hasattr(embedder, "encode") else plumbing.load_embedder(embedder)
+            embedder if hasattr(embedder, "encode") else harness.models.load_embedder(embedder)
         )
         self.options = dict(
             mask_keywords=mask_keywords,
@@ -281,14 +284,14 @@ def sft_warm_start(model, tok, items, a):
 def train(a, reward_fn=None):
     """Load and check the inputs, warm-start if asked, run GRPO; returns the trainer (its state.log_history holds
     the per-step rows). reward_fn defaults to TRLReward with the chosen similarity model."""
-    items = plumbing.load_situations(
+    items = harness.data.load_situations(
         a.train_data
     )  # every input is checked before anything is loaded or written
     (
-        plumbing.check_model_path(a.model, "--model"),
-        plumbing.check_model_path(a.sim_model, "--sim-model"),
+        harness.models.check_model_path(a.model, "--model"),
+        harness.models.check_model_path(a.sim_model, "--sim-model"),
     )
-    plumbing.claim_out_dir(a.out)
+    harness.runs.claim_out_dir(a.out)
     from trl import GRPOTrainer
 
     cfg = (
@@ -296,7 +299,7 @@ def train(a, reward_fn=None):
     )  # checked before any SFT
     model, tok = a.model, None
     if model is None:  # the embedded GGUF: opgrpo_min's loader converts it to a plain model
-        model, tok = plumbing.load_policy(
+        model, tok = harness.models.load_policy(
             model, device="cpu", trust_remote_code=a.trust_remote_code
         )
     if a.sft_steps:
@@ -332,4 +335,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    plumbing.run_cli(main)
+    harness.cli.run_cli(main)

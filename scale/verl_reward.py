@@ -16,8 +16,8 @@ import warnings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # verl imports this file by path, so reward.py's folder is not on sys.path
     sys.path.insert(0, ROOT)
-import plumbing  # noqa: E402
-import reward  # noqa: E402
+import harness.models
+import reward
 
 _EMBEDDER = None
 
@@ -26,7 +26,7 @@ def embedder():
     """The reward's Sentence Transformer, loaded on the first call and kept for the life of the process."""
     global _EMBEDDER
     if _EMBEDDER is None:
-        _EMBEDDER = plumbing.load_embedder(os.environ.get("OPGRPO_SIM_MODEL") or None)
+        _EMBEDDER = harness.models.load_embedder(os.environ.get("OPGRPO_SIM_MODEL") or None)
     return _EMBEDDER
 
 

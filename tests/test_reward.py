@@ -540,8 +540,8 @@ def test_bad_options_raise_clear_errors():
 # ================================================================ the real MiniLM
 def situations_for_minilm():
     """Three hand-written situations, plus the first three of data/train.jsonl once it exists."""
-    from plumbing import Perspective as P
-    from plumbing import Situation, load_situations
+    from harness.data import Perspective as P
+    from harness.data import Situation, load_situations
 
     items = [
         Situation(

@@ -14,8 +14,9 @@ from test_reward import (
     BagOfWords,
 )  # test_reward.py's stand-in embedder and hand-made reference
 
+import harness.cli
+import harness.data
 import opgrpo_min as om
-import plumbing
 import reward
 from scale import prompt_messages, to_verl_parquet, trl_opgrpo, verl_reward
 
@@ -25,7 +26,7 @@ TRAIN = os.path.join(ROOT, "data", "train.jsonl")
 
 @pytest.fixture(scope="module")
 def items():
-    return plumbing.load_situations(TRAIN)
+    return harness.data.load_situations(TRAIN)
 
 
 def totals(answers, references, embedder, **options):
@@ -89,7 +90,7 @@ def test_trl_script_help_runs_as_a_file_and_lists_the_paper_knobs():
 )
 def test_trl_script_bad_input_is_one_line_error(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
-        plumbing.run_cli(trl_opgrpo.main, argv)
+        harness.cli.run_cli(trl_opgrpo.main, argv)
     message = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
     assert words in message and "\n" not in message.strip()
 
@@ -425,7 +426,9 @@ def test_compute_score_loads_the_embedder_once_from_the_env(monkeypatch):
     loaded = []
     monkeypatch.setattr(verl_reward, "_EMBEDDER", None)
     monkeypatch.setattr(
-        plumbing, "load_embedder", lambda name=None, device=None: loaded.append(name) or object()
+        harness.models,
+        "load_embedder",
+        lambda name=None, device=None: loaded.append(name) or object(),
     )
     monkeypatch.setenv("OPGRPO_SIM_MODEL", "/models/my-estimator")
     first = verl_reward.embedder()
@@ -464,6 +467,7 @@ def test_reading_a_parquet_from_elsewhere_names_the_row(tmp_path):
         [dict(data_source="gsm8k", prompt="2 + 2?")], str(tmp_path / "x.parquet")
     )
     with pytest.raises(
-        plumbing.DataError, match=r"x.parquet, row 0: not a row written by scale/to_verl_parquet.py"
+        harness.data.DataError,
+        match=r"x.parquet, row 0: not a row written by scale/to_verl_parquet.py",
     ):
         to_verl_parquet.read_parquet(str(tmp_path / "x.parquet"))

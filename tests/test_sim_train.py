@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+import harness.models
 import reward
 import sim_train
 from extras.judge import judge_triplets
-from plumbing import Perspective, Situation
+from harness.data import Perspective, Situation
 
 
 @pytest.fixture
@@ -179,9 +180,9 @@ TRAPS = [
 
 
 def test_a_short_training_run_raises_triplet_accuracy_where_the_base_model_is_wrong(one_thread):
-    import plumbing
+    import harness.models
 
-    model = plumbing.load_embedder(device="cpu")
+    model = harness.models.load_embedder(device="cpu")
     rows = [dict(anchor=a, positive=p, negative=n) for a, p, n in TRAPS]
     before = sim_train.evaluate(model, [], rows)["triplet_accuracy"]
     losses = sim_train.train(model, rows, scale=20.0, batch_size=5, epochs=4, lr=3e-4, warmup=0.0)
@@ -199,8 +200,6 @@ def test_no_duplicates_keeps_a_text_out_of_a_batch_that_already_holds_it(
     """Each triplet's negative is the next triplet's anchor, as in mined data: a plain batch of all 6 holds 5 texts
     twice; with no_duplicates no batch holds any text twice."""
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-
-    import plumbing
 
     seen, forward = [], MultipleNegativesRankingLoss.forward
 
@@ -226,7 +225,7 @@ def test_no_duplicates_keeps_a_text_out_of_a_batch_that_already_holds_it(
         for k in range(6)
     ]
     sim_train.train(
-        plumbing.load_embedder(device="cpu"),
+        harness.models.load_embedder(device="cpu"),
         rows,
         batch_size=6,
         epochs=1,
@@ -316,7 +315,6 @@ def test_data_without_paraphrases_and_without_judge_says_how_to_get_triplets(tmp
 def test_the_cli_trains_on_no_held_out_situation_and_saves_a_model_reward_can_load(
     tmp_path, one_thread
 ):
-    import plumbing
 
     items = [
         situation(f"s{k}", (a, p), (n, p + " Indeed.")) for k, (a, p, n) in enumerate(TRAPS * 2)
@@ -346,4 +344,4 @@ def test_the_cli_trains_on_no_held_out_situation_and_saves_a_model_reward_can_lo
         "triplet_accuracy",
         "match_recall",
     }
-    assert plumbing.load_embedder(str(out)).encode(["x"]).shape == (1, 384)
+    assert harness.models.load_embedder(str(out)).encode(["x"]).shape == (1, 384)

@@ -1,4 +1,4 @@
-"""study.py: its statistics by hand, and the whole pipeline at smoke settings (the full study is not a test)."""
+"""study/run.py: its statistics by hand, and the whole pipeline at smoke settings (the full study is not a test)."""
 
 import json
 import os
@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
+import harness.data
 import opgrpo_min as om
-import plumbing
-import study
+from study import run as study
 
 
 def test_paired_differences_by_hand():
@@ -57,7 +57,7 @@ def test_answer_stats_count_distinct_perspectives_format_and_repeats(minilm):
 
 
 def test_the_threshold_is_calibrated_on_training_pairs(minilm):
-    items = plumbing.load_situations(om.Config.train_data)[:10]
+    items = harness.data.load_situations(om.Config.train_data)[:10]
     t, bal, n_pos, n_neg = study.calibrated_threshold(minilm, items)
     assert (
         0 < t < 1
@@ -105,13 +105,14 @@ def test_the_smoke_study_runs_end_to_end(tiny_model_dir, tmp_path):
 KILLED = """
 import sys, time
 sys.path.insert(0, {root!r})
-import opgrpo_min, study, plumbing
+import opgrpo_min, harness.data
+from study import run as study
 slow = opgrpo_min.sample_groups
 def sample_groups(*a, **k):           # a block takes a second, so the kill lands between or within blocks
     time.sleep(1)
     return slow(*a, **k)
 opgrpo_min.sample_groups = sample_groups
-items = plumbing.load_situations({data!r})[:4]
+items = harness.data.load_situations({data!r})[:4]
 gen = study.argparse.Namespace(seed=0, batch_size=2, max_new_tokens=4)
 study.answer({path!r}, "sft", {model!r}, "implicit", items, 8, gen, {{}})
 """

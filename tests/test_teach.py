@@ -1,4 +1,4 @@
-"""teach.py as a specification: the full project scores full marks, a copy with every assignable function blanked
+"""teach/run.py as a specification: the full project scores full marks, a copy with every assignable function blanked
 scores zero, blanking any one function costs points, nothing of a student's files but the assigned functions takes
 part in grading, every failing check names its rule, planted copies cannot be told apart by diff or by file times,
 and bad input ends in one line. Grading runs pytest in a fresh copy of the project: the file takes a few minutes."""
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-import teach
+from teach import run as teach
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ def all_blanked(tmp_path_factory):
 
 def cli(*argv, cwd=ROOT):
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "teach.py"), *map(str, argv)],
+        [sys.executable, os.path.join(ROOT, "teach/run.py"), *map(str, argv)],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -273,11 +273,8 @@ def test_the_copy_holds_the_project_and_the_readers_docs_but_not_runs_git_or_the
     } <= names
     assert not {"runs", ".git"} & names
     docs = set(os.listdir(all_blanked / "docs"))
-    assert {"paper_to_code.md", "training.md"} <= docs and not {
-        "assignments.md",
-        "measure_assignments.py",
-        "planted_bugs.json",
-    } & docs
+    assert {"paper_to_code.md", "training.md"} <= docs and "assignments.md" not in docs
+    assert not {"measure.py", "planted_bugs.json"} & set(os.listdir(all_blanked / "teach"))
     with open(os.path.join(ROOT, "data", "train.jsonl"), "rb") as f:
         assert (all_blanked / "data" / "train.jsonl").read_bytes() == f.read()
 
@@ -335,7 +332,7 @@ def test_each_seed_plants_one_of_at_least_four_bugs_that_neither_diff_nor_file_t
 ):
     import difflib
 
-    table = json.load(open(os.path.join(ROOT, "docs", "planted_bugs.json")))
+    table = json.load(open(os.path.join(ROOT, "teach", "planted_bugs.json")))
     assert len(table["bugs"]) >= 4
     bugs = {
         seed: teach.make([], str(tmp_path / f"s{seed}"), plant=seed)["bug"] for seed in range(6)
@@ -372,7 +369,7 @@ def test_the_bug_list_stays_with_the_teacher(tmp_path):
     run = subprocess.run(
         [
             sys.executable,
-            "teach.py",
+            "teach/run.py",
             "make",
             "--blank",
             "none",
@@ -400,7 +397,7 @@ def test_help_runs_and_import_has_no_side_effects(tmp_path):
         and "fresh copy" in cli("grade", "--help").stdout
     )
     run = subprocess.run(
-        [sys.executable, "-c", "import teach"],
+        [sys.executable, "-c", "import teach.run"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

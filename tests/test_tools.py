@@ -1,4 +1,4 @@
-"""tools/ as a specification: the measurements students run in the teaching kit (tools/probe.py) run and report
+"""tools/ as a specification: the measurements students run in the teaching kit (teach/probe.py) run and report
 what docs/assignments.md quotes; the converters are in test_cli.py's table and test_opgrpo_min.py."""
 
 import json
@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-import plumbing
-from tools import probe
+import harness.cli
+import harness.data
+from teach import probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +35,7 @@ def test_the_threshold_sweep_counts_groups_without_spread_by_hand(
     itself, keywords masked) and nowhere at 1.01, where no perspective matches."""
     from opgrpo_min import reference_answer
 
-    a, b = plumbing.load_situations(os.path.join(ROOT, "data", "test.jsonl"))[:2]
+    a, b = harness.data.load_situations(os.path.join(ROOT, "data", "test.jsonl"))[:2]
     rows = [dict(row="sft", id=a.id, sample=k, answer=reference_answer(a)) for k in range(4)]
     rows += [
         dict(
@@ -47,7 +48,7 @@ def test_the_threshold_sweep_counts_groups_without_spread_by_hand(
     ]
     path = tmp_path / "answers.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.setattr(plumbing, "load_embedder", lambda name=None, device=None: minilm)
+    monkeypatch.setattr(harness.models, "load_embedder", lambda name=None, device=None: minilm)
     probe.main(["threshold", "--answers", str(path), "--thresholds", "0.5", "1.01"])
     out = capsys.readouterr().out
     assert "2 groups of answers (1 models x 2 situations)" in out
@@ -63,5 +64,5 @@ def test_the_threshold_sweep_counts_groups_without_spread_by_hand(
 @pytest.mark.parametrize("argv", [["toy", "--steps", "x"], ["nothing"]])
 def test_bad_input_is_one_line(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        plumbing.run_cli(probe.main, argv)
+        harness.cli.run_cli(probe.main, argv)
     assert e.value.code != 0 and "\n" not in capsys.readouterr().err.strip()

@@ -7,10 +7,11 @@
             (split as the reward splits answers); a byte-order mark, as spreadsheet programs save, is allowed
     .json   Modular Pluralism's ValueKaleidoscope: [{"situation", "vrd": ["Value: Honesty", ...], "explanation": [...]}]
 
-Every row is checked as the scripts check our JSONL (plumbing.situation_of); a bad one is one line naming the file
+Every row is checked as the scripts check our JSONL (harness.data.situation_of); a bad one is one line naming the file
 and the row or entry, and nothing is written.
 """
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -20,9 +21,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: the core modules live one folder up
     sys.path.insert(0, ROOT)
-import opgrpo_min as om  # noqa: E402
-import plumbing  # noqa: E402
-import reward  # noqa: E402
+import harness.cli
+import harness.data
+import harness.runs
+import opgrpo_min as om
+import reward
 
 KINDS = ("value", "right", "duty")
 
@@ -30,18 +33,18 @@ KINDS = ("value", "right", "duty")
 def situations(path):
     """The Situations of an authors' .csv or a ValueKaleidoscope .json, every row checked."""
     if not os.path.isfile(path):
-        raise plumbing.DataError(f"{path}: no such data file")
+        raise harness.data.DataError(f"{path}: no such data file")
     if os.path.splitext(path)[1].lower() not in (".csv", ".json"):
-        raise plumbing.DataError(
+        raise harness.data.DataError(
             f"{path}: convert a .csv (the authors') or a .json (ValueKaleidoscope)"
         )
     try:
         rows = csv_rows(path) if path.lower().endswith(".csv") else kaleido_rows(path)
     except UnicodeDecodeError:
-        raise plumbing.not_utf8(path) from None
-    items = [plumbing.situation_of(where, row) for where, row in rows]
+        raise harness.data.not_utf8(path) from None
+    items = [harness.data.situation_of(where, row) for where, row in rows]
     if not items:
-        raise plumbing.DataError(f"{path}: the file holds no situations")
+        raise harness.data.DataError(f"{path}: the file holds no situations")
     return items
 
 
@@ -52,7 +55,7 @@ def csv_rows(path):
         rows = csv.DictReader(f)
         missing = {"prompt", "answer"} - set(rows.fieldnames or [])
         if missing:
-            raise plumbing.DataError(
+            raise harness.data.DataError(
                 f"{path}: missing column(s) {sorted(missing)}; the authors' CSV has 'prompt' "
                 f"and 'answer'"
             )
@@ -61,7 +64,7 @@ def csv_rows(path):
                 pieces = reward.split_perspectives(row["answer"] or "")
                 parsed = [reward.parse_perspective(p) for p in pieces]
                 if None in parsed:
-                    raise plumbing.DataError(
+                    raise harness.data.DataError(
                         f"{path}, row {n}: answer line {pieces[parsed.index(None)][:60]!r} is not "
                         f"'In the perspective of NAME, ...'"
                     )
@@ -84,7 +87,9 @@ def csv_rows(path):
                     )
                 )
         except csv.Error as e:  # a stray quote, a NUL byte
-            raise plumbing.DataError(f"{path}, line {rows.line_num}: not valid CSV ({e})") from None
+            raise harness.data.DataError(
+                f"{path}, line {rows.line_num}: not valid CSV ({e})"
+            ) from None
     return out
 
 
@@ -94,11 +99,11 @@ def kaleido_rows(path):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise plumbing.DataError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+        raise harness.data.DataError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
     if isinstance(data, dict):
         data = data["data"] if isinstance(data.get("data"), list) else list(data.values())
     if not isinstance(data, list):
-        raise plumbing.DataError(
+        raise harness.data.DataError(
             f"{path}: expected a list of situation objects at the top level, got "
             f"{type(data).__name__}"
         )
@@ -106,13 +111,13 @@ def kaleido_rows(path):
     for n, row in enumerate(data):
         where = f"{path}, entry {n}"
         if not isinstance(row, dict):
-            raise plumbing.DataError(f"{where}: expected an object")
+            raise harness.data.DataError(f"{where}: expected an object")
         missing = next((k for k in ("situation", "vrd", "explanation") if k not in row), None)
         if missing:
-            raise plumbing.DataError(f"{where}: missing field {missing!r}")
+            raise harness.data.DataError(f"{where}: missing field {missing!r}")
         vrd, expl = row["vrd"], row["explanation"]
         if not isinstance(vrd, list) or not isinstance(expl, list) or len(vrd) != len(expl):
-            raise plumbing.DataError(
+            raise harness.data.DataError(
                 f"{where}: 'vrd' and 'explanation' must be lists of the same length"
             )
         ps = []
@@ -133,8 +138,8 @@ def kaleido_rows(path):
 
 
 def main(argv=None):
-    p = plumbing.ArgumentParser(
-        description=__doc__, formatter_class=plumbing.argparse.RawDescriptionHelpFormatter
+    p = harness.cli.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("data", help="the authors' .csv or a ValueKaleidoscope .json")
     p.add_argument("--out", required=True, help="the JSONL to write (an existing file is refused)")
@@ -146,10 +151,10 @@ def main(argv=None):
         {k: v for k, v in dataclasses.asdict(s).items() if k != "where" and v is not None}
         for s in items
     ]
-    plumbing.write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
+    harness.runs.write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows)} situations to {args.out}")
     return items
 
 
 if __name__ == "__main__":
-    plumbing.run_cli(main)
+    harness.cli.run_cli(main)

@@ -2,11 +2,12 @@
 
     python tools/score_answers.py --answers runs/eval/answers.jsonl [--data data/test.jsonl] [--out runs/reward]
 
-Each JSONL row needs 'id' (a situation of --data) and 'answer' (eval_nli.py's and study.py's answers.jsonl have
+Each JSONL row needs 'id' (a situation of --data) and 'answer' (eval_nli.py's and study/run.py's answers.jsonl have
 both). Each answer is scored against its situation's reference answer (opgrpo_min.reference_answer) by
 reward.score_answers; OUT/scores.jsonl gets one breakdown per row, and the mean of each term is printed.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -14,16 +15,19 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: the core modules live one folder up
     sys.path.insert(0, ROOT)
-import numpy as np  # noqa: E402
+import numpy as np
 
-import opgrpo_min as om  # noqa: E402
-import plumbing  # noqa: E402
-import reward  # noqa: E402
+import harness.cli
+import harness.data
+import harness.models
+import harness.runs
+import opgrpo_min as om
+import reward
 
 
 def main(argv=None):
-    p = plumbing.ArgumentParser(
-        description=__doc__, formatter_class=plumbing.argparse.RawDescriptionHelpFormatter
+    p = harness.cli.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "--answers", required=True, help="JSONL: one object with 'id' and 'answer' per line"
@@ -44,27 +48,27 @@ def main(argv=None):
     )
     p.add_argument("--out", default="runs/reward", help="directory for scores.jsonl")
     args = p.parse_args(argv)
-    items, rows = {s.id: s for s in plumbing.load_situations(args.data)}, []
-    for n, row in plumbing.read_jsonl(args.answers, "answers"):
+    items, rows = {s.id: s for s in harness.data.load_situations(args.data)}, []
+    for n, row in harness.data.read_jsonl(args.answers, "answers"):
         if not isinstance(row.get("answer"), str) or str(row.get("id")) not in items:
-            raise plumbing.DataError(
+            raise harness.data.DataError(
                 f"{args.answers}, line {n}: needs a text 'answer' and the 'id' of a situation "
                 f"in {args.data}"
             )
         rows.append(row)
     if not rows:
-        raise plumbing.DataError(f"{args.answers}: no answers in the file")
-    plumbing.check_model_path(args.sim_model, "--sim-model")
-    plumbing.claim_out_dir(args.out)
+        raise harness.data.DataError(f"{args.answers}: no answers in the file")
+    harness.models.check_model_path(args.sim_model, "--sim-model")
+    harness.runs.claim_out_dir(args.out)
     ss = [items[str(r["id"])] for r in rows]
     parts = reward.score_answers(
         [r["answer"] for r in rows],
         [om.reference_answer(s) for s in ss],
-        plumbing.load_embedder(args.sim_model),
+        harness.models.load_embedder(args.sim_model),
         situations=[s.situation for s in ss],
         mask_keywords=args.mask_keywords,
     )
-    plumbing.write_text(
+    harness.runs.write_text(
         os.path.join(args.out, "scores.jsonl"),
         "".join(json.dumps(dict(id=r["id"], **vars(b))) + "\n" for r, b in zip(rows, parts)),
     )
@@ -74,4 +78,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    plumbing.run_cli(main)
+    harness.cli.run_cli(main)

@@ -1,10 +1,10 @@
-"""The teacher's side of docs/assignments.md (teach.py leaves this file out of student copies):
+"""The teacher's side of docs/assignments.md (teach/run.py leaves this file out of student copies):
 
-    python docs/measure_assignments.py mistakes                  # exercise 1: what grade gives typical mistakes
-    python docs/measure_assignments.py exercise-answers --study runs/study_powered   # exercises 3 and 4: their data
+    python teach/measure.py mistakes                  # exercise 1: what grade gives typical mistakes
+    python teach/measure.py exercise-answers --study runs/study_powered   # exercises 3 and 4: their data
 
-The students' measurements are in tools/probe.py (toy, sampler, threshold, uniqueness); the planted bugs of exercise
-2 are in docs/planted_bugs.json, planted by teach.py make --plant SEED.
+The students' measurements are in teach/probe.py (toy, sampler, threshold, uniqueness); the planted bugs of exercise
+2 are in teach/planted_bugs.json, planted by teach/run.py make --plant SEED.
 """
 
 import argparse
@@ -16,8 +16,9 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
-import plumbing  # noqa: E402
-import teach  # noqa: E402
+import harness.data
+import harness.runs
+from teach import run as teach
 
 MISTAKES = {  # exercise 1: what a student might write, and what grade gives it: (script, text, its replacement)
     "sample std (torch's default)": ("opgrpo_min.py", "unbiased=False, ", ""),
@@ -77,14 +78,16 @@ def mistakes(args):
 
 def exercise_answers(args):
     """data/exercise_answers.jsonl: the study's answers of SFT and OP-GRPO seed 0 to the held-out situations, the
-    first 4 of each in the implicit prompt, the file the students' tools/probe.py threshold and uniqueness read."""
+    first 4 of each in the implicit prompt, the file the students' teach/probe.py threshold and uniqueness read."""
     rows = [
         r
-        for _, r in plumbing.read_jsonl(os.path.join(args.study, "answers.jsonl"), "answers")
+        for _, r in harness.data.read_jsonl(os.path.join(args.study, "answers.jsonl"), "answers")
         if r["row"] in ("sft", "seed0") and r["prompt"] == "implicit" and r["sample"] < 4
     ]
     keep = ("row", "id", "sample", "answer")
-    plumbing.write_text(args.out, "".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in rows))
+    harness.runs.write_text(
+        args.out, "".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in rows)
+    )
     print(f"wrote {len(rows)} answers to {args.out}")
 
 
@@ -93,7 +96,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest="what", required=True)
     sub.add_parser("mistakes", help="grade typical mistakes in group_advantages and grpo_loss")
     e = sub.add_parser("exercise-answers", help="the answers file exercises 3 and 4 measure")
-    e.add_argument("--study", required=True, help="a study.py output folder")
+    e.add_argument("--study", required=True, help="a study/run.py output folder")
     e.add_argument("--out", default=os.path.join(HERE, "data", "exercise_answers.jsonl"))
     args = p.parse_args(argv)
     {"mistakes": mistakes, "exercise-answers": exercise_answers}[args.what](args)

@@ -1,9 +1,9 @@
 """Speed and memory of OP-GRPO steps, phase by phase, through the real opgrpo_min.py code path.
 
-    python bench.py                                  # embedded SmolLM2-135M, 2 prompts x G 4 x 64 answer tokens
-    python bench.py --vs-trl                         # the same steps through TRL's GRPOTrainer too (pip install trl)
-    python bench.py --sweep                          # G = 2, 4, 8 x answer length 32, 64, 128: is the cost linear?
-    python bench.py --shape qwen2.5-3b --random-init # one GPU, random weights of the real Qwen2.5-3B shape
+    python bench/run.py                                  # embedded SmolLM2-135M, 2 prompts x G 4 x 64 answer tokens
+    python bench/run.py --vs-trl                         # the same steps through TRL's GRPOTrainer too (pip install trl)
+    python bench/run.py --sweep                          # G = 2, 4, 8 x answer length 32, 64, 128: is the cost linear?
+    python bench/run.py --shape qwen2.5-3b --random-init # one GPU, random weights of the real Qwen2.5-3B shape
 
 Every answer is forced to exactly --max-new-tokens tokens (min = max), so every step does the same work; the first
 --warmup steps of a run are not timed. Each run starts from the same weights. With --vs-trl the two implementations
@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 import weakref
@@ -29,8 +30,14 @@ from types import SimpleNamespace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: the core lives one folder up
+    sys.path.insert(0, ROOT)
+
+import harness.data
+import harness.models
+import harness.runs
 import opgrpo_min as om
-import plumbing
 
 SHAPES = {
     "qwen2.5-3b": dict(
@@ -100,9 +107,9 @@ class SyntheticTokenizer:
 
 
 def build_policy(args):
-    """(model, tokenizer): plumbing.load_policy, or random weights of a named shape (bf16 on a GPU)."""
+    """(model, tokenizer): harness.models.load_policy, or random weights of a named shape (bf16 on a GPU)."""
     if not args.shape:
-        return plumbing.load_policy(args.model, args.device)
+        return harness.models.load_policy(args.model, args.device)
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     shape = dict(SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {}))
@@ -332,13 +339,13 @@ def measured_rates(device, dtype):
     b, x = torch.empty_like(a), torch.randn(n, n, device=device, dtype=dtype)
     bw = mm = 0.0
     for _ in range(5):
-        t0 = plumbing.clock(x)
+        t0 = om.clock(x)
         b.copy_(a)
-        bw = max(bw, 2 * n_bytes / (plumbing.clock(x) - t0))  # read + write
-        t0 = plumbing.clock(x)
+        bw = max(bw, 2 * n_bytes / (om.clock(x) - t0))  # read + write
+        t0 = om.clock(x)
         for _ in range(4):
             x @ x
-        mm = max(mm, 4 * 2 * n**3 / (plumbing.clock(x) - t0))
+        mm = max(mm, 4 * 2 * n**3 / (om.clock(x) - t0))
     return bw, mm
 
 
@@ -690,7 +697,7 @@ def simulate_step(a, fake=True):
                         vocab,
                     )
         tracker.phase = "update"
-        with plumbing.training(model, cfg.gradient_checkpointing):
+        with om.training(model, cfg.gradient_checkpointing):
             om.grpo_update(model, opt, roll, adv, old, ref_logp, cfg, vocab)
     return dict(tracker.result(), seconds=time.perf_counter() - t0)
 
@@ -885,7 +892,7 @@ def main(argv=None):
 
         def save(rows):
             result.update(runs=rows, fits=fits_table(rows))
-            plumbing.write_text(args.out, json.dumps(result, indent=1))
+            harness.runs.write_text(args.out, json.dumps(result, indent=1))
 
         simulate_runs(args, save)
         if args.validate:
@@ -907,7 +914,7 @@ def main(argv=None):
                 f"tracker check, the 'small' shape run for real on the CPU: fake {v['fake_peak_gb']:.2f} GB, real run "
                 f"{v['real_rss_rise_gb']:.2f} GB of resident memory: fake / real {v['fake_over_rss']:.3f}"
             )
-        plumbing.write_text(args.out, json.dumps(result, indent=1))
+        harness.runs.write_text(args.out, json.dumps(result, indent=1))
         print(f"wrote {args.out}")
         return result
     import transformers
@@ -926,8 +933,8 @@ def main(argv=None):
     shape = (model.config, sum(q.numel() for q in model.parameters()), p.element_size())
     bw, mm = measured_rates(args.device, p.dtype)
     del model, p
-    embedder = plumbing.load_embedder(device=args.device)
-    items = plumbing.load_situations(os.path.join(om.HERE, "data", "train.jsonl"))
+    embedder = harness.models.load_embedder(device=args.device)
+    items = harness.data.load_situations(os.path.join(om.HERE, "data", "train.jsonl"))
     result = dict(
         env=env, args=vars(args), bandwidth_GBps=bw / 1e9, matmul_TFLOPs=mm / 1e12, runs=[]
     )

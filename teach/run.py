@@ -1,15 +1,15 @@
 """The teaching kit: blank the functions a student should write, then grade only what the student wrote.
 
-    python teach.py list                                                  # the assignable functions, points, tests
-    python teach.py make --blank group_advantages,grpo_loss --out hw1     # a student copy with those bodies removed
-    python teach.py make --blank none --plant 17 --out hw2-17             # a full copy with student 17's planted bug
-    python teach.py grade hw1                                             # points per function and a total
+    python teach/run.py list                                                  # the assignable functions, points, tests
+    python teach/run.py make --blank group_advantages,grpo_loss --out hw1     # a student copy with those bodies removed
+    python teach/run.py make --blank none --plant 17 --out hw2-17             # a full copy with student 17's planted bug
+    python teach/run.py grade hw1                                             # points per function and a total
 
 make copies the project (what git tracks or would track; not runs/, .git, nor the teacher's files of TEACHER_ONLY).
 Each named function keeps its decorators, signature and docstring, worked example and contract included; its body
 becomes `raise NotImplementedError`. A test that would show a blanked function's body (marked
 @pytest.mark.reveals("NAME")) is left out of the copy, and a link to a file the copy lacks becomes plain text.
-With --plant SEED the copy gets one of the bugs of docs/planted_bugs.json (chosen by SEED) among a seeded half of its
+With --plant SEED the copy gets one of the bugs of teach/planted_bugs.json (chosen by SEED) among a seeded half of its
 decoys (rewrites that change nothing), and every file of the copy carries the same time: neither a diff of two
 copies nor `ls -lt` points at the bug.
 
@@ -33,7 +33,7 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project
 CORE = (
     "opgrpo_min.py",
     "reward.py",
@@ -49,11 +49,11 @@ TODO = "write this function (its docstring says what it must do)"  # the message
 TEACHER_ONLY = (
     "runs",
     "docs/assignments.md",
-    "docs/measure_assignments.py",
-    "docs/planted_bugs.json",
+    "teach/measure.py",
+    "teach/planted_bugs.json",
 )
 BUGS = os.path.join(
-    HERE, "docs", "planted_bugs.json"
+    ROOT, "teach", "planted_bugs.json"
 )  # {"bugs": {name: [script, old, new]}, "decoys": [...]}
 FIXED_TIME = 1767225600  # 2026-01-01 00:00 UTC: the time every file of a planted copy carries
 
@@ -417,14 +417,14 @@ def check_names(names):
     if unknown:
         raise TeachError(
             f"--blank: {', '.join(map(repr, unknown))} is not an assignable function; choose from "
-            f"{', '.join(ASSIGNABLE)} (python teach.py list)"
+            f"{', '.join(ASSIGNABLE)} (python teach/run.py list)"
         )
 
 
-def planted(texts, seed, root=HERE):
-    """The scripts in `texts` ({script: source}) with the bug that `seed` picks from docs/planted_bugs.json, among a
+def planted(texts, seed, root=ROOT):
+    """The scripts in `texts` ({script: source}) with the bug that `seed` picks from teach/planted_bugs.json, among a
     seeded half of its decoys. Returns (the bug's name, the new texts)."""
-    path = os.path.join(root, "docs", "planted_bugs.json")
+    path = os.path.join(root, "teach", "planted_bugs.json")
     if not os.path.isfile(path):
         raise TeachError(
             f"--plant needs the teacher's bug list {path}; it is not in a student copy"
@@ -444,7 +444,7 @@ def planted(texts, seed, root=HERE):
     return bug, texts
 
 
-def make(names, out, root=HERE, plant=None):
+def make(names, out, root=ROOT, plant=None):
     """Write a student copy of the project under root to `out` (new, or an empty directory) with the named functions
     blanked (none: a plain copy) and, with `plant`, a planted bug. Everything is checked before anything is written;
     the copy appears whole or not at all. Returns the manifest."""
@@ -514,13 +514,13 @@ def read_manifest(copy):
     if not os.path.isfile(path):
         raise TeachError(
             f"{copy}: no {MANIFEST}, so this is no student copy; make one with "
-            f"python teach.py make --blank NAMES --out DIR (or name the functions with --blank)"
+            f"python teach/run.py make --blank NAMES --out DIR (or name the functions with --blank)"
         )
     try:
         blanked = dict(json.loads(read(path))["blanked"])
     except (ValueError, KeyError, TypeError) as e:
         raise TeachError(
-            f"{path}: not a manifest written by teach.py make ({type(e).__name__}: {e})"
+            f"{path}: not a manifest written by teach/run.py make ({type(e).__name__}: {e})"
         ) from None
     check_names(blanked)
     return blanked
@@ -639,7 +639,7 @@ def score(name, script, outcomes, broken, trouble, report=""):
     )
 
 
-def grade(copy, timeout=TIMEOUT, names=None, log=None, root=HERE, alone=False):
+def grade(copy, timeout=TIMEOUT, names=None, log=None, root=ROOT, alone=False):
     """Grade the functions `names` (default: those the copy's manifest lists) of a student copy: each student's def
     goes into a fresh copy of the project under root, whose own tests then run. One pytest run for all (the tiny
     models load once); if it gives no result, or `alone`, each function runs on its own, so only the one at fault
@@ -699,10 +699,10 @@ def print_row(r):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="teach.py",
+        prog="teach/run.py",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Points: each function's points (teach.py list), times the share of its test "
+        epilog="Points: each function's points (teach/run.py list), times the share of its test "
         "cases passed.",
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -721,7 +721,7 @@ def parse_args(argv=None):
         "--blank",
         required=True,
         help="functions to blank, separated by commas, 'all', or 'none' "
-        "(python teach.py list shows them)",
+        "(python teach/run.py list shows them)",
     )
     m.add_argument(
         "--plant", type=int, metavar="SEED", help="plant the bug SEED picks (e.g. a student number)"
@@ -733,7 +733,7 @@ def parse_args(argv=None):
         description="Take the assigned functions from a student copy, put them into a fresh copy of "
         "this project, run this project's tests there, and print points per function.",
     )
-    g.add_argument("dir", help="a student copy written by teach.py make")
+    g.add_argument("dir", help="a student copy written by teach/run.py make")
     g.add_argument(
         "--blank", help="the functions to grade (default: those the copy's assignment.json lists)"
     )
@@ -755,14 +755,14 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.command == "list":
-            where = find_functions(HERE, ASSIGNABLE)
+            where = find_functions(ROOT, ASSIGNABLE)
             for name, (points, ids) in ASSIGNABLE.items():
                 print(f"{name:<20} {where[name]:<16} {points:>3} points  {'  '.join(ids)}")
         elif args.command == "make":
             manifest = make(parse_names(args.blank), args.out, plant=args.plant)
             print(
                 f"wrote {args.out}: {len(manifest['blanked'])} function(s) blanked "
-                f"({', '.join(manifest['blanked']) or 'none'}); grade with python teach.py grade {args.out}"
+                f"({', '.join(manifest['blanked']) or 'none'}); grade with python teach/run.py grade {args.out}"
             )
             if manifest["bug"]:
                 print(
@@ -794,7 +794,7 @@ def main(argv=None):
                 if args.verbose and (r["failed"] or r["note"]) and r["report"]:
                     print(f"---- {r['function']}: pytest's report\n{r['report']}")
     except TeachError as e:
-        print(f"teach.py {args.command}: {e}", file=sys.stderr)
+        print(f"teach/run.py {args.command}: {e}", file=sys.stderr)
         return 2
     return 0
 

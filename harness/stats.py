@@ -1,4 +1,4 @@
-"""Paired statistics over situations, shared by study.py and eval_judge.py (no core script imports this)."""
+"""Paired statistics over situations, shared by study/run.py and eval_judge.py (no core script imports this)."""
 
 import numpy as np
 

@@ -1,10 +1,10 @@
 """Measurements for the exercises of the teaching kit, run on the code of the folder this file is in (a student copy
 measures its own code). Each takes seconds to a few minutes on a laptop CPU:
 
-    python tools/probe.py toy                     # a toy GRPO run: reward, KL, entropy, ratio, clip share per step
-    python tools/probe.py sampler --temperature 0.7   # what the sampler drew each token from vs what the learner scores
-    python tools/probe.py threshold               # zero-spread groups of saved answers, by coverage threshold
-    python tools/probe.py uniqueness              # what the uniqueness term sees in restated perspectives, and costs
+    python teach/probe.py toy                     # a toy GRPO run: reward, KL, entropy, ratio, clip share per step
+    python teach/probe.py sampler --temperature 0.7   # what the sampler drew each token from vs what the learner scores
+    python teach/probe.py threshold               # zero-spread groups of saved answers, by coverage threshold
+    python teach/probe.py uniqueness              # what the uniqueness term sees in restated perspectives, and costs
 
 threshold and uniqueness score the saved answers of data/exercise_answers.jsonl (the study's answers to the held-out
 situations: docs/study.md), with the embedded MiniLM or --sim DIR.
@@ -21,13 +21,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: the core modules live one folder up
     sys.path.insert(0, ROOT)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import opgrpo_min as om  # noqa: E402
-import plumbing  # noqa: E402
-import reward  # noqa: E402
-from plumbing import Perspective, Situation  # noqa: E402
+import harness.cli
+import harness.data
+import harness.models
+import opgrpo_min as om
+import reward
+from harness.data import Perspective, Situation
 
 ANSWERS = os.path.join(ROOT, "data", "exercise_answers.jsonl")
 
@@ -38,7 +40,7 @@ def tiny_policy():
     embeddings scaled up, so that sampling is peaked and the target token shows up from the start."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    src, gguf = plumbing.default_policy_source()
+    src, gguf = harness.models.default_policy_source()
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     tok.pad_token = tok.pad_token or tok.eos_token
     tok.padding_side = "left"
@@ -119,8 +121,8 @@ def sampler(args):
     """Sample with the embedded SmolLM2-135M, keep what the sampler drew each token from (generate's scores), and
     score the same tokens with this code's token_logprobs at the sampler's temperature, as the training loop does."""
     t0 = time.time()
-    model, tok = plumbing.load_policy(None, "cpu")
-    items = plumbing.load_situations(os.path.join(ROOT, "data", "train.jsonl"))[:2]
+    model, tok = harness.models.load_policy(None, "cpu")
+    items = harness.data.load_situations(os.path.join(ROOT, "data", "train.jsonl"))[:2]
     scores, generate = [], model.generate
 
     def spy(
@@ -179,9 +181,11 @@ class Memo:
 
 def answer_groups(path):
     """{(row, situation id): [answers]} of a saved answers file, and the test situations by id."""
-    items = {s.id: s for s in plumbing.load_situations(os.path.join(ROOT, "data", "test.jsonl"))}
+    items = {
+        s.id: s for s in harness.data.load_situations(os.path.join(ROOT, "data", "test.jsonl"))
+    }
     groups = defaultdict(list)
-    for _, a in plumbing.read_jsonl(path, "answers"):
+    for _, a in harness.data.read_jsonl(path, "answers"):
         groups[(a.get("row") or a["model"], a["id"])].append(a["answer"])
     return groups, items
 
@@ -204,7 +208,7 @@ def no_spread(values):
 
 def threshold(args):
     """The share of groups whose rewards are all equal (no advantage, nothing learned), by coverage threshold."""
-    t0, embedder = time.time(), Memo(plumbing.load_embedder(args.sim, device="cpu"))
+    t0, embedder = time.time(), Memo(harness.models.load_embedder(args.sim, device="cpu"))
     groups, items = answer_groups(args.answers)
     print(
         f"{len(groups)} groups of answers ({len({r for r, _ in groups})} models x {len({i for _, i in groups})} "
@@ -224,10 +228,10 @@ def threshold(args):
 
 def uniqueness(args):
     """Restated perspectives, with and without the uniqueness term; then the saved answers' advantages."""
-    t0, embedder = time.time(), Memo(plumbing.load_embedder(args.sim, device="cpu"))
+    t0, embedder = time.time(), Memo(harness.models.load_embedder(args.sim, device="cpu"))
     train = [
         s
-        for s in plumbing.load_situations(os.path.join(ROOT, "data", "train.jsonl"))
+        for s in harness.data.load_situations(os.path.join(ROOT, "data", "train.jsonl"))
         if all(p.paraphrase for p in s.perspectives)
     ]
 
@@ -281,7 +285,7 @@ def uniqueness(args):
 
 
 def main(argv=None):
-    p = plumbing.ArgumentParser(
+    p = harness.cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="what", required=True)
@@ -320,4 +324,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    plumbing.run_cli(main)
+    harness.cli.run_cli(main)

@@ -1,8 +1,8 @@
 """The small reproduction: does OP-GRPO make the answers to held-out situations more pluralistic than SFT alone?
 
-python study.py                  # the whole study on the CPU -> runs/study/ (docs/study.md gives the times)
-python study.py --smoke          # the same pipeline at tiny settings, a few minutes (CI runs it)
-python study.py --out runs/study_powered --coverage-threshold 0.547 --styles bare,brief,advisor
+python study/run.py                  # the whole study on the CPU -> runs/study/ (docs/study.md gives the times)
+python study/run.py --smoke          # the same pipeline at tiny settings, a few minutes (CI runs it)
+python study/run.py --out runs/study_powered --coverage-threshold 0.547 --styles bare,brief,advisor
 
 1. Stage 1: sim_train.py fine-tunes MiniLM on the training paraphrases; the reward uses it (the paper's order).
 2. SFT warm start: one full epoch over data/train.jsonl (31 steps of 4), saved once and shared by every seed.
@@ -22,19 +22,28 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 import zlib
 
 import numpy as np
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: the core lives one folder up
+    sys.path.insert(0, ROOT)
+
 import eval_nli
+import harness.cli
+import harness.data
+import harness.models
+import harness.report
+import harness.runs
 import opgrpo_min as om
-import plumbing
 import reward
 import sim_train
 from extras.answers import drop_torn_tail
-from stats import paired
+from harness.stats import paired
 
 FULL = dict(
     sft_steps=31,
@@ -241,7 +250,7 @@ def read_answers(path):
     drop_torn_tail(path)
     return {
         (r["row"], r["prompt"], r["id"], r["sample"]): r
-        for _, r in plumbing.read_jsonl(path, "answers")
+        for _, r in harness.data.read_jsonl(path, "answers")
     }
 
 
@@ -265,11 +274,13 @@ def answer(path, row, source, style, items, n, gen, loaded):
                 continue
             if row not in loaded:
                 loaded.clear()
-                loaded[row] = plumbing.load_policy(plumbing.resolve_model(source), "cpu")
+                loaded[row] = harness.models.load_policy(
+                    harness.models.resolve_model(source), "cpu"
+                )
             model, tok = loaded[row]
             torch.manual_seed(block_seed(gen.seed, row, style, b // gen.batch_size, k))
             prompt = lambda s: om.chat_prompt(tok, s, style)  # noqa: B023 (used at once)
-            plumbing.check_prompts(tok, batch, eval_nli.MAX_PROMPT_LEN, prompt)
+            harness.data.check_prompts(tok, batch, eval_nli.MAX_PROMPT_LEN, prompt)
             texts = om.sample_groups(
                 model,
                 tok,
@@ -368,7 +379,7 @@ def run(args):
     for k, ok in VALID.items():
         if S[k] is not None and not (math.isfinite(S[k]) and ok(S[k])):
             raise ValueError(
-                f"--{k.replace('_', '-')} {S[k]}: out of range (see python study.py --help)"
+                f"--{k.replace('_', '-')} {S[k]}: out of range (see python study/run.py --help)"
             )
     styles = [x for x in (args.styles or "").split(",") if x]
     unknown = [x for x in styles if x not in om.PROMPT_STYLES or x in ("implicit", "explicit")]
@@ -387,14 +398,14 @@ def run(args):
             f"--rows {args.rows}: no row {bad[0]!r} in this study; its rows are "
             f"{', '.join(dict.fromkeys(m for m, _, _ in plan))}"
         )
-    train_items = plumbing.load_situations(
+    train_items = harness.data.load_situations(
         args.train_data
     )  # every input is checked before any output
-    test_items = plumbing.load_situations(args.test_data)[: S["situations"]]
+    test_items = harness.data.load_situations(args.test_data)[: S["situations"]]
     out, t0 = args.out, time.time()
-    plumbing.claim_out_dir(out)
+    harness.runs.claim_out_dir(out)
     settings_path, fixed = check_settings(out, S, args)
-    plumbing.write_text(settings_path, json.dumps(fixed, indent=1))
+    harness.runs.write_text(settings_path, json.dumps(fixed, indent=1))
     timings_path = os.path.join(out, "timings.json")
     timings = (
         json.load(open(timings_path, encoding="utf-8")) if os.path.isfile(timings_path) else {}
@@ -406,7 +417,7 @@ def run(args):
         result = fn(*a)
         if time.time() - t > 1:  # a stage that was already there costs nothing and keeps its time
             timings[stage] = round(time.time() - t)
-            plumbing.write_text(timings_path, json.dumps(timings, indent=1))
+            harness.runs.write_text(timings_path, json.dumps(timings, indent=1))
         return result
 
     # ---- 1. Stage 1: the similarity estimator the reward uses
@@ -421,7 +432,10 @@ def run(args):
             sim_train.main,
             ["--data", args.train_data, "--out", sim_dir, "--epochs", str(S["sim_epochs"])] + again,
         )
-    stage1, minilm = plumbing.load_embedder(sim_dir), plumbing.load_embedder(args.sim_base)
+    stage1, minilm = (
+        harness.models.load_embedder(sim_dir),
+        harness.models.load_embedder(args.sim_base),
+    )
     threshold, bal, n_pos, n_neg = calibrated_threshold(minilm, train_items)
     log(
         f"untuned MiniLM threshold {threshold:.3f} (balanced accuracy {bal:.3f} on {n_pos} training paraphrase "
@@ -596,10 +610,10 @@ def run(args):
         timings=dict(timings, **{"scoring and report": round(time.time() - t5)}),
         wall_s=round(time.time() - t0),
     )
-    plumbing.write_text(os.path.join(out, "study.json"), json.dumps(result, indent=1))
+    harness.runs.write_text(os.path.join(out, "study.json"), json.dumps(result, indent=1))
     plot_training(os.path.join(out, "training.png"), training)
     text = report(result, test_items, answers)
-    plumbing.write_text(os.path.join(out, "report.md"), text)
+    harness.runs.write_text(os.path.join(out, "report.md"), text)
     log(f"done: {out}/report.md")
     print(text)
     return result
@@ -628,7 +642,7 @@ def verdict(d, budget, answers, n_seeds, target=0.012):
 def plot_training(png, training):
     """The diagnostics of every seed's metrics.jsonl over the GRPO steps: reward, coverage and format terms, the
     share of zero-spread groups (no learning signal), the entropy of the sampled tokens, and the KL."""
-    plt = plumbing.pyplot(png)
+    plt = harness.report.pyplot(png)
     if plt is None:
         return
     keys = ("reward", "coverage", "format", "zero_spread", "entropy", "kl")
@@ -645,7 +659,7 @@ def plot_training(png, training):
     for ax in axes[1]:
         ax.set_xlabel("GRPO step")
     fig.tight_layout()
-    plumbing.save_figure(plt, fig, png, dpi=110)
+    harness.report.save_figure(plt, fig, png, dpi=110)
 
 
 NAMES = dict(base="base", sft="SFT", **{"seed mean": "OP-GRPO (seed mean)"})
@@ -739,7 +753,7 @@ def report(r, items, answers):
 
 
 def parse_args(argv=None):
-    p = plumbing.ArgumentParser(
+    p = harness.cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
@@ -787,7 +801,7 @@ def parse_args(argv=None):
     if args.batch_size < 1 or not 0 <= args.seed < 2**32:
         p.error("--batch-size must be >= 1 and --seed in [0, 2^32)")
     for k in ("model", "sim_base"):
-        plumbing.check_model_path(getattr(args, k), "--" + k.replace("_", "-"))
+        harness.models.check_model_path(getattr(args, k), "--" + k.replace("_", "-"))
     return args
 
 
@@ -796,4 +810,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    plumbing.run_cli(main)
+    harness.cli.run_cli(main)

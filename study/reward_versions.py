@@ -1,9 +1,10 @@
 """How much a change to reward.py moves the reward of real answers: a study's answers scored by reward.py at an
 earlier git revision and by reward.py as it is now, with the study's Stage-1 estimator (docs/study.md):
 
-    python tools/reward_versions.py --study runs/study_powered --row sft --old 662f616
+    python study/reward_versions.py --study runs/study_powered --row sft --old 662f616
 """
 
+import argparse
 import importlib.util
 import os
 import re
@@ -14,11 +15,13 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: the core modules live one folder up
     sys.path.insert(0, ROOT)
-import numpy as np  # noqa: E402
+import numpy as np
 
-import opgrpo_min as om  # noqa: E402
-import plumbing  # noqa: E402
-import reward  # noqa: E402
+import harness.cli
+import harness.data
+import harness.models
+import opgrpo_min as om
+import reward
 
 
 def reward_at(revision):
@@ -41,11 +44,11 @@ def reward_at(revision):
 
 
 def main(argv=None):
-    p = plumbing.ArgumentParser(
-        description=__doc__, formatter_class=plumbing.argparse.RawDescriptionHelpFormatter
+    p = harness.cli.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--study", required=True, help="a study.py output folder (answers.jsonl and sim/)"
+        "--study", required=True, help="a study/run.py output folder (answers.jsonl and sim/)"
     )
     p.add_argument(
         "--row", default="sft", help="whose answers: base, sft, seed0, ... (default sft)"
@@ -54,13 +57,15 @@ def main(argv=None):
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.70, 0.547])
     args = p.parse_args(argv)
     old = reward_at(args.old)
-    items = {s.id: s for s in plumbing.load_situations(os.path.join(ROOT, "data", "test.jsonl"))}
+    items = {
+        s.id: s for s in harness.data.load_situations(os.path.join(ROOT, "data", "test.jsonl"))
+    }
     rows = [
         r
-        for _, r in plumbing.read_jsonl(os.path.join(args.study, "answers.jsonl"), "answers")
+        for _, r in harness.data.read_jsonl(os.path.join(args.study, "answers.jsonl"), "answers")
         if r["row"] == args.row and r["prompt"] == "implicit"
     ]
-    embedder = plumbing.load_embedder(os.path.join(args.study, "sim"))
+    embedder = harness.models.load_embedder(os.path.join(args.study, "sim"))
     answers, refs = [r["answer"] for r in rows], [om.reference_answer(items[r["id"]]) for r in rows]
     situations = [items[r["id"]].situation for r in rows]
     for t in args.thresholds:
@@ -94,4 +99,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    plumbing.run_cli(main)
+    harness.cli.run_cli(main)
