@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import reward
-from harness.cli import check_knobs, dataclass_args, run_cli
+from harness.cli import check_ranges, dataclass_args, run_cli
 from harness.data import check_prompts, load_situations
 from harness.models import check_device, check_model_path, load_embedder, load_policy, resolve_model
 from harness.report import markdown_table, plot_accuracy
@@ -43,9 +43,7 @@ PROMPTS = ("implicit", "explicit", "both")  # --prompt: as trained, the paper's 
 class Config:  # knobs: '# what it does | values it takes'
     model: list = None  # policy, repeatable: hub id, dir or run dir; 'default' = SmolLM2
     prompt: str = "both"  # implicit (trained), explicit (baseline) or both | v in PROMPTS
-    answers: str = (
-        None  # score this answers JSONL (id, model, prompt, answer) instead of generating
-    )
+    answers: str = None  # score this answers JSONL (id, model, prompt, answer); no generating
     data: str = os.path.join(HERE, "data", "test.jsonl")  # test situations
     nli: list = None  # NLI model, repeatable; 'none' = only the offline metric; None = the paper's
     sim_model: str = None  # Sentence Transformer of the coverage metric; None = embedded MiniLM
@@ -59,6 +57,16 @@ class Config:  # knobs: '# what it does | values it takes'
     out: str = "runs/eval"  # answers.jsonl, results.csv/.md, accuracy.png, config.json
     overwrite: bool = False  # into an --out that holds answers (moved aside, not deleted)
 
+
+RANGES = {  # what main accepts (the comments above say the same); NaN and inf never
+    "prompt": lambda v: v in PROMPTS,
+    "max_new_tokens": lambda v: v >= 1,
+    "temperature": lambda v: v > 0,
+    "top_p": lambda v: 0 < v <= 1,
+    "batch_size": lambda v: v >= 1,
+    "nli_batch_size": lambda v: v >= 1,
+    "seed": lambda v: 0 <= v < 2**32,
+}
 
 # ================================================================ text
 SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
@@ -238,7 +246,8 @@ def main(argv=None):
     """Generate (or read) the answers, score them by every metric, write OUT/results.csv, .md and accuracy.png."""
     args = dataclass_args(Config, argv, __doc__)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_knobs(args), check_device(args.device)
+    check_ranges(args, RANGES)
+    check_device(args.device)
     if args.answers and args.model:
         raise ValueError("give --model (generate answers) or --answers (re-score a file), not both")
     args.model = args.model or (None if args.answers else ["default"])

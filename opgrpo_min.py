@@ -13,6 +13,7 @@ GRPO as in DeepSeekMath (Shao et al. 2024, eq. 3-4). One step of RL reads as
 """
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 import reward
-from harness.cli import StopAfterStep, check_knobs, dataclass_args, oom_hint, run_cli
+from harness.cli import StopAfterStep, check_ranges, dataclass_args, oom_hint, run_cli
 from harness.data import check_prompts, load_situations
 from harness.models import (
     check_device,
@@ -81,13 +82,48 @@ class Config:
     # -- reward options (reward.py has the paper's defaults)
     mask_keywords: str = "answer"  # 'answer' (paper), 'both' or 'none' | v in reward.MASK_MODES
     min_perspectives: int = 0  # uniqueness is 0 below this many (paper: 0, off) | v >= 0
-    coverage_threshold: float = reward.COVERAGE_THRESHOLD  # paper 0.70 | -1 <= v <= 1
+    coverage_threshold: float = None  # cosine that covers one (paper 0.70) | -1 <= v <= 1
     # -- logging
     sample_every: int = 5  # print one sampled answer every N steps (0: never) | v >= 0
     save_every: int = 10  # checkpoint every N steps, at the end, on Ctrl-C | v >= 0
 
 
+RANGES = {  # what resolve_config accepts (the comments above say the same); NaN and inf never
+    "seed": lambda v: 0 <= v < 2**32,
+    "preset": lambda v: v in ("cpu", "gpu"),
+    "dtype": lambda v: v in ("bfloat16", "float32"),
+    "sft_steps": lambda v: v >= 0,
+    "sft_batch": lambda v: v >= 1,
+    "sft_lr": lambda v: 0 < v < 1,
+    "steps": lambda v: v >= 1,
+    "prompts_per_step": lambda v: v >= 1,
+    "group_size": lambda v: v >= 2,
+    "max_new_tokens": lambda v: v >= 1,
+    "max_prompt_len": lambda v: v >= 1,
+    "temperature": lambda v: v > 0,
+    "top_p": lambda v: 0 < v <= 1,
+    "lr": lambda v: 0 < v < 1,
+    "weight_decay": lambda v: v >= 0,
+    "grad_clip": lambda v: v > 0,
+    "clip_eps": lambda v: 0 < v < 1,
+    "dual_clip": lambda v: v == 0 or v > 1,
+    "beta": lambda v: v >= 0,
+    "adv_eps": lambda v: v > 0,
+    "updates_per_step": lambda v: v >= 1,
+    "micro_batch": lambda v: v >= 1,
+    "gradient_checkpointing": lambda v: v in (0, 1),
+    "lora_rank": lambda v: v >= 0,
+    "mask_keywords": lambda v: v in reward.MASK_MODES,
+    "min_perspectives": lambda v: v >= 0,
+    "coverage_threshold": lambda v: -1 <= v <= 1,
+    "sample_every": lambda v: v >= 0,
+    "save_every": lambda v: v >= 0,
+}
+
 PRESETS = {  # knobs left at None above take these
+    # ~11 min on 2 cores; one SFT epoch alone takes longer. A 135M policy seldom reaches the paper's 0.70 against
+    # the untuned MiniLM, so coverage would be 0 in almost every step: 0.455 is where MiniLM best separates the
+    # training set's paraphrase pairs from other pairs (docs/training.md), a deviation from the paper.
     "cpu": dict(
         sft_steps=12,
         sft_lr=1e-4,
@@ -98,7 +134,8 @@ PRESETS = {  # knobs left at None above take these
         lr=5e-6,
         micro_batch=8,
         gradient_checkpointing=0,
-    ),  # ~11 min on 2 cores; one SFT epoch alone takes longer
+        coverage_threshold=0.455,
+    ),
     "gpu": dict(
         sft_lr=1e-5,
         steps=150,
@@ -108,56 +145,9 @@ PRESETS = {  # knobs left at None above take these
         lr=1e-6,
         micro_batch=8,
         gradient_checkpointing=1,
+        coverage_threshold=reward.COVERAGE_THRESHOLD,
     ),
 }
-
-
-# ================================================================ the step's helpers: timing, train/eval mode, EOS
-def clock(model):
-    """time.perf_counter() after the GPU has finished its queued work, so phase timings are true."""
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    return time.perf_counter()
-
-
-@contextlib.contextmanager
-def training(model, checkpointing):
-    """model.train() for a block of updates, with gradient checkpointing if asked; eval mode (and the KV cache that
-    generation needs) again after it. transformers 5.23 renamed gradient_checkpointing_* to activation_*."""
-    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    model.train()
-    if checkpointing:
-        getattr(model, f"{kind}_checkpointing_enable")()
-    try:
-        yield
-    finally:
-        if checkpointing:
-            getattr(model, f"{kind}_checkpointing_disable")()
-        model.eval()
-
-
-def eos_ids(model, tokenizer):
-    """Every id that ends an answer: the generation config's EOS ids and the tokenizer's."""
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-    return sorted(e for e in eos if e is not None)
-
-
-@contextlib.contextmanager
-def own_sampling_only(model):
-    """generate() fills every field our config leaves unset from the model's generation_config.json, e.g.
-    Qwen2.5-Instruct's repetition_penalty 1.05, which would make the samples come from another distribution than
-    the one the learner scores. For the call, the model's own generation config is a blank one."""
-    from transformers import GenerationConfig
-
-    base = (
-        model.get_base_model() if hasattr(model, "get_base_model") else model
-    )  # a peft model generates with it
-    saved, base.generation_config = base.generation_config, GenerationConfig()
-    try:
-        yield
-    finally:
-        base.generation_config = saved
 
 
 # ================================================================ data: prompts and the reference answer
@@ -230,27 +220,23 @@ def sft_warmup(model, tokenizer, items, cfg):
     from transformers import get_cosine_schedule_with_warmup
 
     examples = sft_examples(tokenizer, items, cfg.max_prompt_len + cfg.max_new_tokens)
-    steps = cfg.sft_steps if cfg.sft_steps is not None else math.ceil(len(examples) / cfg.sft_batch)
+    one_epoch = math.ceil(len(examples) / cfg.sft_batch)
+    steps = one_epoch if cfg.sft_steps is None else cfg.sft_steps
     opt = adamw(model, cfg.sft_lr, betas=(0.9, 0.95), weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, max(1, round(0.1 * steps)), steps)
     order = np.random.default_rng(cfg.seed).permutation(len(examples))
+    pad = tokenizer.pad_token_id
     bar = tqdm(range(steps), desc="SFT", dynamic_ncols=True)
     with training(model, cfg.gradient_checkpointing):
         for step in bar:
-            batch = [
-                examples[order[(step * cfg.sft_batch + k) % len(examples)]]
-                for k in range(cfg.sft_batch)
-            ]
-            width, pad = max(len(ids) for ids, _ in batch), tokenizer.pad_token_id
+            picks = range(step * cfg.sft_batch, (step + 1) * cfg.sft_batch)
+            batch = [examples[order[k % len(examples)]] for k in picks]
+            width = max(len(ids) for ids, _ in batch)
             input_ids = torch.tensor(
                 [ids + [pad] * (width - len(ids)) for ids, _ in batch]
-            )  # [b, width]
-            labels = torch.tensor(
-                [lab + [-100] * (width - len(lab)) for _, lab in batch]
-            )  # [b, width]
-            attn = (
-                torch.arange(width)[None] < torch.tensor([len(i) for i, _ in batch])[:, None]
-            ).long()
+            )  # [b, w]
+            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])  # [b, w]
+            attn = (torch.arange(width) < torch.tensor([[len(ids)] for ids, _ in batch])).long()
             loss = model(
                 input_ids=input_ids.to(model.device),
                 attention_mask=attn.to(model.device),
@@ -258,7 +244,9 @@ def sft_warmup(model, tokenizer, items, cfg):
             ).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     return model
 
@@ -275,53 +263,93 @@ class Rollout:
     group_ids: torch.Tensor  # [P*G]       which prompt each answer answers
 
 
+def next_token_logprobs(logits, temperature=1.0, vocab=None):
+    """log pi(. | q, a_<t) = log softmax(logits / temperature), over the first `vocab` logits (None: all; an output
+    layer padded past the tokenizer, as Qwen's is, has ids that are never drawn and never scored). The one
+    definition of the policy's next-token distribution: sample_groups draws from it, token_logprobs scores with it.
+    logits [..., V'] -> float32 [..., V]. Example: logits [0, ln 2, ln 4] at temperature 1 -> probabilities
+    [1/7, 2/7, 4/7]; at temperature 0.5 -> [1/21, 4/21, 16/21]."""
+    return (logits[..., :vocab].float() / temperature).log_softmax(-1)
+
+
+def nucleus(probs, top_p):
+    """The top-p cut (Holtzman et al. 2020): keep the most likely tokens until their mass reaches top_p, i.e. each
+    token whose more likely tokens hold less than top_p, and renormalise; top_p = 1 keeps every token, exactly.
+    probs [N, V] -> [N, V]. Example: [1/7, 2/7, 4/7] at top_p 0.8 -> [0, 1/3, 2/3] (4/7 < 0.8 <= 6/7)."""
+    if top_p >= 1:
+        return probs
+    ranked, order = probs.sort(-1, descending=True)  # [N, V] each
+    before = ranked.cumsum(-1) - ranked  # mass of the tokens ranked above each one
+    kept = torch.zeros_like(probs).scatter(-1, order, ranked * (before < top_p))
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def eos_ids(model, tokenizer):
+    """Every id that ends an answer: the generation config's EOS ids and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    return sorted(e for e in eos if e is not None)
+
+
+def positions(attention_mask):
+    """Position ids that count real tokens only (left padding changes nothing): cumsum(mask) - 1, at least 0."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def sample_groups(
     model, tokenizer, prompts, group_size, max_new_tokens, temperature=1.0, top_p=1.0
 ):
-    """Rollout: one batched, KV-cached `generate` call for all P*G answers (left padding; check_prompts has made
-    sure that no prompt is too long)."""
+    """Rollout: G answers to each of P prompts, drawn token by token from next_token_logprobs at `temperature`,
+    cut to its top_p nucleus, and from nothing else (no top-k, no repetition penalty, nothing of the model's own
+    generation config): the distribution token_logprobs scores, exactly when top_p = 1.
+    Each prompt goes through the model once (prefill); its KV cache and next-token logits are copied to its G
+    answers, which then decode one token per forward. An answer that has drawn an EOS only pads from then on; the
+    loop ends when every answer has, or after max_new_tokens. Prompts are left-padded (check_prompts has made
+    sure none is too long)."""
+    from transformers import DynamicCache
+
+    P, G, dev = len(prompts), group_size, model.device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    ids = enc.input_ids.repeat_interleave(group_size, 0).to(model.device)  # [P*G, L]
-    attn = enc.attention_mask.repeat_interleave(group_size, 0).to(model.device)  # [P*G, L]
-    vocab, eos = len(tokenizer), eos_ids(model, tokenizer)
-    extra = model.get_output_embeddings().weight.shape[0] - vocab  # Qwen pads its output layer
-    gen = sampling_config(
-        temperature,
-        top_p,
-        max_new_tokens,
-        tokenizer.pad_token_id,
-        eos,
-        suppress=list(range(vocab, vocab + extra)) if extra > 0 else None,
+    ids, attn = enc.input_ids.to(dev), enc.attention_mask.to(dev)  # [P, L] each
+    eos = torch.tensor(eos_ids(model, tokenizer), device=dev)
+    vocab, pad = len(tokenizer), tokenizer.pad_token_id
+    # ---- prefill: each prompt once, then its cache and logits go to each of its G answers
+    cache = DynamicCache(config=model.config)
+    out = model(
+        ids, attention_mask=attn, position_ids=positions(attn), cache=cache, logits_to_keep=1
     )
-    with own_sampling_only(model):
-        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)
-    answers = out[:, ids.shape[1] :]  # [P*G, T]
-    is_eos = torch.isin(answers, torch.tensor(eos, device=answers.device))
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-    answer_mask = (~after_eos).long()  # [P*G, T]
-    group_ids = torch.arange(len(prompts)).repeat_interleave(group_size)
+    cache.batch_repeat_interleave(G)
+    logits = out.logits[:, -1].repeat_interleave(G, 0)  # [P*G, V']
+    attn = attn.repeat_interleave(G, 0)  # [P*G, L]
+    # ---- decode
+    tokens, done = [], torch.zeros(P * G, dtype=torch.bool, device=dev)
+    for t in range(max_new_tokens):
+        probs = nucleus(next_token_logprobs(logits, temperature, vocab).exp(), top_p)  # [P*G, V]
+        token = torch.multinomial(probs, 1).squeeze(1).masked_fill(done, pad)  # [P*G]
+        tokens.append(token)
+        done |= torch.isin(token, eos)
+        if done.all() or t == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, attn.new_ones(P * G, 1)], 1)  # [P*G, L+t+1]
+        out = model(
+            token[:, None], attention_mask=attn, position_ids=positions(attn)[:, -1:], cache=cache
+        )
+        logits = out.logits[:, -1]  # [P*G, V']
+    answers = torch.stack(tokens, 1)  # [P*G, T]
+    is_eos = torch.isin(answers, eos).long()
+    # 1 on answer tokens up to and including the first EOS, 0 on what follows it
+    answer_mask = 1 - ((is_eos.cumsum(1) - is_eos) > 0).long()  # [P*G, T]
     texts = tokenizer.batch_decode(
-        answers * answer_mask + tokenizer.pad_token_id * (1 - answer_mask), skip_special_tokens=True
+        answers.masked_fill(answer_mask == 0, pad), skip_special_tokens=True
     )
-    return Rollout(out, torch.cat([attn, answer_mask], 1), answer_mask, texts, group_ids)
-
-
-def sampling_config(temperature, top_p, max_new_tokens, pad_id, eos_ids, suppress=None):
-    """The sampler is pi(. | q, a_<t) at `temperature`, cut to its top_p nucleus, and nothing else: that is the
-    distribution token_logprobs scores (top_p = 1: exactly). top_k 0 is off; `suppress` names the ids of an output
-    layer padded past the tokenizer, which token_logprobs leaves out of its softmax too."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=eos_ids,
-        suppress_tokens=suppress,
+    prompt_ids = ids.repeat_interleave(G, 0)  # [P*G, L]
+    return Rollout(
+        torch.cat([prompt_ids, answers], 1),
+        torch.cat([attn[:, : ids.shape[1]], answer_mask], 1),
+        answer_mask,
+        texts,
+        torch.arange(P).repeat_interleave(G),
     )
 
 
@@ -362,6 +390,45 @@ def group_advantages(rewards, group_size, eps=1e-6):
     return adv.view(-1)  # [P*G]
 
 
+def answer_logits(model, input_ids, attention_mask, answer_len, share_prompts=True):
+    """The logits that score the answer tokens, the last T = answer_len columns of input_ids [B, L+T]: [B, T, V'],
+    the logits of token t taken at the position before it. Answers to the same prompt share it: the prompt goes
+    through the model once, its KV cache is copied to each of its answers, and only answer tokens run after it
+    (the same numbers as a forward of every row, up to float rounding; G times less prompt work). Under gradient
+    checkpointing (or with share_prompts False) every row runs whole: recomputing a layer would write into the
+    shared cache a second time."""
+    from transformers import DynamicCache
+
+    T = answer_len
+    L = input_ids.shape[1] - T
+    pos = positions(attention_mask)  # [B, L+T]
+    kind = "activation" if hasattr(model, "is_activation_checkpointing") else "gradient"
+    if not share_prompts or getattr(model, f"is_{kind}_checkpointing", False) and model.training:
+        out = model(
+            input_ids, attention_mask=attention_mask, position_ids=pos, logits_to_keep=T + 1
+        )
+        return out.logits[:, :-1]  # [B, T, V']
+    prompt = torch.cat([input_ids[:, :L], attention_mask[:, :L]], 1)  # [B, 2L]: tokens and mask
+    prompts, which = prompt.unique(dim=0, return_inverse=True)  # [p, 2L], [B]: each row's prompt
+    cache = DynamicCache(config=model.config)
+    first = model(
+        prompts[:, :L],
+        attention_mask=prompts[:, L:],
+        position_ids=positions(prompts[:, L:]),
+        cache=cache,
+        logits_to_keep=1,
+    ).logits  # [p, 1, V']: the logits of the first answer token
+    cache.batch_select_indices(which)
+    rest = model(
+        input_ids[:, L:],
+        attention_mask=attention_mask,
+        position_ids=pos[:, L:],
+        cache=cache,
+        logits_to_keep=T,
+    ).logits  # [B, T, V']: the last position scores no answer token
+    return torch.cat([first[which], rest[:, :-1]], 1)  # [B, T, V']
+
+
 def token_logprobs(
     model,
     input_ids,
@@ -374,35 +441,23 @@ def token_logprobs(
 ):
     """log pi(a_t | q, a_<t) of the answer tokens, the last `answer_len` = T columns of input_ids [B, L+T] (long;
     left-padded prompts, attention_mask [B, L+T] 0 on the padding): a float32 tensor [B, T] that carries the gradient.
-    pi is softmax(logits / temperature) over the first `vocab` logits (None: all), the logits of token t taken at the
-    position before it; position ids count real tokens only (cumsum(attention_mask) - 1, at least 0), so left padding
-    changes nothing. Rows go through the model micro_batch at a time; full-vocabulary logits are computed only for
-    answer positions (logits_to_keep) and turned to float32 one row at a time, never for the whole batch.
+    pi is next_token_logprobs: softmax(logits / temperature) over the first `vocab` logits (None: all), the logits
+    of token t taken at the position before it (answer_logits); position ids count real tokens only
+    (cumsum(attention_mask) - 1, at least 0), so left padding changes nothing. Rows go through the model micro_batch
+    at a time; full-vocabulary logits are computed only for answer positions and turned to float32 one row at a
+    time, never for the whole batch.
     entropy=True returns (logp, H), H [B, T] = -sum_v pi(v) log pi(v) of each position's distribution (no grad)."""
-    # left padding: positions count real tokens only
-    pos = (attention_mask.cumsum(1) - 1).clamp(min=0)
     rows, ents = [], []
     for i in range(0, input_ids.shape[0], micro_batch):
         sl = slice(i, i + micro_batch)
-        logits = model(
-            input_ids=input_ids[sl],
-            attention_mask=attention_mask[sl],
-            position_ids=pos[sl],
-            logits_to_keep=answer_len + 1,
-        ).logits[:, :-1]  # [mb, T, V']
-        if vocab is not None:
-            logits = logits[..., :vocab]  # ids past the tokenizer are never sampled, never scored
-        targets = input_ids[sl, -answer_len:]  # [mb, T]
-        for row, tgt in zip(logits, targets):
-            row = row.float() / temperature  # [T, V]
-            lse = row.logsumexp(1)  # [T]
-            rows.append(row.gather(1, tgt[:, None]).squeeze(1) - lse)  # [T]
-            if entropy:  # H = logsumexp(z) - sum_v p_v z_v, 64 positions at a time: no [T, V] copy at the peak
+        logits = answer_logits(model, input_ids[sl], attention_mask[sl], answer_len)  # [mb, T, V']
+        for row, target in zip(logits, input_ids[sl, -answer_len:]):
+            logp = next_token_logprobs(row, temperature, vocab)  # [T, V]
+            rows.append(logp.gather(1, target[:, None]).squeeze(1))  # [T]
+            if entropy:  # 64 positions at a time: no second [T, V] copy at the peak
                 with torch.no_grad():
                     ents.append(
-                        torch.cat(
-                            [c.logsumexp(1) - (c.softmax(1) * c).sum(1) for c in row.split(64)]
-                        )
+                        torch.cat([torch.special.entr(c.exp()).sum(1) for c in logp.split(64)])
                     )
     return (torch.stack(rows), torch.stack(ents)) if entropy else torch.stack(rows)  # [B, T]
 
@@ -474,29 +529,27 @@ def grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab):
         optimizer.zero_grad(set_to_none=True)
         total, parts, t_forward = 0.0, [], 0.0
         for micro in mb.split(cfg.micro_batch):
-            t0 = clock(model)
-            out = token_logprobs(
-                model,
+            ids, attn, mask = (
                 roll.input_ids[micro],
                 roll.attention_mask[micro],
-                T,
-                cfg.temperature,
-                cfg.micro_batch,
-                vocab,
-                entropy=u == 0,
-            )  # entropy: of the sampler's policy only
+                roll.answer_mask[micro],
+            )
+            t0 = clock(model)
+            # the entropy is that of the sampler's policy: measured in the first update only
+            out = token_logprobs(
+                model, ids, attn, T, cfg.temperature, cfg.micro_batch, vocab, u == 0
+            )
             logp, ent = out if u == 0 else (out, None)  # [mb, T] each
             t_forward += clock(model) - t0
-            old = (
-                logp.detach() if old_logp is None else old_logp[micro]
-            )  # one update: ratio = 1, no extra forward
+            # one update: the sampler is the policy itself, ratio = 1, and no forward is needed for it
+            old = logp.detach() if old_logp is None else old_logp[micro]
             ref = None if ref_logp is None else ref_logp[micro]
             loss, s = grpo_loss(
                 logp,
                 old,
                 ref,
                 adv[micro].to(logp.device),
-                roll.answer_mask[micro],
+                mask,
                 cfg.clip_eps,
                 cfg.beta,
                 cfg.dual_clip,
@@ -504,21 +557,19 @@ def grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab):
             )
             loss.backward()
             total += loss.item()
-            m = roll.answer_mask[micro]
             if ent is not None:
-                s = dict(s, entropy=((ent * m).sum() / m.sum().clamp(min=1)).item())
-            parts.append((s, int(m.sum())))
+                s["entropy"] = ((ent * mask).sum() / mask.sum().clamp(min=1)).item()
+            parts.append((s, int(mask.sum())))
         n = sum(w for _, w in parts) or 1
         s = {k: sum(p[k] * w for p, w in parts) / n for k in parts[0][0]}
-        if not math.isfinite(total):
+        s.update(loss=total, t_forward=t_forward, skipped=int(not math.isfinite(total)))
+        if s["skipped"]:
             optimizer.zero_grad(set_to_none=True)
-            stats.append(
-                dict(s, loss=total, grad_norm=float("nan"), skipped=1, t_forward=t_forward)
-            )
+            stats.append(dict(s, grad_norm=float("nan")))
             continue
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         optimizer.step()
-        stats.append(dict(s, loss=total, grad_norm=grad_norm, skipped=0, t_forward=t_forward))
+        stats.append(dict(s, grad_norm=grad_norm))
     return stats
 
 
@@ -533,6 +584,88 @@ def prompts_for_step(n_items, step, per_step, seed):
 
 
 # ================================================================ the training loop
+def clock(model):
+    """time.perf_counter() after the GPU has finished its queued work, so phase timings are true."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter()
+
+
+@contextlib.contextmanager
+def training(model, checkpointing):
+    """model.train() for a block of updates, with gradient checkpointing if asked; eval mode again after it (the
+    sampler needs no checkpointing). transformers 5.23 renamed gradient_checkpointing_* to activation_*."""
+    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    model.train()
+    if checkpointing:
+        getattr(model, f"{kind}_checkpointing_enable")()
+    try:
+        yield
+    finally:
+        if checkpointing:
+            getattr(model, f"{kind}_checkpointing_disable")()
+        model.eval()
+
+
+def grpo_step(model, tokenizer, batch, reward_fn, cfg, ref_model, optimizer):
+    """One step of stage 2 on a batch of situations: rollout -> reward -> group advantages -> log-probs of the
+    sampler and the reference -> mini-batch updates. Returns (the step's metrics, the rollout). ref_model is the
+    model itself for a LoRA policy: its adapter is switched off for the reference's log-probs."""
+    vocab, G = len(tokenizer), cfg.group_size
+    t_start = clock(model)
+    # ---- rollout: G answers per prompt
+    prompts = [chat_prompt(tokenizer, s.situation) for s in batch]
+    model.eval()
+    roll = sample_groups(
+        model, tokenizer, prompts, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p
+    )
+    assert roll.group_ids.tolist() == [i // G for i in range(len(batch) * G)], (
+        "an answer left its group"
+    )
+    t_rollout = clock(model)
+    # ---- reward and group-normalised advantages
+    rewards, means = reward_fn(roll, [batch[g] for g in roll.group_ids.tolist()])
+    adv = group_advantages(rewards, G, cfg.adv_eps)  # [P*G]
+    r = torch.tensor(rewards).view(-1, G)  # [P, G]
+    # the share of groups with no signal: all G rewards equal, so every advantage is 0
+    zero_spread = float((r.max(1).values == r.min(1).values).float().mean())
+    t_reward = clock(model)
+    # ---- log-probs of the sampler (needed only when several updates share the batch) and of the reference
+    T = roll.answer_mask.shape[1]
+    scored = (roll.input_ids, roll.attention_mask, T, cfg.temperature, cfg.micro_batch, vocab)
+    ref_off = ref_model.disable_adapter if ref_model is model else contextlib.nullcontext
+    with torch.no_grad():
+        old_logp = token_logprobs(model, *scored) if cfg.updates_per_step > 1 else None
+        t_old = clock(model)
+        with ref_off():
+            use_ref = ref_model is not None and cfg.beta
+            ref_logp = token_logprobs(ref_model, *scored) if use_ref else None
+    t_ref = clock(model)
+    # ---- update (gradient checkpointing, when on, only here)
+    with training(model, cfg.gradient_checkpointing):
+        upd = grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab)
+    t_update = clock(model)
+    # ---- the step's metrics
+    row = dict(reward=float(np.mean(rewards)), reward_std=float(np.std(rewards)), **means)
+    row.update(
+        zero_spread=zero_spread, entropy=upd[0]["entropy"]
+    )  # entropy: of the sampler's policy
+    for k in ("kl", "clip_frac", "ratio", "loss", "grad_norm"):
+        row[k] = float(np.nanmean([u[k] for u in upd]))
+    row.update(
+        skipped_updates=sum(u["skipped"] for u in upd),
+        answer_len=float(roll.answer_mask.sum(1).float().mean()),
+    )
+    row.update(
+        t_generate=t_rollout - t_start, t_reward=t_reward - t_rollout, t_logprob=t_ref - t_reward
+    )
+    row.update(
+        t_logprob_old=t_old - t_reward, t_logprob_ref=t_ref - t_old, t_update=t_update - t_ref
+    )
+    row.update(t_update_forward=sum(u["t_forward"] for u in upd), t_step=t_update - t_start)
+    return row, roll
+
+
 def grpo_train(
     model,
     tokenizer,
@@ -545,128 +678,31 @@ def grpo_train(
     out=None,
     fingerprints=None,
 ):
-    """Stage 2. Each step: rollout -> reward -> group advantages -> log-probs -> mini-batch updates.
+    """Stage 2: grpo_step for steps start_step .. cfg.steps - 1, each on the situations prompts_for_step picks.
     Returns the list of per-step metric rows (also appended to out/metrics.jsonl when `out` is set; its checkpoints
-    carry `fingerprints`, what a resume checks)."""
+    carry `fingerprints`, what a resume checks). Ctrl-C stops after the step in progress, with a checkpoint."""
     from tqdm.auto import tqdm
 
     optimizer = optimizer or adamw(model, cfg.lr, weight_decay=cfg.weight_decay)
-    vocab, G = len(tokenizer), cfg.group_size
     rows, bad_steps = [], 0
     bar = tqdm(
         range(start_step, cfg.steps),
-        desc="GRPO",
-        dynamic_ncols=True,
+        "GRPO",
         initial=start_step,
         total=cfg.steps,
+        dynamic_ncols=True,
     )
     with StopAfterStep() as stop:
         for step in bar:
-            t0 = clock(model)
-            # ---- rollout: G answers per prompt
             batch = [
                 items[i] for i in prompts_for_step(len(items), step, cfg.prompts_per_step, cfg.seed)
             ]
-            model.eval()
-            roll = sample_groups(
-                model,
-                tokenizer,
-                [chat_prompt(tokenizer, s.situation) for s in batch],
-                G,
-                cfg.max_new_tokens,
-                cfg.temperature,
-                cfg.top_p,
-            )
-            assert roll.group_ids.tolist() == [i // G for i in range(len(batch) * G)], (
-                "answers left their group"
-            )
-            t1 = clock(model)
-            # ---- reward and group-normalised advantages
-            rewards, means = reward_fn(roll, [batch[g] for g in roll.group_ids.tolist()])
-            adv = group_advantages(rewards, G, cfg.adv_eps)  # [P*G]
-            r = torch.tensor(rewards).view(-1, G)  # [P, G]
-            # the share of groups with no signal: all G rewards equal, so every advantage is 0
-            zero_spread = float((r.max(1).values == r.min(1).values).float().mean())
-            t2 = clock(model)
-            # ---- log-probs of the sampler (only needed when several updates share one batch) and reference
-            T = roll.answer_mask.shape[1]
-            with torch.no_grad():
-                old_logp = (
-                    None
-                    if cfg.updates_per_step == 1
-                    else token_logprobs(
-                        model,
-                        roll.input_ids,
-                        roll.attention_mask,
-                        T,
-                        cfg.temperature,
-                        cfg.micro_batch,
-                        vocab,
-                    )
-                )
-                t_old = clock(model)
-                with (
-                    ref_model.disable_adapter() if ref_model is model else contextlib.nullcontext()
-                ):
-                    ref_logp = (
-                        None
-                        if ref_model is None or not cfg.beta
-                        else token_logprobs(  # LoRA: adapter off
-                            ref_model,
-                            roll.input_ids,
-                            roll.attention_mask,
-                            T,
-                            cfg.temperature,
-                            cfg.micro_batch,
-                            vocab,
-                        )
-                    )
-            t3 = clock(model)
-            # ---- update (gradient checkpointing, when on, only here: generation needs its KV cache)
-            with training(model, cfg.gradient_checkpointing):
-                upd = grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab)
-            t4 = clock(model)
-            # ---- log
-            skipped = sum(u["skipped"] for u in upd)
-            bad_steps = bad_steps + 1 if skipped == len(upd) else 0
-            row = dict(
-                step=step + 1,
-                reward=float(np.mean(rewards)),
-                reward_std=float(np.std(rewards)),
-                **means,
-                zero_spread=zero_spread,
-                entropy=upd[0]["entropy"],  # first update: the sampler's policy
-                **{
-                    k: float(np.nanmean([u[k] for u in upd]))
-                    for k in ("kl", "clip_frac", "ratio", "loss", "grad_norm")
-                },
-                skipped_updates=skipped,
-                answer_len=float(roll.answer_mask.sum(1).float().mean()),
-                t_generate=t1 - t0,
-                t_reward=t2 - t1,
-                t_logprob=t3 - t2,
-                t_logprob_old=t_old - t2,
-                t_logprob_ref=t3 - t_old,
-                t_update=t4 - t3,
-                t_update_forward=sum(u["t_forward"] for u in upd),
-                t_step=t4 - t0,
-            )
-            rows.append(row)
+            row, roll = grpo_step(model, tokenizer, batch, reward_fn, cfg, ref_model, optimizer)
+            rows.append(row := dict(step=step + 1, **row))
+            shown = ("reward", "coverage", "uniqueness", "zero_spread", "entropy", "clip_frac")
             bar.set_postfix(
-                {
-                    k: f"{row[k]:.2f}"
-                    for k in (
-                        "reward",
-                        "coverage",
-                        "uniqueness",
-                        "zero_spread",
-                        "entropy",
-                        "clip_frac",
-                    )
-                    if k in row
-                },
+                {k: f"{row[k]:.2f}" for k in shown if k in row},
                 kl=f"{row['kl']:.4f}",
-                len=f"{row['answer_len']:.0f}",
                 s=f"{row['t_step']:.1f}",
             )
             if out:
@@ -676,8 +712,10 @@ def grpo_train(
                     save_checkpoint(out, model, tokenizer, optimizer, step + 1, cfg, fingerprints)
             if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                 tqdm.write(
-                    f"--- step {step + 1}, {batch[0].situation!r}, reward {rewards[0]:.2f}:\n{roll.texts[0]}\n"
+                    f"--- step {step + 1}, {batch[0].situation!r}, reward {row['reward']:.2f}:"
                 )
+                tqdm.write(roll.texts[0] + "\n")
+            bad_steps = bad_steps + 1 if row["skipped_updates"] == cfg.updates_per_step else 0
             if bad_steps >= 3:
                 raise RuntimeError(
                     "the loss was not finite in 3 steps in a row: lower --lr (or raise --beta); "
@@ -697,12 +735,12 @@ def grpo_train(
     return rows
 
 
-# ================================================================ main
+# ================================================================ main: the recipe, stage by stage
 RESUMABLE = (
     "steps",
     "save_every",
     "sample_every",
-)  # the knobs a resume may change: they extend or report a run
+)  # the knobs a resume may change: they extend a run
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "sft")  # what makes a folder hold a run
 
 
@@ -716,126 +754,126 @@ def resolve_config(cfg):
     for k, v in PRESETS.get(cfg.preset, {}).items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    check_knobs(cfg)
+    check_ranges(cfg, RANGES)
     if cfg.updates_per_step > cfg.prompts_per_step * cfg.group_size:
         raise ValueError("--updates-per-step cannot exceed the number of answers per step")
     return cfg
 
 
+def adapter(model, rank):
+    """What trains: every weight of the model (rank 0), or a LoRA adapter of that rank on it (extras/lora.py)."""
+    if not rank:
+        return model
+    from extras.lora import with_lora
+
+    return with_lora(model, rank)
+
+
+def frozen_reference(policy):
+    """The KL reference: the policy as RL starts, frozen. A copy; for a LoRA policy the policy itself, whose adapter
+    grpo_train switches off for the reference's forward (the base model is that start, and nothing is copied)."""
+    if hasattr(policy, "disable_adapter"):
+        return policy
+    return copy.deepcopy(policy).eval().requires_grad_(False)
+
+
+def sft_stage(model, tokenizer, items, cfg):
+    """Stage 0 and what it leaves: sft_warmup, then the model saved whole as out/sft (the paper's SFT row, the KL
+    reference, and where a resume starts when no GRPO checkpoint was saved yet). With --lora-rank the warm start
+    trains an adapter, merged into the model before it is saved."""
+    tuned = adapter(model, cfg.lora_rank)
+    with oom_hint("--sft-batch"):
+        sft_warmup(tuned, tokenizer, items, cfg)
+    model = tuned.merge_and_unload() if tuned is not model else model
+    save = lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp))
+    atomic_save(os.path.join(cfg.out, "sft"), save)
+    return model
+
+
+def grpo_stage(model, tokenizer, items, cfg, saved=None):
+    """Stage 2 and what it leaves: GRPO from `model` (the SFT model) against its frozen copy, metrics and checkpoints
+    in out/, then the reward plot. A resume passes `saved` (extras/resume.py), which puts the checkpoint's weights,
+    optimizer, RNG and metrics in place: the same run from there on."""
+    set_seed(cfg.seed)
+    policy = adapter(model, cfg.lora_rank)
+    ref = frozen_reference(policy) if cfg.beta else None
+    optimizer = adamw(policy, cfg.lr, weight_decay=cfg.weight_decay)
+    reference = os.path.join(cfg.out, "sft") if cfg.sft_steps != 0 else cfg.model
+    prints = dict(fingerprints(cfg.train_data, tokenizer), reference=model_fingerprint(reference))
+    metrics, start = os.path.join(cfg.out, "metrics.jsonl"), 0
+    if saved:  # a resume: the checkpoint's weights, optimizer, RNG and metrics (extras/resume.py)
+        start = saved.restore(policy, optimizer, prints)
+    else:
+        write_text(metrics, "")
+    embedder = load_embedder(cfg.sim_model, device=cfg.device)
+    rewards = rollout_rewards(embedder, cfg)
+    with oom_hint("--micro-batch first, then --group-size, --max-new-tokens or --prompts-per-step"):
+        grpo_train(policy, tokenizer, items, rewards, cfg, ref, optimizer, start, cfg.out, prints)
+    rows = [json.loads(line) for line in open(metrics, encoding="utf-8")]
+    plot_rewards(cfg.out, rows)
+    q = max(1, len(rows) // 4)
+    first, last = (np.mean([r["reward"] for r in part]) for part in (rows[:q], rows[-q:]))
+    print(f"mean reward: first quarter {first:.3f}, last quarter {last:.3f}; outputs in {cfg.out}")
+    return rows
+
+
+def set_seed(seed):
+    """Python's, numpy's and torch's RNG from one seed: the same seed, the same run on the CPU."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def train(cfg):
-    """The whole job: check every input, SFT warm start, frozen reference, GRPO; or continue a run (--resume)."""
-    if cfg.resume:  # the saved run's knobs; extras/resume.py refuses anything that would not continue it exactly
-        from extras import resume
-
-        cfg, ckpt, state, tensors, history = resume.load(cfg, Config, RESUMABLE)
-    cfg = resolve_config(cfg)
-    items = load_situations(cfg.train_data)  # every input is checked before anything is written
-    (
-        check_model_path(cfg.model, "--model"),
-        check_model_path(cfg.sim_model, "--sim-model", tokenizer=False),
-    )
-    if not cfg.resume:
-        claim_out_dir(
-            cfg.out,
-            RUN_FILES,
-            cfg.overwrite,
-            f"continue it with --resume {cfg.out}, or ",
-            dry_run=True,
-        )
-    dtype, sft_dir = getattr(torch, cfg.dtype), os.path.join(cfg.out, "sft")
-    reference = (
-        sft_dir if cfg.sft_steps != 0 else cfg.model
-    )  # the KL reference: the policy at the start of RL
-
-    # ---- models: the policy (from the checkpoint on a resume), its prompts checked, then the output folder
-    if (
-        cfg.resume and cfg.lora_rank
-    ):  # the checkpoint holds the adapter; its frozen base is the reference
-        from extras.lora import saved_adapter
-
-        model, tok = load_policy(reference, cfg.device, dtype, cfg.trust_remote_code)
-        model = saved_adapter(model, ckpt)
-    else:
-        model, tok = load_policy(
-            ckpt if cfg.resume else cfg.model, cfg.device, dtype, cfg.trust_remote_code
-        )
-    check_prompts(tok, items, cfg.max_prompt_len, lambda s: chat_prompt(tok, s))
-    prints = fingerprints(
-        cfg.train_data, tok
-    )  # what a resume checks is unchanged (extras/resume.py)
+    """The whole job in the paper's order: check every input, load the policy, the SFT warm start, GRPO against the
+    frozen reference, the plot. --resume continues a saved run instead (resume_training)."""
     if cfg.resume:
-        resume.check_same(
-            state["fingerprints"], dict(prints, reference=model_fingerprint(reference)), cfg.out
-        )
-    else:
-        claim_out_dir(
-            cfg.out, RUN_FILES, cfg.overwrite, f"continue it with --resume {cfg.out}, or "
-        )
+        return resume_training(cfg)
+    cfg = resolve_config(cfg)
+    # ---- every input is checked before anything is written
+    items = load_situations(cfg.train_data)
+    check_model_path(cfg.model, "--model")
+    check_model_path(cfg.sim_model, "--sim-model", tokenizer=False)
+    hint = f"continue it with --resume {cfg.out}, or "
+    claim_out_dir(cfg.out, RUN_FILES, cfg.overwrite, hint, dry_run=True)
+    model, tok = load_policy(
+        cfg.model, cfg.device, getattr(torch, cfg.dtype), cfg.trust_remote_code
+    )
+    check_prompts(tok, items, cfg.max_prompt_len, lambda s: chat_prompt(tok, s))
+    claim_out_dir(cfg.out, RUN_FILES, cfg.overwrite, hint)
     print("config:", json.dumps(dataclasses.asdict(cfg), indent=1))
     write_text(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    embedder = load_embedder(cfg.sim_model, device=cfg.device)
-    if not cfg.resume:
-        if cfg.lora_rank:
-            from extras.lora import with_lora
-        if (
-            cfg.sft_steps != 0
-        ):  # ---- stage 0: SFT warm start, kept as its own model (the paper's SFT row)
-            model = with_lora(model, cfg.lora_rank) if cfg.lora_rank else model
-            with oom_hint("--sft-batch"):
-                sft_warmup(model, tok, items, cfg)
-            model = (
-                model.merge_and_unload() if cfg.lora_rank else model
-            )  # sft/ is a plain model either way
-            atomic_save(sft_dir, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
-        model = with_lora(model, cfg.lora_rank) if cfg.lora_rank else model
-    ref = None
-    if cfg.beta:  # reference = the frozen policy at the start of RL; with LoRA, the policy with its adapter off
-        if cfg.lora_rank:
-            ref = model
-        elif cfg.resume:
-            ref = load_policy(reference, cfg.device, dtype, cfg.trust_remote_code)[0]
-        else:
-            import copy
-
-            ref = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer, metrics = (
-        adamw(model, cfg.lr, weight_decay=cfg.weight_decay),
-        os.path.join(cfg.out, "metrics.jsonl"),
+    write_text(
+        os.path.join(cfg.out, "fingerprints.json"), json.dumps(fingerprints(cfg.train_data, tok))
     )
-    if cfg.resume:
-        optimizer.load_state_dict(tensors["optimizer"])
-        resume.set_rng_state(state["rng"], tensors)
-        start, prints = state["step"], state["fingerprints"]
-        write_text(metrics, "".join(history))
-        print(f"resumed from {cfg.out} at step {start}")
-    else:
-        start, prints = 0, dict(prints, reference=model_fingerprint(reference))
-        write_text(metrics, "")
+    # ---- stage 0: SFT warm start; stage 2: GRPO
+    set_seed(cfg.seed)
+    if cfg.sft_steps != 0:
+        model = sft_stage(model, tok, items, cfg)
+    return grpo_stage(model, tok, items, cfg)
 
-    # ---- stage 2: GRPO
-    with oom_hint("--micro-batch first, then --group-size, --max-new-tokens or --prompts-per-step"):
-        grpo_train(
-            model,
-            tok,
-            items,
-            rollout_rewards(embedder, cfg),
-            cfg,
-            ref,
-            optimizer,
-            start,
-            cfg.out,
-            prints,
-        )
-    rows = [json.loads(line) for line in open(metrics, encoding="utf-8")]
-    if rows:
-        plot_rewards(cfg.out, rows)
-        q = max(1, len(rows) // 4)
-        print(
-            f"mean reward: first quarter {np.mean([r['reward'] for r in rows[:q]]):.3f}, "
-            f"last quarter {np.mean([r['reward'] for r in rows[-q:]]):.3f}; outputs in {cfg.out}"
-        )
-    return rows
+
+def resume_training(cfg):
+    """--resume DIR: the run in DIR goes on as if it had not stopped: from its last checkpoint, or from GRPO step 0
+    with its saved SFT model when it stopped before the first checkpoint (a stop during SFT runs SFT again: nothing
+    of it was saved). extras/resume.py finds what is saved and refuses a resume that would not continue the run
+    exactly: another knob, reference, data file or chat template."""
+    from extras import resume
+
+    saved = resume.load(cfg, Config, RESUMABLE)
+    cfg = resolve_config(saved.cfg)
+    items = load_situations(cfg.train_data)
+    model, tok = load_policy(
+        saved.start, cfg.device, getattr(torch, cfg.dtype), cfg.trust_remote_code
+    )
+    check_prompts(tok, items, cfg.max_prompt_len, lambda s: chat_prompt(tok, s))
+    saved.check_same(fingerprints(cfg.train_data, tok))
+    write_text(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+    print(f"resuming {cfg.out} at {saved.where}")
+    if saved.start_over_sft:
+        set_seed(cfg.seed)
+        model = sft_stage(model, tok, items, cfg)
+    return grpo_stage(model, tok, items, cfg, saved)
 
 
 def parse_args(argv=None):

@@ -26,7 +26,7 @@ import torch
 from transformers import set_seed
 
 import reward
-from harness.cli import check_knobs, dataclass_args, run_cli
+from harness.cli import check_ranges, dataclass_args, run_cli
 from harness.data import load_situations
 from harness.models import check_model_path, load_embedder
 from harness.runs import claim_out_dir, write_text
@@ -49,9 +49,7 @@ class Config:
     data: str = os.path.join(HERE, "data", "train.jsonl")  # situations to mine from
     eval_data: str = None  # also report on every situation of this file (e.g. data/test.jsonl)
     base: str = None  # Sentence Transformer to start from: hub id or dir; None = embedded MiniLM
-    out: str = (
-        "runs/sim_minilm"  # model, triplets.jsonl, sim_eval.json; never one that holds a model
-    )
+    out: str = "runs/sim_minilm"  # model, triplets, sim_eval.json; never one holding a model
     overwrite: bool = False  # into an --out that holds a model (moved aside, not deleted)
     judge: str = None  # mine with an LLM judge (paper): a causal LM, 'embedded', or a model
     judge_url: str = None  # OpenAI-compatible endpoint serving --judge (http://host:8000/v1)
@@ -64,6 +62,18 @@ class Config:
     no_duplicates: bool = False  # no text twice in a batch (ST's NO_DUPLICATES sampler)
     held_out: float = 0.1  # share of situations held out for evaluation | 0 < v < 1
     seed: int = 0  # shuffles, split and training | 0 <= v < 2**32
+
+
+RANGES = {  # what main accepts (the comments above say the same); NaN and inf never
+    "judge_threshold": lambda v: -1 <= v <= 1,
+    "scale": lambda v: v > 0,
+    "batch_size": lambda v: v >= 2,
+    "epochs": lambda v: v >= 1,
+    "lr": lambda v: 0 < v < 1,
+    "warmup": lambda v: 0 <= v < 1,
+    "held_out": lambda v: 0 < v < 1,
+    "seed": lambda v: 0 <= v < 2**32,
+}
 
 
 # ================================================================ data: triplets
@@ -221,7 +231,7 @@ def train(
 def main(argv=None):
     """Mine, measure, train, save, measure the saved model again; print the table, write OUT/sim_eval.json."""
     cfg = dataclass_args(Config, argv, __doc__)
-    check_knobs(cfg)
+    check_ranges(cfg, RANGES)
     t0, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
     named = dict(
         zip(

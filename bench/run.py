@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: the core lives one folder up
     sys.path.insert(0, ROOT)
 
+import harness.allocator
 import harness.data
 import harness.models
 import harness.runs
@@ -183,32 +184,87 @@ def bench_config(args, steps):
 
 @contextlib.contextmanager
 def forced_length(tokens):
-    """Every answer exactly `tokens` long (EOS is banned until then), so every step does the same work:
-    opgrpo_min's sampling config, with min_new_tokens set (as run_trl asks TRL for it)."""
-    real = om.sampling_config
-
-    def forced(*a, **kw):
-        gen = real(*a, **kw)
-        gen.min_new_tokens = tokens
-        return gen
-
-    om.sampling_config = forced
+    """Every answer exactly `tokens` long, so every step does the same work: opgrpo_min's sampler with no EOS id (no
+    answer ends before max_new_tokens; run_trl asks TRL for min_new_tokens)."""
+    real = om.eos_ids
+    om.eos_ids = lambda model, tokenizer: []
     try:
         yield
     finally:
-        om.sampling_config = real
+        om.eos_ids = real
+
+
+class UpdateProfile:
+    """--profile: torch.profiler over the update (forward, backward, optimizer step) of the last step of a run, with
+    the page faults the process took meanwhile (fresh memory from the kernel shows as time spent in the ops that first
+    touch it). Prints the ops with the most self CPU time; result() is what the JSON keeps."""
+
+    def __init__(self, name, on):
+        self.name, self.on, self.table, self.faults, self.seconds = name, on, None, None, None
+
+    def start(self):
+        import resource
+
+        from torch.profiler import ProfilerActivity, profile
+
+        self.prof = profile(activities=[ProfilerActivity.CPU])
+        self.rusage = resource.getrusage(resource.RUSAGE_SELF)
+        self.t0 = time.perf_counter()
+        self.prof.__enter__()
+
+    def stop(self):
+        import resource
+
+        self.prof.__exit__(None, None, None)
+        self.seconds = time.perf_counter() - self.t0
+        now = resource.getrusage(resource.RUSAGE_SELF)
+        self.faults = now.ru_minflt - self.rusage.ru_minflt
+        self.sys_s = now.ru_stime - self.rusage.ru_stime
+        ops = self.prof.key_averages()
+        self.table = ops.table(sort_by="self_cpu_time_total", row_limit=12)
+        self.top = {
+            e.key: e.self_cpu_time_total / 1e6
+            for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:12]
+        }
+        print(
+            f"\n{self.name}: profile of the last update, {self.seconds:.2f} s, {self.faults} page faults, "
+            f"{self.sys_s:.2f} s in the kernel\n{self.table}"
+        )
+
+    def result(self):
+        return dict(
+            seconds=self.seconds, page_faults=self.faults, kernel_s=self.sys_s, self_cpu_s=self.top
+        )
 
 
 def run_ours(make_model, tok, items, embedder, args):
     """warmup + steps steps of opgrpo_min.grpo_train (reference = frozen copy, as in train()); per-step rows."""
     cfg = bench_config(args, args.warmup + args.steps)
+    prof, update, calls = UpdateProfile("ours", args.profile), om.grpo_update, []
+
+    def profiled_update(*a, **kw):  # the last step's update, under the profiler
+        calls.append(1)
+        if not (prof.on and len(calls) == cfg.steps):
+            return update(*a, **kw)
+        prof.start()
+        try:
+            return update(*a, **kw)
+        finally:
+            prof.stop()
+
     with PeakMemory(args.device) as mem, forced_length(args.max_new_tokens):
         model = make_model()
-        ref = (
-            copy.deepcopy(model).requires_grad_(False) if cfg.beta else None
-        )  # beta = 0: no reference at all
-        rows = om.grpo_train(model, tok, items, om.rollout_rewards(embedder, cfg), cfg, ref)
-    return dict(rows=rows[args.warmup :], peak_gb=mem.peak)
+        ref = copy.deepcopy(model).requires_grad_(False) if cfg.beta else None  # beta 0: none
+        om.grpo_update = profiled_update
+        try:
+            rows = om.grpo_train(model, tok, items, om.rollout_rewards(embedder, cfg), cfg, ref)
+        finally:
+            om.grpo_update = update
+    return dict(rows=rows[args.warmup :], peak_gb=mem.peak, **profile_result(prof))
+
+
+def profile_result(prof):
+    return dict(profile=prof.result()) if prof.on else {}
 
 
 def run_trl(make_model, tok, items, embedder, args):
@@ -250,7 +306,16 @@ def run_trl(make_model, tok, items, embedder, args):
         clock["reward"] += time.perf_counter() - t0
         return out
 
+    prof = UpdateProfile("TRL", args.profile)
+
     class Timed(GRPOTrainer):
+        def compute_loss(
+            self, *a, **kw
+        ):  # the update starts here: forward, loss, then backward and the step
+            if prof.on and len(rows) == n - 1:
+                prof.start()
+            return super().compute_loss(*a, **kw)
+
         def _get_per_token_logps_and_entropies(self, *a, **kw):
             t0 = time.perf_counter()
             out = super()._get_per_token_logps_and_entropies(*a, **kw)
@@ -265,6 +330,8 @@ def run_trl(make_model, tok, items, embedder, args):
             clock.update(dict.fromkeys(clock, 0.0))
 
         def on_step_end(self, *a, **kw):
+            if prof.on and len(rows) == n - 1:
+                prof.stop()
             t = time.perf_counter() - self.t0
             rows.append(
                 dict(
@@ -328,7 +395,49 @@ def run_trl(make_model, tok, items, embedder, args):
         for k in ("gradient_checkpointing", "loss_type", "bf16", "scale_rewards")
         if hasattr(cfg, k)
     }
-    return dict(rows=rows[args.warmup :], peak_gb=mem.peak, settings=settings)
+    return dict(
+        rows=rows[args.warmup :], peak_gb=mem.peak, settings=settings, **profile_result(prof)
+    )
+
+
+def sampler_vs_generate(args):
+    """The rollout alone, --rounds times each way, alternating: sample_groups (the written-out sampler: a prompt's
+    prefill shared by its G answers) and model.generate with the same sampling (temperature 1, top_p 1, top_k off)
+    over the P x G prompt copies, both forced to --max-new-tokens. Prints seconds and the ratio."""
+    from transformers import GenerationConfig
+
+    model, tok = build_policy(args)
+    items = harness.data.load_situations(os.path.join(om.HERE, "data", "train.jsonl"))
+    P, G = args.prompts or 2, args.group_size or 4
+    T = args.max_new_tokens or 64
+    prompts = [om.chat_prompt(tok, s.situation) for s in items[:P]]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    gen = GenerationConfig(
+        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=T, min_new_tokens=T
+    )
+    gen.pad_token_id = tok.pad_token_id
+    ids, attn = enc.input_ids.repeat_interleave(G, 0), enc.attention_mask.repeat_interleave(G, 0)
+    ways = dict(
+        sample_groups=lambda: om.sample_groups(model, tok, prompts, G, T),
+        generate=lambda: model.generate(input_ids=ids, attention_mask=attn, generation_config=gen),
+    )
+    times = {k: [] for k in ways}
+    with forced_length(T), torch.no_grad():
+        ways["sample_groups"](), ways["generate"]()  # warm-up
+        for r in range(args.rounds):
+            for k in ways if r % 2 == 0 else list(ways)[::-1]:
+                t0 = om.clock(model)
+                ways[k]()
+                times[k].append(om.clock(model) - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["sample_groups"] / med["generate"]
+    print(
+        f"rollout of {P} prompts x G {G} x {T} tokens, median of {args.rounds}: sample_groups "
+        f"{med['sample_groups']:.2f} s, generate {med['generate']:.2f} s; ratio {ratio:.3f}"
+    )
+    result = dict(args=vars(args), seconds=times, median=med, ratio=ratio)
+    harness.runs.write_text(args.out, json.dumps(result, indent=1))
+    return result
 
 
 # ================================================================ floors and summaries
@@ -500,21 +609,17 @@ class LiveBytes(TorchDispatchMode):
 
 @torch.no_grad()
 def decode_rollout(model, tracker, P, G, L, T, vocab, steps=0):
-    """The memory of sample_groups without model.generate, whose stopping checks read values fake tensors do not have:
-    P left-padded prompts repeated G times, a prefill that fills a DynamicCache and keeps the logits of the last
-    position only, then one-token steps that grow the cache, each sampling from float32 logits of the new position (as
-    generate's _sample). Not mirrored: generate's logits processors (min-new-tokens, suppress-tokens: one or two more
-    [B, V] float32 copies, 0.05 GB at the preset) and its stopping criteria. steps > 0 runs only the last `steps` of
-    the T - 1 decode forwards: the cache first grows in one piece to where they start, which leaves the tensors the
-    skipped steps leave (not their transients, smaller than the last steps'; test_skipped_decode_steps_...)."""
+    """The memory of opgrpo_min.sample_groups without its stopping check (done.all() reads values fake tensors do not
+    have): P left-padded prompts prefilled once into a DynamicCache that keeps the logits of the last position only,
+    the cache and logits repeated for G answers each, then one-token steps that grow the cache, each drawing from
+    next_token_logprobs of the new position. steps > 0 runs only the last `steps` of the T - 1 decode forwards: the
+    cache first grows in one piece to where they start, which leaves the tensors the skipped steps leave (not their
+    transients, smaller than the last steps'; test_skipped_decode_steps_...)."""
     from transformers import DynamicCache
 
     attn = torch.ones(P, L, dtype=torch.long)
-    attn[0, 0] = (
-        0  # prompts of different lengths: transformers builds the 4D mask (it does with fake tensors anyway)
-    )
-    ids = torch.randint(0, vocab, (P, L)).repeat_interleave(G, 0)  # [B, L]
-    attn = attn.repeat_interleave(G, 0)  # [B, L]
+    attn[0, 0] = 0  # prompts of different lengths: transformers builds the 4D mask
+    ids = torch.randint(0, vocab, (P, L))  # [P, L]
     cache, B = DynamicCache(config=model.config), P * G
     alive = weakref.ref(cache)  # the tracker must not keep the cache alive after the rollout
     tracker.groups["KV cache"] = lambda: (
@@ -522,41 +627,32 @@ def decode_rollout(model, tracker, P, G, L, T, vocab, steps=0):
         if alive() is None
         else [x for layer in alive().layers for x in (layer.keys, layer.values)]
     )
-    pos = lambda: (attn.cumsum(1) - 1).clamp(min=0)
     out = model(
-        input_ids=ids,
-        attention_mask=attn,
-        position_ids=pos(),
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
+        ids, attention_mask=attn, position_ids=om.positions(attn), cache=cache, logits_to_keep=1
     )
+    cache.batch_repeat_interleave(G)
+    logits = out.logits[:, -1].repeat_interleave(G, 0)  # [B, V']
+    del out
+    ids, attn = ids.repeat_interleave(G, 0), attn.repeat_interleave(G, 0)  # [B, L] each
     grow = max(T - 1 - steps, 0) if steps else 0
     if grow:
         c = model.config
         kv = (B, c.num_key_value_heads, grow, c.hidden_size // c.num_attention_heads)
         for i in range(c.num_hidden_layers):
             cache.update(torch.empty(kv, dtype=model.dtype), torch.empty(kv, dtype=model.dtype), i)
-        ids, attn = (
-            torch.cat([ids, ids.new_zeros(B, grow)], 1),
-            torch.cat([attn, attn.new_ones(B, grow)], 1),
-        )
+        ids = torch.cat([ids, ids.new_zeros(B, grow)], 1)
+        attn = torch.cat([attn, attn.new_ones(B, grow)], 1)
     for n in range(grow, T):
-        probs = (
-            out.logits[:, -1, :vocab].float().softmax(-1)
-        )  # ids past the tokenizer: suppressed    # [B, V]
-        del out
+        probs = om.next_token_logprobs(logits, 1.0, vocab).exp()  # [B, V]
         ids = torch.cat([ids, torch.multinomial(probs, 1)], 1)  # [B, L + n + 1]
-        attn = torch.cat([attn, attn.new_ones(B, 1)], 1)  # [B, L + n + 1]
         if n == T - 1:
-            break  # generate never feeds its last token back: the cache ends at L + T - 1 positions
-        out = model(  # noqa: F841 (read at the top of the next pass)
-            input_ids=ids[:, -1:],
-            attention_mask=attn,
-            position_ids=pos()[:, -1:],
-            cache=cache,
-            use_cache=True,
-        )
+            break  # the last token is never fed back: the cache ends at L + T - 1 positions
+        attn = torch.cat([attn, attn.new_ones(B, 1)], 1)  # [B, L + n + 1]
+        pos = om.positions(attn)[:, -1:]
+        logits = model(ids[:, -1:], attention_mask=attn, position_ids=pos, cache=cache).logits[
+            :, -1
+        ]
+    attn = torch.cat([attn, attn.new_ones(B, 1)], 1)  # [B, L + T]
     answer_mask = attn[:, L:].clone()  # [B, T]
     return om.Rollout(ids, attn, answer_mask, [""] * B, torch.arange(P).repeat_interleave(G))
 
@@ -586,6 +682,9 @@ def materialize(model):
                         )
                     store[name] = new[id(t)]
     return model
+
+
+answer_logits = om.answer_logits
 
 
 def simulate_step(a, fake=True):
@@ -670,6 +769,9 @@ def simulate_step(a, fake=True):
             )
             adv = adv[keep]
         tracker.phase = "log-probs"
+        # whole rows: fake tensors cannot run the grouping by prompt (its shape depends on values), and whole rows
+        # hold at least as much memory, so the simulated peak is an upper bound there
+        om.answer_logits = functools.partial(answer_logits, share_prompts=False)
         with torch.no_grad():
             old = (
                 None
@@ -699,6 +801,7 @@ def simulate_step(a, fake=True):
         tracker.phase = "update"
         with om.training(model, cfg.gradient_checkpointing):
             om.grpo_update(model, opt, roll, adv, old, ref_logp, cfg, vocab)
+        om.answer_logits = answer_logits
     return dict(tracker.result(), seconds=time.perf_counter() - t0)
 
 
@@ -782,6 +885,16 @@ def parse_args(argv=None):
     )
     p.add_argument("--model", help="policy: hub id or local dir (default: embedded SmolLM2-135M)")
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler over the last update of each run, with its page faults",
+    )
+    p.add_argument(
+        "--malloc-default",
+        action="store_true",
+        help="leave glibc's malloc as it is (harness/allocator.py normally keeps freed memory)",
+    )
+    p.add_argument(
         "--shape", choices=sorted(SHAPES), help="random weights of this shape instead of --model"
     )
     p.add_argument(
@@ -828,6 +941,11 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--sweep", action="store_true", help="G = 2, 4, 8 x answer length 32, 64, 128 (ours only)"
+    )
+    p.add_argument(
+        "--vs-generate",
+        action="store_true",
+        help="the rollout alone: opgrpo_min.sample_groups against transformers' generate, alternating",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
@@ -882,10 +1000,53 @@ def parse_args(argv=None):
     return args
 
 
+RATIOS = dict(  # ours / TRL per phase, as printed
+    generate="t_generate",
+    logprob="t_logprob",
+    update="t_update",
+    update_forward="t_update_forward",
+    step="t_step",
+)
+
+
+def ours_over_trl(runs):
+    """{phase: median of ours / median of TRL} over the timed steps of `runs` (results named 'ours ...' and 'TRL ...')."""
+    med = lambda who, k: statistics.median(
+        x[k] for r in runs if r["name"].startswith(who) for x in r["rows"]
+    )
+    return {name: med("ours", k) / med("TRL", k) for name, k in RATIOS.items()}
+
+
+def others_cpu_seconds():
+    """What the rest of the machine did: the CPU seconds every other process has used (theirs and their finished
+    children's, from /proc), with the wall clock; the difference of two readings is what they used in between."""
+    used, me = 0.0, os.getpid()
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(pid) != me and int(fields[1]) != me:  # not this process nor its own children
+            used += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return Reading(cpu_s=used, wall_s=time.time())
+
+
+class Reading(dict):
+    """Two readings of others_cpu_seconds subtract field by field."""
+
+    def __sub__(self, other):
+        return Reading({k: v - other[k] for k, v in self.items()})
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.malloc_default:  # measure without harness/allocator.py's setting
+        harness.allocator._done.append(True)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.vs_generate:
+        return sampler_vs_generate(args)
     if args.simulate:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         result = dict(args=vars(args))
@@ -962,6 +1123,7 @@ def main(argv=None):
         )
 
     configs = [(g, t) for g in (2, 4, 8) for t in (32, 64, 128)] if args.sweep else [(None, None)]
+    busy = others_cpu_seconds()
     for g, t in configs:
         a = argparse.Namespace(**vars(args))
         if g:
@@ -970,21 +1132,28 @@ def main(argv=None):
             tag = f" G={a.group_size} T={a.max_new_tokens}" + (
                 f" round {r + 1}" if args.rounds > 1 else ""
             )
-            record("ours" + tag, run_ours(make_model, tok, items, embedder, a), a)
+            runs = [("ours", run_ours)] + ([("TRL", run_trl)] if args.vs_trl else [])
+            for who, run in runs if r % 2 == 0 else runs[::-1]:  # who goes first alternates
+                record(who + tag, run(make_model, tok, items, embedder, a), a)
             if args.vs_trl:
-                record("TRL" + tag, run_trl(make_model, tok, items, embedder, a), a)
+                ratio = ours_over_trl(result["runs"][-2:])
+                result.setdefault("rounds", []).append(ratio)
+                print(
+                    f"\nround {r + 1}, ours / TRL: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in ratio.items())
+                )
     if args.vs_trl:
-        med = lambda who, k: statistics.median(
-            x[k] for r in result["runs"] if r["name"].startswith(who) for x in r["rows"]
-        )
-        result["ours_over_trl"] = {
-            k: med("ours", k) / med("TRL", k)
-            for k in ("t_generate", "t_reward", "t_update", "t_step")
-        }
+        result["ours_over_trl"] = ours_over_trl(result["runs"])
         print(
             "\nours / TRL (median over all timed steps): "
-            + ", ".join(f"{k[2:]} {v:.2f}" for k, v in result["ours_over_trl"].items())
+            + ", ".join(f"{k} {v:.2f}" for k, v in result["ours_over_trl"].items())
         )
+    busy = others_cpu_seconds() - busy
+    result["others_cpu_s"] = dict(busy, load_average=os.getloadavg())
+    print(
+        f"other processes used {busy['cpu_s']:.0f} CPU-seconds during the {busy['wall_s']:.0f} s of the "
+        f"benchmark ({busy['cpu_s'] / busy['wall_s'] / os.cpu_count():.0%} of the machine)"
+    )
     if args.sweep:
         xs = [r["group_size"] * r["max_new_tokens"] for r in result["runs"]]
         ys = [r["summary"]["t_step"]["median"] for r in result["runs"]]

@@ -1,5 +1,7 @@
 """--lora-rank R: a LoRA adapter trains instead of the whole policy (pip install peft)."""
 
+import os
+
 
 def lora_config(rank):
     """The LoRA adapter of --lora-rank: every linear layer of the blocks, alpha = 2 x rank, no dropout (dropout
@@ -27,8 +29,11 @@ def with_lora(model, rank):
     return get_peft_model(model, lora_config(rank))
 
 
-def saved_adapter(base, checkpoint):
-    """The trainable adapter of a checkpoint, on its frozen base model (a --resume of a LoRA run)."""
-    from peft import PeftModel
+def load_adapter_weights(policy, checkpoint):
+    """The adapter weights a checkpoint holds, put into a LoRA policy (a --resume of a LoRA run)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
-    return PeftModel.from_pretrained(base, checkpoint, is_trainable=True)
+    set_peft_model_state_dict(
+        policy, load_file(os.path.join(checkpoint, "adapter_model.safetensors"))
+    )

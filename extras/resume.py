@@ -1,7 +1,9 @@
 """--resume DIR: continue the run saved in DIR exactly, or refuse with one line that says what differs.
 
-A checkpoint (harness.runs.save_checkpoint) holds the policy, the optimizer, every RNG, the step, the config, and
-fingerprints of what the run depends on. A resume refuses:
+Where a run goes on from (load): its last checkpoint (harness.runs.save_checkpoint: the policy, the optimizer, every
+RNG, the step, the config, and fingerprints of what the run depends on); else, when it stopped before its first
+checkpoint, GRPO step 0 from its saved SFT model (out/sft); else, when it stopped during SFT, its start: SFT runs
+again, since nothing of it was saved. A resume refuses:
 - a knob given with another value than the run's, except --steps, --save-every and --sample-every;
 - a KL reference, training data file or chat template whose sha256 differs from the one the run started with;
 - a metrics.jsonl that is missing, shorter than the checkpoint's step, or not that run's history;
@@ -22,23 +24,131 @@ import numpy as np
 import torch
 
 from harness.data import DataError
-from harness.runs import settle
+from harness.models import model_fingerprint
+from harness.runs import settle, write_text
 
 
-def find_checkpoint(out):
-    """out/checkpoint, after settling a swap that a kill interrupted (harness.runs.settle)."""
-    ckpt = os.path.join(out, "checkpoint")
+@dataclasses.dataclass
+class Saved:
+    """What --resume found in a run folder, and where the run goes on from (see load)."""
+
+    cfg: object  # the run's config, with the knobs a resume may change changed
+    step: int  # the GRPO step it goes on from
+    start: str  # the model loaded first: out/sft, or --model (no SFT, or SFT to run again)
+    start_over_sft: bool  # it stopped during SFT: SFT runs again
+    where: str  # what the log line says of the start
+    fingerprints: dict  # what the run started with
+    checkpoint: str = None  # out/checkpoint, when there is one
+    state: dict = None  # its trainer_state.json
+    tensors: dict = None  # its trainer_state.pt
+    history: list = None  # the lines of metrics.jsonl up to its step
+
+    def check_same(self, now):
+        """Refuse a resume whose data, chat template or (when `now` holds it) KL reference is not the run's."""
+        what = dict(
+            reference="the KL reference (sft/, or --model when SFT was skipped)",
+            data="the training data file",
+            chat_template="the chat template of the checkpoint's tokenizer",
+        )
+        for k in [k for k in what if k in now]:
+            if self.fingerprints.get(k) != now[k]:
+                raise ValueError(
+                    f"--resume {self.cfg.out}: {what[k]} is not what the run started with (its fingerprint "
+                    f"{now[k][:16]} is not {str(self.fingerprints.get(k))[:16]}): the resume would continue "
+                    f"another run; restore it, or start over with --overwrite"
+                )
+
+    def restore(self, policy, optimizer, prints):
+        """Put the saved run in place of a fresh GRPO start: the checkpoint's weights (its adapter's, for a LoRA
+        policy) into `policy`, the optimizer's state, every RNG, and metrics.jsonl up to the step. Returns the step.
+        Without a checkpoint the fresh start is the run's own: an empty metrics.jsonl, step 0."""
+        metrics = os.path.join(self.cfg.out, "metrics.jsonl")
+        if self.checkpoint is None:
+            write_text(metrics, "")
+            return 0
+        self.check_same(prints)
+        if hasattr(policy, "disable_adapter"):
+            from extras.lora import load_adapter_weights
+
+            load_adapter_weights(policy, self.checkpoint)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            trust = self.cfg.trust_remote_code
+            saved = AutoModelForCausalLM.from_pretrained(
+                self.checkpoint, dtype=policy.dtype, trust_remote_code=trust
+            )
+            policy.load_state_dict(saved.state_dict())
+        optimizer.load_state_dict(self.tensors["optimizer"])
+        set_rng_state(self.state["rng"], self.tensors)
+        write_text(metrics, "".join(self.history))
+        return self.step
+
+
+def load(given, config_class, resumable):
+    """Saved: where the run in --resume DIR goes on from, after every check that needs no model (the knobs, the
+    step, the metrics history)."""
+    ckpt = os.path.join(given.resume, "checkpoint")
     settle(ckpt)
-    if os.path.isfile(os.path.join(ckpt, "trainer_state.json")):
-        return ckpt
-    hint = (
-        f"; its SFT warm start is saved: start a new run from it with --model {out}/sft --sft-steps 0 --out NEW"
-        if os.path.isdir(os.path.join(out, "sft"))
-        else ""
-    )
-    raise FileNotFoundError(
-        f"--resume {out}: no checkpoint in that directory (expected {ckpt}){hint}"
-    )
+    if not os.path.isfile(os.path.join(ckpt, "trainer_state.json")):
+        return before_checkpoint(given, config_class, resumable)
+    state, tensors = load_trainer_state(ckpt, config_class)
+    check_weights(ckpt)
+    cfg = resumed_config(given, state["config"], resumable)
+    step, metrics = state["step"], os.path.join(cfg.out, "metrics.jsonl")
+    if step > cfg.steps:
+        raise ValueError(
+            f"--steps {cfg.steps}: the checkpoint in {cfg.out} is at step {step}; pass --steps {step} "
+            f"or more"
+        )
+    lines = history(metrics, step)
+    prints = state.get("fingerprints", {})
+    if hashlib.sha256("".join(lines).encode()).hexdigest() != prints.get("metrics"):
+        why = (
+            "is missing"
+            if not os.path.exists(metrics)
+            else f"is not the history of the checkpoint (it holds {len(lines)} rows up to step "
+            f"{step}, or another run's)"
+        )
+        raise ValueError(
+            f"{metrics} {why}: a resume would lose or mix metrics; restore the file, or start over with "
+            f"--overwrite"
+        )
+    start = os.path.join(cfg.out, "sft") if cfg.sft_steps != 0 else cfg.model
+    saved = Saved(cfg, step, start, False, f"step {step}", prints, ckpt, state, tensors, lines)
+    saved.check_same(dict(reference=model_fingerprint(start)))  # before any model loads
+    return saved
+
+
+def before_checkpoint(given, config_class, resumable):
+    """Saved for a run that stopped before its first checkpoint: GRPO step 0 from its saved SFT model (from --model
+    when it skips SFT), or its start when it stopped during SFT."""
+    out = given.resume
+    config, prints = os.path.join(out, "config.json"), os.path.join(out, "fingerprints.json")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(
+            f"--resume {out}: no run in that directory (no checkpoint/ and no config.json)"
+        )
+    try:
+        with open(config, encoding="utf-8") as f:
+            saved = config_class(**json.load(f))
+        with open(prints, encoding="utf-8") as f:
+            fingerprints = json.load(f)
+    except (OSError, ValueError, TypeError) as e:
+        raise DataError(
+            f"--resume {out}: it holds no checkpoint, and its config.json or fingerprints.json cannot be "
+            f"read ({' '.join(str(e).split())[:80]}): start over with --overwrite"
+        ) from None
+    cfg = resumed_config(given, saved, resumable)
+    sft = os.path.join(out, "sft")
+    settle(sft)
+    if cfg.sft_steps == 0:
+        return Saved(cfg, 0, cfg.model, False, "GRPO step 0", fingerprints)
+    if os.path.isfile(os.path.join(sft, "config.json")):
+        check_weights(sft)
+        return Saved(cfg, 0, sft, False, "GRPO step 0, from its saved SFT model", fingerprints)
+    where = "its start: it stopped during SFT, which was not saved and runs again"
+    return Saved(cfg, 0, cfg.model, True, where, fingerprints)
 
 
 def load_trainer_state(ckpt, config_class):
@@ -136,54 +246,6 @@ def history(metrics, step):
         if os.path.exists(metrics)
         else []
     )
-
-
-def load(given, config_class, resumable):
-    """(config, checkpoint dir, trainer state, tensors, metrics lines up to its step) of the run in --resume DIR,
-    after every check that needs no model: the knobs, the step, and the metrics history."""
-    ckpt = find_checkpoint(given.resume)
-    state, tensors = load_trainer_state(ckpt, config_class)
-    check_weights(ckpt)
-    cfg = resumed_config(given, state["config"], resumable)
-    step, metrics = state["step"], os.path.join(cfg.out, "metrics.jsonl")
-    if step > cfg.steps:
-        raise ValueError(
-            f"--steps {cfg.steps}: the checkpoint in {cfg.out} is at step {step}; pass --steps {step} "
-            f"or more"
-        )
-    lines = history(metrics, step)
-    if hashlib.sha256("".join(lines).encode()).hexdigest() != state.get("fingerprints", {}).get(
-        "metrics"
-    ):
-        why = (
-            "is missing"
-            if not os.path.exists(metrics)
-            else (
-                f"is not the history of the checkpoint (it holds "
-                f"{len(lines)} rows up to step {step}, or another run's)"
-            )
-        )
-        raise ValueError(
-            f"{metrics} {why}: a resume would lose or mix metrics; restore the file, or start over with "
-            f"--overwrite"
-        )
-    return cfg, ckpt, state, tensors, lines
-
-
-def check_same(saved, now, out):
-    """Refuse a resume whose KL reference, data or chat template is not the one the run started with."""
-    what = dict(
-        reference="the KL reference (sft/, or --model when SFT was skipped)",
-        data="the training data file",
-        chat_template="the chat template of the checkpoint's tokenizer",
-    )
-    for k, name in what.items():
-        if saved.get(k) != now[k]:
-            raise ValueError(
-                f"--resume {out}: {name} is not what the run started with (its fingerprint "
-                f"{now[k][:16]} is not {str(saved.get(k))[:16]}): the resume would continue another "
-                f"run; restore it, or start over with --overwrite"
-            )
 
 
 def set_rng_state(rng, tensors):

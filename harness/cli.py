@@ -42,29 +42,28 @@ def run_cli(main, argv=None):
 
 
 def knob_notes(config_class):
-    """{field: (help, test or None)} from the comments beside a config dataclass's fields, '# help | values', where
-    `values` is a Python condition on v in the module's names ('v >= 1', '0 < v <= 1', 'v in ("cpu", "gpu")')."""
+    """{field: (help, rule or None)} from the comments beside a config dataclass's fields, '# help | rule'. The rule
+    is text for --help and error messages ('v >= 1'); the check itself is the script's RANGES (check_ranges)."""
     import inspect
 
-    names, notes = vars(sys.modules[config_class.__module__]), {}
+    notes = {}
     for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(config_class), re.M):
-        text, _, spec = m[2].partition(" | ")
-        notes[m[1]] = (text.strip(), spec.strip() or None)
-    return {
-        k: (text, spec, spec and eval(f"lambda v: {spec}", names))
-        for k, (text, spec) in notes.items()
-    }
+        text, _, rule = m[2].partition(" | ")
+        notes[m[1]] = (text.strip(), rule.strip() or None)
+    return notes
 
 
-def check_knobs(cfg):
-    """Every knob that is set must be finite (no inf or nan) and take a value its comment allows; one line that
-    names the flag otherwise."""
-    for name, (_, spec, ok) in knob_notes(type(cfg)).items():
-        v, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+def check_ranges(cfg, ranges):
+    """Every knob that is set is finite (no inf or nan) and passes its test in `ranges` ({field: v -> bool}); one
+    line that names the flag and the rule of its comment otherwise."""
+    notes = knob_notes(type(cfg))
+    for f in dataclasses.fields(cfg):
+        v, flag, ok = getattr(cfg, f.name), "--" + f.name.replace("_", "-"), ranges.get(f.name)
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"{flag} {v}: must be a finite number")
         if v is not None and ok and not isinstance(v, bool) and not ok(v):
-            raise ValueError(f"{flag} {v}: out of range, must satisfy {spec}")
+            rule = notes.get(f.name, ("", None))[1] or "its range (see --help)"
+            raise ValueError(f"{flag} {v}: out of range, must satisfy {rule}")
 
 
 def text_arg(value):
@@ -77,13 +76,13 @@ def text_arg(value):
 def dataclass_args(config_class, argv=None, description=None):
     """The fields of a config dataclass as --flags, the comment beside each field as its help and range (see
     knob_notes); a list field is a repeatable flag. Only the flags given are recorded (cfg._set), so a resume keeps
-    the rest. Values are range-checked by check_knobs once the defaults are resolved."""
+    the rest. Values are range-checked by check_ranges once the defaults are resolved."""
     notes = knob_notes(config_class)
     p = ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     for f in dataclasses.fields(config_class):
-        flag, (text, spec, _) = "--" + f.name.replace("_", "-"), notes.get(f.name, ("", None, None))
+        flag, (text, spec) = "--" + f.name.replace("_", "-"), notes.get(f.name, ("", None))
         text = text.replace("%", "%%")  # argparse formats help strings with %
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         if kind == "bool":

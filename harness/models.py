@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from harness.allocator import keep_freed_memory
 from harness.data import sha256_of
 from harness.runs import atomic_save
 
@@ -55,8 +56,12 @@ def plain_model(model):
 
 def load_policy(name=None, device="cpu", dtype=None, trust_remote_code=False):
     """(model, tokenizer) from a hub id or a local directory; None = embedded SmolLM2, whose GGUF takes ~30 s to
-    convert, so the plain conversion is cached in ~/.cache/opgrpo-min."""
+    convert, so the plain conversion is cached in ~/.cache/opgrpo-min. On the CPU the process's allocator is set to
+    keep freed memory for the next step (harness/allocator.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if str(device) == "cpu":
+        keep_freed_memory()
 
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     if name is None:

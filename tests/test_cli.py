@@ -438,8 +438,8 @@ RESUME_CASES = {  # what is done to a copy of a finished 2-step run, and what th
         "holds 1 rows up to step 2",
     ),
     "another run's checkpoint": (other_run_checkpoint, "not the history of the checkpoint"),
-    "chat template replaced": (
-        lambda run, tmp: (run / "checkpoint" / "chat_template.jinja").write_text(
+    "chat template replaced": (  # the tokenizer a resume loads is the run's: sft/'s
+        lambda run, tmp: (run / "sft" / "chat_template.jinja").write_text(
             "{{ messages[0]['content'] }}"
         ),
         "the chat template",

@@ -103,9 +103,24 @@ def clean(rows):
     return [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows]
 
 
-def test_lora_run_saves_its_sft_merged_resumes_exactly_and_loads(tiny_model_dir, tmp_path):
+def even_share(embedder, cfg):
+    """A reward that differs within a group whatever a random model says (the share of even token ids), so the
+    advantages are not all 0 and the adapter must move."""
+
+    def fn(roll, items):
+        answers, mask = roll.input_ids[:, -roll.answer_mask.shape[1] :], roll.answer_mask
+        return (((answers % 2 == 0) * mask).sum(1) / mask.sum(1)).tolist(), {}
+
+    return fn
+
+
+def test_lora_run_saves_its_sft_merged_resumes_exactly_and_loads(
+    tiny_model_dir, tmp_path, monkeypatch
+):
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(om, "rollout_rewards", even_share)
 
     argv = (
         "--lora-rank",
@@ -121,6 +136,7 @@ def test_lora_run_saves_its_sft_merged_resumes_exactly_and_loads(tiny_model_dir,
     om.main(tiny_run(tiny_model_dir, tmp_path / "b", 2, *argv))
     resumed = om.main(["--resume", str(tmp_path / "b"), "--steps", "3"])
     assert [r["step"] for r in resumed] == [1, 2, 3] and clean(resumed) == clean(straight)
+    assert any(r["zero_spread"] < 1 for r in straight)  # some step has a learning signal
     # sft/ is a plain model (the SFT adapter merged); the checkpoint is the GRPO adapter over it, and loads as one
     assert os.path.isfile(tmp_path / "b" / "sft" / "config.json")
     assert os.path.isfile(tmp_path / "b" / "checkpoint" / "adapter_config.json")

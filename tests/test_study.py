@@ -145,3 +145,27 @@ def test_answering_survives_sigkill_and_a_rerun_makes_only_what_is_missing(
     a, b = study.read_answers(straight), study.read_answers(killed)
     assert len(a) == 4 * 8 and a == b  # every answer once, the same as a straight run
     assert sum(1 for _ in open(killed)) == 4 * 8  # the torn line is gone, nothing is doubled
+
+
+def test_the_smoke_curve_runs_end_to_end_and_goes_on_from_what_is_saved(tiny_model_dir, tmp_path):
+    """study/curve.py at tiny settings: GRPO kept at steps 0, 1 and 2, each answered and paired against SFT; the
+    training situations answered at 0 and 2; a rerun with one more kept step trains only the new range (--resume)
+    and answers only the new row."""
+    from study import curve
+
+    out = tmp_path / "curve"
+    r = curve.main(["--smoke", "--model", tiny_model_dir, "--out", str(out)])
+    assert r["at"] == [0, 1, 2] and set(r["paired"]) == {"step1", "step2"}
+    assert all(set(d) == set(study.METRICS) for d in r["paired"].values())
+    assert [t["step"] for t in r["training"]] == [1, 2]
+    assert set(r["training_set"]["means"]) == {0, 2}
+    answers = [json.loads(line) for line in open(out / "answers.jsonl")]
+    # per held-out situation (4): 2 answers each of sft, step1, step2; per training situation (4): 2 at 0 and 2
+    assert len(answers) == 4 * 3 * 2 + 4 * 2 * 2
+    assert os.path.isfile(out / "curve.png") and "sign-flip" in open(out / "curve.md").read()
+    again = curve.main(["--smoke", "--model", tiny_model_dir, "--out", str(out), "--at", "0,1,2,3"])
+    assert [t["step"] for t in again["training"]] == [1, 2, 3]
+    assert again["training"][:2] == r["training"]  # the run went on: the steps before are the same
+    assert again["means"]["step2"] == r["means"]["step2"]  # kept answers are not made again
+    with pytest.raises(ValueError, match="--lr 0.001: the curve in .* was made with 5e-06"):
+        curve.main(["--smoke", "--model", tiny_model_dir, "--out", str(out), "--lr", "0.001"])
