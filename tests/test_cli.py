@@ -105,9 +105,47 @@ def data_file(tmp, kind):
             (json.dumps(GOOD) + "\n" + json.dumps(long)).encode(),
             "line 2: the prompt of situation '2' has",
         ),
+        "a directory": ("folder.jsonl", None, "is a directory, not the"),
+        "a device": ("/dev/null", None, "is a device or a socket, not a regular file"),
+        "deeply nested JSON": (
+            "deep.jsonl",
+            b'{"id": "1", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "line 1: JSON nested too deeply",
+        ),
+        "a number of 5000 digits": (
+            "digits.jsonl",
+            b'{"id": "1", "x": ' + b"7" * 5000 + b"}",
+            "line 1: a number of 5000 digits",
+        ),
+        "a key twice": (
+            "twice.jsonl",
+            json.dumps(GOOD).replace('"id": "1"', '"id": "1", "id": "2"').encode(),
+            "line 1: key 'id' appears twice",
+        ),
+        "a lone surrogate": (
+            "surrogate.jsonl",
+            json.dumps(dict(GOOD, situation="Lying \ud800 to a friend")).encode(),
+            "line 1: holds a lone surrogate",
+        ),
     }
+    fields = {  # one field of the good row replaced: (the JSON text of its value, what is said)
+        "id null": ("id", "null", "'id' must be non-empty text, not null"),
+        "id NaN": ("id", "NaN", "'id' must be non-empty text, not the number nan"),
+        "id an object": ("id", '{"a": 1}', "'id' must be non-empty text, not an object"),
+        "id empty": ("id", '""', "'id' must be non-empty text, not empty text"),
+        "id a number": ("id", "7", "'id' must be non-empty text, not the number 7"),
+        "id of 401 digits": ("id", "1" * 401, "'id' must be non-empty text, not a number of 401"),
+        "domain a list": ("domain", '["law"]', "'domain' must be text (or left out), not a list"),
+        "id with a space at its end": ("id", '"1 "', "'id' '1 ' has spaces at its ends"),
+    }
+    if kind in fields:
+        key, value, says = fields[kind]
+        text = json.dumps(dict(GOOD, **{key: "@"})).replace('"@"', value)
+        cases[kind] = (kind.replace(" ", "-") + ".jsonl", text.encode(), "line 1: " + says)
     name, content, says = cases[kind]
     path = tmp / name
+    if kind == "a directory":
+        path.mkdir()
     if content is not None:
         path.write_bytes(content)
     return str(path), says
@@ -125,11 +163,26 @@ def answers_file(tmp, kind):
         path = tmp / "answers.jsonl"
         path.write_text(good)
         return str(path), None
+    if kind in ANSWER_KINDS:
+        key, value, says = ANSWER_KINDS[kind]
+        first = json.dumps(json.loads(good.splitlines()[0]) | {key: "@"}).replace('"@"', value)
+        path = tmp / "answers.jsonl"
+        path.write_text(first + "\n" + "".join(good.splitlines(True)[1:]))
+        return str(path), "line 1: " + says
     path, says = data_file(tmp, kind)
     if kind == "missing field":
         open(path, "w").write(json.dumps(dict(id=ids[0], model="m", prompt="implicit")) + "\n")
         says = "line 1:"
     return path, says
+
+
+ANSWER_KINDS = {  # a field of an answers row replaced: (field, its JSON text, what is said)
+    "id null": ("id", "null", "'id' must be non-empty text, not null"),
+    "id a number": ("id", "7", "'id' must be non-empty text, not the number 7"),
+    "model a list": ("model", '["m"]', "'model' must be non-empty text, not a list"),
+    "answer a number": ("answer", "5", "'answer' must be text (or null for an empty answer)"),
+    "answer with a lone surrogate": ("answer", '"a \\udc00 b"', "holds a lone surrogate"),
+}
 
 
 def model_dir(tmp, kind):
@@ -158,9 +211,26 @@ FOREIGN_KINDS = [
     "JSON top level 5",
     "JSON top level null",
 ]
+FIELD_KINDS = [  # issue 34: a field that is not what it claims to be, and files no test made before
+    "id null",
+    "id NaN",
+    "id an object",
+    "id empty",
+    "id a number",
+    "id of 401 digits",
+    "domain a list",
+    "id with a space at its end",
+    "a lone surrogate",
+    "a directory",
+    "a device",
+    "deeply nested JSON",
+    "a number of 5000 digits",
+    "a key twice",
+]
 NOT_FINITE = ["inf", "nan", "-inf"]
 CASES = (  # (script, what is wrong); see build() for the command line of each
     [("opgrpo_min", f"--train-data {k}") for k in DATA_KINDS + ["over-long situation"]]
+    + [("opgrpo_min", f"--train-data {k}") for k in FIELD_KINDS]
     + [
         ("opgrpo_min", c)
         for c in (
@@ -229,6 +299,7 @@ CASES = (  # (script, what is wrong); see build() for the command line of each
     ]
     + [("eval_nli", f"--data {k}") for k in DATA_KINDS]
     + [("eval_nli", f"--answers {k}") for k in DATA_KINDS[:5]]
+    + [("eval_nli", f"--answers {k}") for k in ANSWER_KINDS]
     + [
         ("eval_nli", c)
         for c in (
@@ -294,9 +365,10 @@ def build(script, case, tmp, run_dir, tiny_model_dir):
         "tools/convert_data": {"DATA": None},
     }[script]
     args["--out"], says = str(tmp / "out"), [flag]
-    if flag in ("--train-data", "--data", "DATA") and what in DATA_KINDS + FOREIGN_KINDS + [
-        "over-long situation"
-    ]:
+    if (
+        flag in ("--train-data", "--data", "DATA")
+        and what in DATA_KINDS + FOREIGN_KINDS + ["over-long situation"] + FIELD_KINDS
+    ):
         args[flag], why = data_file(tmp, what)
         says = [args[flag], why]
     elif script == "tools/convert_data":  # --out exists
@@ -467,6 +539,18 @@ RESUME_CASES = {  # what is done to a copy of a finished 2-step run, and what th
         "trainer_state.pt: damaged",
     ),
     "--steps below the checkpoint": (lambda run, tmp: None, "--steps 1: the checkpoint"),
+    "metrics.jsonl with a step as text": (
+        lambda run, tmp: (run / "metrics.jsonl").write_text(
+            (run / "metrics.jsonl").read_text().replace('"step": 1,', '"step": "1",', 1)
+        ),
+        "metrics.jsonl is not the history of the checkpoint",
+    ),
+    "metrics.jsonl not UTF-8": (
+        lambda run, tmp: (run / "metrics.jsonl").write_bytes(
+            b"\xff" + (run / "metrics.jsonl").read_bytes()
+        ),
+        "metrics.jsonl is not the history of the checkpoint",
+    ),
 }
 
 
