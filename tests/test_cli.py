@@ -667,6 +667,69 @@ def test_overwrite_moves_the_earlier_run_aside_and_keeps_it_whole(
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1]
 
 
+# ================================================================ one process per run folder
+def lock_holder(folder):
+    """A real process that holds the run-folder lock of `folder` (harness.runs.lock_run_folder) until killed."""
+    code = "import sys, time; from harness.runs import lock_run_folder as l; l(sys.argv[1]); print('held', flush=True); time.sleep(120)"
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout.readline() == "held\n"
+    return p
+
+
+def test_a_locked_run_folder_refuses_a_second_process_by_pid_and_a_sigkill_frees_it(tmp_path):
+    folder = tmp_path / "run"
+    holder = lock_holder(folder)
+    (folder / "metrics.jsonl").write_text("{}\n")
+    before = tree(folder)
+    with pytest.raises(harness.runs.FolderBusy) as e:
+        harness.runs.lock_run_folder(str(folder))
+    assert str(e.value).startswith(f"--out {folder}: another process (PID {holder.pid}) is writing")
+    assert tree(folder) == before
+    holder.send_signal(signal.SIGKILL)  # the OS lets go of the lock; its file stays, unheld
+    holder.wait()
+    assert (folder / ".lock").exists()
+    with harness.runs.lock_run_folder(str(folder)) as lock:
+        assert (folder / ".lock").read_text() == f"{os.getpid()}\n"
+        harness.runs.claim_out_dir(str(folder), holds=("metrics.jsonl",), overwrite=True)
+        p = subprocess.run(  # the lock moved along with --overwrite: the fresh folder is still held
+            [
+                sys.executable,
+                "-c",
+                "import sys; from harness.runs import lock_run_folder as l; l(sys.argv[1])",
+                str(folder),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert f"another process (PID {os.getpid()})" in p.stderr and lock.fd is not None
+    assert tree(folder) == {} and tree(tmp_path / "run.replaced-1") == {
+        "metrics.jsonl": b"{}\n"
+    }  # the run moved aside whole, without the lock file
+    fresh = tmp_path / "new" / "deeper"
+    harness.runs.lock_run_folder(str(fresh)).release()  # a folder made for nothing is removed again
+    assert not (tmp_path / "new").exists()
+
+
+def test_sim_train_into_a_folder_another_process_holds_is_one_line_and_changes_nothing(tmp_path):
+    folder = tmp_path / "sim"
+    holder = lock_holder(folder)
+    try:
+        before = tree(folder)
+        with pytest.raises(SystemExit) as e:
+            harness.cli.run_cli(sim_train.main, ["--data", TRAIN, "--out", str(folder)])
+        assert str(e.value.code) == (
+            f"error: --out {folder}: another process (PID {holder.pid}) is writing there; wait for "
+            f"it to end or stop it, or use another --out"
+        )
+        assert tree(folder) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_the_table_covers_every_script_and_the_docs_state_its_size():
     from collections import Counter
 
