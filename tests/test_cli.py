@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 
+import eval_judge
 import eval_nli
 import harness.cli
 import harness.data
@@ -30,6 +31,7 @@ SCRIPTS = {
     "tools/score_answers": score_answers.main,
     "study": study.main,
     "tools/convert_data": convert_data.main,
+    "eval_judge": eval_judge.main,
 }
 GOOD = {
     "id": "1",
@@ -185,6 +187,24 @@ ANSWER_KINDS = {  # a field of an answers row replaced: (field, its JSON text, w
 }
 
 
+def judge_answers_file(tmp, kind="good"):
+    """An answers file for eval_judge.py (id, model, prompt, answer, situation), good or with one defect."""
+    good = dict(
+        id="s1", model="m", prompt="implicit", answer="In my view, yes.", situation="May I?"
+    )
+    fields = dict(ANSWER_KINDS, **{"sample negative": ("sample", "-1", "'sample' must be a whole")})
+    if kind == "missing field":
+        path = tmp / "judge_answers.jsonl"
+        path.write_text(json.dumps({k: v for k, v in good.items() if k != "situation"}) + "\n")
+        return str(path), "line 1: missing field(s) situation"
+    if kind not in fields and kind != "good":
+        return data_file(tmp, kind)
+    key, value, says = fields.get(kind, ("id", '"s1"', None))
+    path = tmp / "judge_answers.jsonl"
+    path.write_text(json.dumps(good | {key: "@"}).replace('"@"', value) + "\n")
+    return str(path), says and "line 1: " + says
+
+
 def model_dir(tmp, kind):
     """A folder given as a model that is none: empty, or holding other files."""
     path = tmp / kind.replace(" ", "-")
@@ -330,6 +350,31 @@ CASES = (  # (script, what is wrong); see build() for the command line of each
     + [("tools/convert_data", f"DATA {k}") for k in FOREIGN_KINDS]
     + [("tools/convert_data", "--out exists")]
     + [
+        ("eval_judge", f"--answers {k}")
+        for k in DATA_KINDS[:5]
+        + ["a directory", "a device"]
+        + list(ANSWER_KINDS)
+        + ["sample negative"]
+    ]
+    + [
+        ("eval_judge", c)
+        for c in (
+            "--timeout inf",
+            "--timeout nan",
+            "--timeout 0",
+            "--timeout 1e10",
+            "--model ''",
+            "--model ' '",
+            "--api-key-env ''",
+            "--base-url ftp://judge",
+            "--concurrency 0",
+            "--temperature -1",
+            "--out ''",
+            "--out is a file",
+            "--out read-only",
+        )
+    ]
+    + [
         ("study", c)
         for c in (
             "--seeds 0",
@@ -354,7 +399,7 @@ CASES = (  # (script, what is wrong); see build() for the command line of each
 def build(script, case, tmp, run_dir, tiny_model_dir):
     """(argv, the output dir, what the one error line must contain) of one case: good arguments with one bad one."""
     flag, _, what = case.partition(" ")
-    what = "" if what == "''" else what
+    what = {"''": "", "' '": " "}.get(what, what)
     good_answers = answers_file(tmp, "good")[0]
     args = {
         "opgrpo_min": {"--train-data": TRAIN, "--device": "cpu", "--model": tiny_model_dir},
@@ -363,6 +408,11 @@ def build(script, case, tmp, run_dir, tiny_model_dir):
         "tools/score_answers": {"--data": TEST, "--answers": good_answers},
         "study": {"--model": tiny_model_dir, "--smoke": None},
         "tools/convert_data": {"DATA": None},
+        "eval_judge": {  # a port where nothing listens: every case must end before any request
+            "--answers": judge_answers_file(tmp)[0],
+            "--base-url": "http://127.0.0.1:9/v1",
+            "--api-key-env": "none",
+        },
     }[script]
     args["--out"], says = str(tmp / "out"), [flag]
     if (
@@ -370,6 +420,9 @@ def build(script, case, tmp, run_dir, tiny_model_dir):
         and what in DATA_KINDS + FOREIGN_KINDS + ["over-long situation"] + FIELD_KINDS
     ):
         args[flag], why = data_file(tmp, what)
+        says = [args[flag], why]
+    elif flag == "--answers" and script == "eval_judge":
+        args[flag], why = judge_answers_file(tmp, what)
         says = [args[flag], why]
     elif script == "tools/convert_data":  # --out exists
         (tmp / "out").mkdir()
@@ -748,6 +801,7 @@ def test_a_bad_input_from_a_real_process_has_no_traceback(script, tmp_path):
         "opgrpo_min": ["--train-data"],
         "study": ["--train-data"],
         "tools/convert_data": [],
+        "eval_judge": ["--answers"],
     }.get(script, ["--data"])
     extra = (
         ["--answers", answers_file(tmp_path, "good")[0]]
