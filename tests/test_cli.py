@@ -831,6 +831,18 @@ def test_a_bad_input_from_a_real_process_has_no_traceback(script, tmp_path):
     )
 
 
+def test_the_table_of_tried_inputs_states_how_many_it_holds():
+    text = open(os.path.join(REPO, "docs", "testing.md")).read()
+    table = text[text.index("## Tried inputs") :]
+    rows = [
+        line for line in table.splitlines() if line.startswith("| ") and "| input |" not in line
+    ]
+    inputs = sum(
+        row.split(" | ")[0].count(" / ") + 1 for row in rows
+    )  # "a / b" in a row: two inputs
+    assert f"**{inputs} tried**. Now: {inputs} clear" in " ".join(table.split())
+
+
 # ================================================================ resume
 def test_resume_from_the_command_line_continues_the_run_exactly(tiny_model_dir, tmp_path, run_dir):
     clean = lambda rows: [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows]
