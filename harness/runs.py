@@ -121,11 +121,9 @@ class RunLock:
 
     def __init__(self, folder, flag):
         self.folder, self.flag, self.fd = folder, flag, None
-        self.made = (
-            None  # the highest folder that lock_run_folder made: removed at the end if left empty
-        )
-        for p in iter_parents(os.path.abspath(folder)):
-            self.made = p if not os.path.exists(p) else self.made
+        # the highest folder that lock_run_folder makes (None: it exists), removed at the end if left empty
+        missing = [p for p in iter_parents(os.path.abspath(folder)) if not os.path.exists(p)]
+        self.made = missing[-1] if missing else None
 
     @property
     def path(self):
