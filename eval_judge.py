@@ -16,7 +16,8 @@ The paper backs its NLI results with GPT-4.1 as the judge (the authors' benchmar
     python eval_judge.py --answers runs/study/answers.jsonl --model qwen2.5:7b --base-url http://localhost:11434/v1
 
 Run it again with the same arguments and it asks only for the answers that have no judgment yet or a failed one
-(docs/judge.md). The API key is read from the environment, and is never printed or written to a file.
+(docs/judge.md). The API key is read from the environment, and is never printed or written to a file, not even
+in part.
 """
 
 import argparse
@@ -29,6 +30,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import sys
 import time
 import urllib.parse
@@ -37,10 +39,18 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numpy as np
 
 from extras.answers import drop_torn_tail
-from harness.cli import ArgumentParser, run_cli
-from harness.data import DataError, not_utf8, read_jsonl
+from harness.cli import ArgumentParser, run_cli, text_arg
+from harness.data import (
+    DataError,
+    described,
+    json_line,
+    read_jsonl,
+    read_text,
+    text_id,
+    unique_keys,
+)
 from harness.report import pyplot, save_figure
-from harness.runs import claim_out_dir, write_text
+from harness.runs import claim_out_dir, lock_run_folder, write_text
 
 ASPECTS = ("helpfulness", "clarity", "factuality", "depth", "engagement")
 METRICS = ASPECTS + ("overall",)  # overall: the mean of an answer's five scores
@@ -49,6 +59,7 @@ PAPER_MAX_TOKENS = (
     450  # the authors' MAX_OUTPUT_TOKENS; a shorter cap cuts the reasons, then the JSON
 )
 OPENAI_URL = "https://api.openai.com/v1"
+MAX_TIMEOUT = 86400  # seconds for one reply; more is no timeout (and overflows the client's clock)
 DUMMY_KEY = "none"  # local servers started without a key accept any key, but the client needs one
 ANSWER_FIELDS = ("id", "model", "prompt", "answer", "situation")
 
@@ -136,12 +147,20 @@ def answers_to_judge(path, limit=None):
         if not isinstance(row["situation"], str) or not row["situation"].strip():
             raise DataError(f"{where}: 'situation' must be non-empty text (the judge is shown it)")
         if row["answer"] is not None and not isinstance(row["answer"], str):
-            raise DataError(f"{where}: 'answer' must be text (or null for an empty answer)")
+            raise DataError(
+                f"{where}: 'answer' must be text (or null for an empty answer), not "
+                f"{described(row['answer'])}"
+            )
         sample = row.get("sample", 0)
-        if not isinstance(sample, int) or isinstance(sample, bool):
-            raise DataError(f"{where}: 'sample' must be a whole number, not {sample!r}")
-        system = f"{row['row'] if 'row' in row else row['model']} / {row['prompt']}"
-        a = Answer(system, str(row["id"]), sample, row["situation"].strip(), row["answer"] or "")
+        if not isinstance(sample, int) or isinstance(sample, bool) or sample < 0:
+            raise DataError(
+                f"{where}: 'sample' must be a whole number >= 0, not {described(sample)}"
+            )
+        names = [text_id(where, row, k) for k in ("row" if "row" in row else "model", "prompt")]
+        system = " / ".join(names)
+        a = Answer(
+            system, text_id(where, row), sample, row["situation"].strip(), row["answer"] or ""
+        )
         if a.key in keys:
             raise DataError(
                 f"{where}: a second answer of {system!r} to situation {a.id!r} (sample {sample}); "
@@ -157,29 +176,74 @@ def answers_to_judge(path, limit=None):
 
 
 # ================================================================ reading a reply
-FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S | re.I)
 WHOLE_NUMBER = re.compile(r"\s*[+-]?\d+\s*")
 
 
 def parse_scores(reply):
     """{aspect: score} from the judge's reply, or a ValueError saying why it is unusable (it is then asked again).
-    The object may sit in a ```json fence or among other words (first '{' to last '}'); an aspect is
-    {"reason": ..., "score": s} or just s, its name in any case; a score is a whole number 1-5, as a number (4, 4.0)
-    or as text ("4"). 4.5, "4/5", 0 and 6 are refused: never rounded, clipped or read as 0.
+    The object may sit in a ```json fence or among other words; an aspect is {"reason": ..., "score": s} or just s,
+    its name in any case; a score is a whole number 1-5, as a number (4, 4.0) or as text ("4"). 4.5, "4/5", 0 and 6
+    are refused: never rounded, clipped or read as 0. Nothing ambiguous is guessed: two objects with different
+    scores, or one aspect (or any key) twice, are refused.
     Example: 'Here: {"helpfulness": {"reason": "ok", "score": "4"}, ...}' -> {"helpfulness": 4, ...}"""
-    fenced = FENCE.search(reply)
-    body = fenced.group(1) if fenced else reply
-    start, end = body.find("{"), body.rfind("}")
+    if not reply.strip():
+        raise ValueError("an empty reply")
+    found, problems = [], []
+    for data in json_objects(reply):
+        try:
+            found.append(scores_of(data))
+        except ValueError as e:
+            problems.append(e)
+    if not found:
+        raise problems[0]
+    if any(f != found[0] for f in found[1:]):
+        raise ValueError(
+            f"{len(found)} JSON objects with different scores: which is meant is a guess"
+        )
+    return found[0]
+
+
+def json_objects(reply):
+    """The JSON values in a reply, in order, from its first '{' to its last '}': each one decoded, and the words
+    between two of them (a closing fence, 'and in short:') skipped. ValueError when there is none or one does not
+    decode (a key twice in an object included: JSON would keep the last silently).
+    Example: 'A: {"x": 1} or B: {"x": 2}.' -> [{"x": 1}, {"x": 2}]"""
+    start, end = reply.find("{"), reply.rfind("}")
     if start < 0 or end < start:
         raise ValueError("no JSON object in the reply")
-    try:
-        data = json.loads(body[start : end + 1])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not JSON ({e.msg})") from None
+    body, values, at = reply[start : end + 1], [], 0
+    decoder = json.JSONDecoder(object_pairs_hook=unique_keys)
+    while at >= 0:
+        try:
+            value, at = decoder.raw_decode(body, at)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError("JSON nested too deeply to read") from None
+        except ValueError as e:  # unique_keys; a number of more than 4300 digits
+            raise ValueError(str(e)) from None
+        values.append(value)
+        at = body.find("{", at)
+    return values
+
+
+def scores_of(data):
+    """The five scores of one decoded JSON object (see parse_scores)."""
     if not isinstance(data, dict):
         raise ValueError("the JSON is not an object")
-    data = {str(k).strip().lower(): v for k, v in data.items()}
-    return {aspect: aspect_score(aspect, data) for aspect in ASPECTS}
+    named, spelled = {}, {}
+    for k, v in data.items():
+        name = k.strip().lower()
+        if name in named and name in ASPECTS:
+            raise ValueError(f"{name!r} appears twice ({spelled[name]!r} and {k!r})")
+        named[name], spelled[name] = v, k
+    return {aspect: aspect_score(aspect, named) for aspect in ASPECTS}
+
+
+def shown(value):
+    """A value in an error line: its repr, cut at 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def aspect_score(aspect, data):
@@ -192,13 +256,13 @@ def aspect_score(aspect, data):
             raise ValueError(f"{aspect!r} has no 'score'")
         entry = entry["score"]
     if isinstance(entry, bool) or not isinstance(entry, (int, float, str)):
-        raise ValueError(f"{aspect}: score {entry!r} is not a number")
+        raise ValueError(f"{aspect}: score {shown(entry)} is not a number")
     if isinstance(entry, str) and WHOLE_NUMBER.fullmatch(entry):
         entry = int(entry)
     if isinstance(entry, str) or (isinstance(entry, float) and not entry.is_integer()):
-        raise ValueError(f"{aspect}: score {entry!r} is not a whole number")
+        raise ValueError(f"{aspect}: score {shown(entry)} is not a whole number")
     if not 1 <= entry <= 5:
-        raise ValueError(f"{aspect}: score {entry!r} is outside 1-5")
+        raise ValueError(f"{aspect}: score {shown(entry)} is outside 1-5")
     return int(entry)
 
 
@@ -264,9 +328,66 @@ def api_key(base_url, env_name):
     )
 
 
+KEY_PIECE = 8  # no run of this many characters of the key is ever stored or printed
+ESCAPE = re.compile(  # one character as a server may have escaped it: \u0073 (also \\u0073), \x73, %73, &#115;
+    r"\\+u([0-9a-fA-F]{4})|\\+x([0-9a-fA-F]{2})|%([0-9a-fA-F]{2})|&#[xX]([0-9a-fA-F]{1,6});"
+    r"|&#([0-9]{1,7});|\\+(.)",
+    re.S,
+)
+
+
+def unescaped(m):
+    """The character an ESCAPE match stands for."""
+    for group, base in ((1, 16), (2, 16), (3, 16), (4, 16), (5, 10)):
+        if m.group(group):
+            n = int(m.group(group), base)
+            return chr(n) if n <= 0x10FFFF else "\ufffd"
+    return m.group(6)
+
+
 def redact(text, key):
-    """`text` without the key: an error message or a reply is stored and printed, the key never is."""
-    return text.replace(key, "[API KEY]") if text and key and key != DUMMY_KEY else text
+    """`text` with every piece of the key that is KEY_PIECE (8) characters or longer replaced by [API KEY], also where
+    the server escaped some of its characters (\\u0073, \\x73, %73, &#115;). So no cut, before or after, can leave
+    more than 7 characters of the key in a message, a stored reply or a printed line. A key of fewer than 8
+    characters is replaced only whole; the dummy key is not secret.
+    Example, key 'sk-abcdefghijk': 'x s\\u006b-abcdefgh[cut]' -> 'x [API KEY][cut]', but 'sk-abcd' stays."""
+    if not text or not key or key == DUMMY_KEY:
+        return text
+    k = min(KEY_PIECE, len(key))
+    pieces = {key[i : i + k] for i in range(len(key) - k + 1)}
+    # the text as a reader sees it, escapes decoded, and where each of its characters starts in `text`
+    chars, starts, pos = [], [], 0
+    for m in ESCAPE.finditer(text):
+        chars += [text[pos : m.start()], unescaped(m)]
+        starts += [*range(pos, m.start()), m.start()]
+        pos = m.end()
+    chars.append(text[pos:])
+    starts += [*range(pos, len(text)), len(text)]
+    plain, spans = "".join(chars), []
+    for i in range(len(plain) - k + 1):
+        if plain[i : i + k] in pieces:
+            a, b = starts[i], starts[i + k]
+            if spans and a <= spans[-1][1]:
+                spans[-1][1] = b
+            else:
+                spans.append([a, b])
+    out, pos = [], 0
+    for a, b in spans:
+        out += [text[pos:a], "[API KEY]"]
+        pos = b
+    return "".join(out) + text[pos:]
+
+
+def one_line(text, key, limit):
+    """`text` on one line, redacted, then cut to `limit` characters: redaction always comes before the cut."""
+    text = no_surrogates(redact(" ".join(str(text).split()), key))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def no_surrogates(text):
+    """`text` with each lone surrogate (a server's "\\ud800", half of a pair: no character) as U+FFFD, so that
+    what is stored reads back (harness.data.json_line refuses them)."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)
 
 
 def make_client(base_url, key, timeout, http_retries):
@@ -277,37 +398,101 @@ def make_client(base_url, key, timeout, http_retries):
     )
 
 
-def chat(client, model, messages, max_tokens, temperature):
-    """One chat completion: (reply text, {"prompt", "completion"} tokens from the server's usage, HTTP retries the
-    client took). max_tokens, not max_completion_tokens: every local server reads the former."""
-    raw = client.chat.completions.with_raw_response.create(
-        model=model, messages=messages, max_tokens=max_tokens, temperature=temperature
-    )
-    done = raw.parse()
-    usage = getattr(done, "usage", None)
-    tokens = dict(
-        prompt=getattr(usage, "prompt_tokens", None),
-        completion=getattr(usage, "completion_tokens", None),
-    )
-    text = done.choices[0].message.content if done.choices else None
-    return text or "", tokens, getattr(raw, "retries_taken", 0)
-
-
 class RequestFailed(RuntimeError):
     """A request that failed after the client's own retries: its answer is recorded as failed, the run goes on."""
 
 
-def request_error(e, base_url, model, env_name):
+class BadReply(RequestFailed):
+    """A reply that came (and is paid for) but is no chat completion with text in it: asked again like an unusable
+    reply, and its body is kept as the answer's `reply`."""
+
+    def __init__(self, reason, body, tokens, retries):
+        super().__init__(reason)
+        self.reason, self.body, self.tokens, self.retries = reason, body, tokens, retries
+
+
+def chat(client, model, messages, max_tokens, temperature):
+    """One chat completion: (reply text, {"prompt", "completion"} tokens from the server's usage, HTTP retries the
+    client took), or BadReply. max_tokens, not max_completion_tokens: every local server reads the former. The body
+    is read by read_completion, not by the client, which hands on a number or a list as the text and fails with an
+    AttributeError on a null message or an HTML page."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=temperature
+    )
+    retries = getattr(raw, "retries_taken", 0)
+    text, tokens, problem = read_completion(raw.text)
+    if problem:
+        raise BadReply(problem, raw.text, tokens, retries)
+    return text, tokens, retries
+
+
+def read_completion(body):
+    """(text, tokens, problem) of a chat completion's body. problem: None, or why the body holds no reply text (text
+    is then ""); tokens: {"prompt", "completion"}, each the server's count if it is a whole number >= 0, else None.
+    Example: '{"choices": [{"message": {"content": 5}}]}' -> ("", both None, "the reply's content is the number 5,
+    not text")."""
+    tokens = dict(prompt=None, completion=None)
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        what = "an HTML page" if body.lstrip()[:1] == "<" else "not JSON"
+        return "", tokens, f"the server's body is {what}, not a chat completion"
+    if not isinstance(data, dict):
+        return "", tokens, f"the server's body is {described(data)}, not a chat completion object"
+    if isinstance(data.get("usage"), dict):
+        tokens = {k: count_of(data["usage"].get(f"{k}_tokens")) for k in tokens}
+    choices = data.get("choices")
+    if choices == []:
+        return "", tokens, "'choices' is an empty list: the server sent no reply"
+    if not isinstance(choices, list):
+        return "", tokens, f"'choices' is {described(choices)}, not a list of replies"
+    if not isinstance(choices[0], dict) or "message" not in choices[0]:
+        return "", tokens, "the first choice has no 'message'"
+    message = choices[0]["message"]
+    if not isinstance(message, dict):
+        return "", tokens, f"the first choice's 'message' is {described(message)}, not an object"
+    content, refusal = message.get("content"), message.get("refusal")
+    if content is None and isinstance(refusal, str) and refusal.strip():
+        return "", tokens, f"the judge refused: {refusal}"
+    if content is not None and not isinstance(content, str):
+        return "", tokens, f"the reply's content is {described(content)}, not text"
+    return content or "", tokens, None
+
+
+def count_of(value):
+    """A token count as the server sent it, if it is one (a whole number >= 0), else None."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**15
+    return value if ok else None
+
+
+def cannot_connect(e):
+    """Whether a connection error means no server is reachable at all (refused, unknown host), as opposed to a
+    connection that opened and was lost before the whole reply came."""
+    while e is not None:
+        if type(e).__name__ == "ConnectError" or isinstance(
+            e, ConnectionRefusedError | socket.gaierror
+        ):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def request_error(e, base_url, model, env_name, key):
     """The one-line reason an openai error ended a request, for the answer's failed row; an Unusable instead when
-    no other request can succeed either."""
+    no other request can succeed either. Every piece of the server's text is redacted before it is cut."""
     openai = need_openai()
+    said = lambda limit: one_line(e, key, limit)
     if isinstance(e, openai.APITimeoutError):
         return "timeout: no reply within --timeout, on every try"
     if isinstance(e, openai.APIConnectionError):
-        cause = " ".join(str(e.__cause__ or e).split())[:160]
-        raise Unusable(
-            f"--base-url {base_url}: cannot connect ({cause}); is the server running, and does the URL "
-            f"end in /v1?"
+        if cannot_connect(e):
+            raise Unusable(
+                f"--base-url {base_url}: cannot connect ({one_line(e.__cause__ or e, key, 160)}); is the "
+                f"server running, and does the URL end in /v1?"
+            )
+        return (
+            f"connection lost before the whole reply came, on every try (--http-retries) "
+            f"({one_line(e.__cause__ or e, key, 160)})"
         )
     if isinstance(e, (openai.AuthenticationError, openai.PermissionDeniedError)):
         raise Unusable(
@@ -317,40 +502,57 @@ def request_error(e, base_url, model, env_name):
     if isinstance(e, openai.NotFoundError):
         raise Unusable(
             f"--model {model}: {base_url} answered 404 (no such model there, or the URL lacks /v1): "
-            f"{' '.join(str(e).split())[:160]}"
+            f"{said(160)}"
         )
     if isinstance(e, openai.APIStatusError):
-        return f"HTTP {e.status_code}: {' '.join(str(e).split())[:300]}"
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        return f"HTTP {e.status_code}: {said(300)}"
+    return f"{type(e).__name__}: {said(300)}"
 
 
-def make_ask(base_url, env_name, model, max_tokens, temperature, timeout, http_retries):
+MAX_BODY = 100_000  # characters of a reply kept and read; the object asked for takes under 3,000
+
+
+def make_ask(base_url, env_name, key, model, max_tokens, temperature, timeout, http_retries):
     """ask(messages) -> (reply text, tokens, HTTP retries) through one client shared by every thread; a failed
-    request raises RequestFailed or Unusable with a one-line reason. Neither the reply nor the reason holds the key
-    (a server may echo it)."""
-    key = api_key(base_url, env_name)
+    request raises RequestFailed (BadReply for a reply without text), or Unusable, with a one-line reason. No reply,
+    body or reason holds a piece of the key (a server may echo it, whole or escaped)."""
     openai = need_openai()
     client = make_client(base_url, key, timeout, http_retries)
+    kept = lambda text: no_surrogates(redact(text[: MAX_BODY + len(key)], key)[:MAX_BODY])
 
     def ask(messages):
         try:
             text, tokens, retries = chat(client, model, messages, max_tokens, temperature)
-            return redact(text, key), tokens, retries
+            if len(text) > MAX_BODY:
+                raise BadReply(
+                    f"a reply of {len(text)} characters, far over the object asked for",
+                    text,
+                    tokens,
+                    retries,
+                )
+            return kept(text), tokens, retries
+        except BadReply as e:
+            raise BadReply(
+                one_line(e.reason, key, 300), kept(e.body), e.tokens, e.retries
+            ) from None
         except openai.OpenAIError as e:
             try:
-                reason = request_error(e, base_url, model, env_name)
+                reason = request_error(e, base_url, model, env_name, key)
             except Unusable as stop:
                 raise Unusable(redact(str(stop), key)) from None
-            raise RequestFailed(redact(reason, key)) from None
+            raise RequestFailed(reason) from None
+        except Exception as e:  # anything else the client met: this answer fails, the run goes on
+            raise RequestFailed(f"{type(e).__name__}: {one_line(e, key, 300)}") from None
 
     return ask
 
 
 def in_parallel(work, items, concurrency):
     """(item, work(item)) for each item, on `concurrency` threads, yielded as each finishes so that the caller saves
-    every result the moment it exists. Only `concurrency` items are out at a time, so a stop leaves just those: on
-    Ctrl-C nothing more is sent, the ones in flight are still yielded (they are paid for), then KeyboardInterrupt;
-    an exception from work stops at once (the others in flight are waited for, unsaved)."""
+    every result the moment it exists. Only `concurrency` items are out at a time, so a stop leaves just those. A
+    stop (Ctrl-C, or an exception from work) sends nothing more; the items still in flight are yielded as they finish
+    (they are paid for), and then the stop is raised: KeyboardInterrupt, or the first exception. A second Ctrl-C
+    drops them."""
     items, stop = iter(items), None
     with ThreadPoolExecutor(concurrency) as pool:
         running = {pool.submit(work, x): x for x in itertools.islice(items, concurrency)}
@@ -358,7 +560,7 @@ def in_parallel(work, items, concurrency):
             try:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
             except KeyboardInterrupt as e:
-                if stop is not None:
+                if isinstance(stop, KeyboardInterrupt):
                     raise
                 stop = e
                 print(
@@ -370,7 +572,12 @@ def in_parallel(work, items, concurrency):
                 continue
             for f in done:
                 x = running.pop(f)
-                yield x, f.result()
+                try:
+                    result = f.result()
+                except Exception as e:
+                    stop = stop or e
+                    continue
+                yield x, result
                 for nxt in itertools.islice(items, 0 if stop else 1):
                     running[pool.submit(work, nxt)] = nxt
     if stop is not None:
@@ -386,9 +593,16 @@ class JudgeSettings:
     max_retries: int  # asks again after an unusable reply
 
 
+def sent_digest(answer):
+    """What the judge is shown of an answer, its situation and its text, as 16 hex digits of sha256: each judgment
+    carries it, so a judgment is never reported for a text it did not judge."""
+    return hashlib.sha256(json.dumps([answer.situation, answer.text]).encode()).hexdigest()[:16]
+
+
 def judge_answer(ask, answer, s):
     """The judgment row of one answer: asked until the reply parses, at most 1 + s.max_retries times; after that,
     or when the request itself failed (after the client's own retries), status 'failed' with the last reply and why.
+    A reply that is no chat completion with text (BadReply) counts as an unusable reply.
     ask: see make_ask. Example: replies 'oops', then a good one -> status 'ok', attempts 2."""
     tokens, http_retries, reply, why = dict(prompt=0, completion=0), 0, None, None
     row = lambda status, attempts, scores=None: dict(
@@ -402,16 +616,22 @@ def judge_answer(ask, answer, s):
         attempts=attempts,
         http_retries=http_retries,
         tokens=tokens,
+        sent_sha256=sent_digest(answer),
     )
     for attempt in range(1, s.max_retries + 2):
         try:
             reply, used, retries = ask(judge_messages(answer.situation, answer.text))
+            problem = None
+        except BadReply as e:
+            reply, used, retries, problem = e.body, e.tokens, e.retries, e.reason
         except RequestFailed as e:
             why = str(e)
             return row("failed", attempt)
         http_retries += retries
         tokens = {k: tokens[k] + (used[k] or 0) for k in tokens}
         try:
+            if problem:
+                raise ValueError(problem)
             return row("ok", attempt, parse_scores(reply))
         except ValueError as e:
             why = f"unusable reply: {e}"
@@ -426,21 +646,25 @@ def settings_fingerprint(s):
         model=s.model,
         question_sha256=question_sha256(),
         max_tokens=s.max_tokens,
-        temperature=float(s.temperature),
+        temperature=float(s.temperature) + 0.0,  # + 0.0: -0.0 is 0.0, and hashes as 0.0
     )
     return fields, hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_fingerprint(out, fields):
-    """Refuse to add to --out judgments made under another fingerprint, with one line naming what changed. Reads
-    only, so a refused run writes nothing."""
+def check_fingerprint(out, fields, fingerprint):
+    """The fingerprint the rows in --out carry, or a refusal with one line naming the flag that changed (its value
+    shown as repr, so 'judge ' and 'judge' differ visibly). Settings equal in value keep the saved fingerprint, so
+    -0.0 and 0.0 written by an earlier version are the same temperature. Reads only: a refused run writes nothing."""
     path = os.path.join(out, "judge_config.json")
     if not os.path.isfile(path):
-        return
+        return fingerprint
     try:
         with open(path, encoding="utf-8") as f:
-            saved = json.load(f)["fingerprint"]
-    except (ValueError, KeyError, TypeError):
+            config = json.load(f)
+        saved = config["fingerprint"]
+        if not isinstance(saved, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise DataError(
             f"{path}: not a judge config written by eval_judge.py; use another --out, or delete it "
             f"together with judgments.jsonl"
@@ -455,7 +679,7 @@ def check_fingerprint(out, fields):
     ):
         if saved.get(k) != fields[k]:
             raise ValueError(
-                f"{flag} {fields[k]}: the judgments in {out} were made with {flag} {saved.get(k)}; "
+                f"{flag} {fields[k]!r}: the judgments in {out} were made with {flag} {saved.get(k)!r}; "
                 f"{fresh}"
             )
     if saved.get("question_sha256") != fields["question_sha256"]:
@@ -464,40 +688,72 @@ def check_fingerprint(out, fields):
             f"{fields['question_sha256'][:12]}) is not the one the judgments in {out} were asked with "
             f"(sha256 {str(saved.get('question_sha256'))[:12]}); {fresh}"
         )
+    kept = config.get("fingerprint_sha256")
+    return kept if isinstance(kept, str) else fingerprint
+
+
+ROW_FIELDS = dict(system=str, id=str, sample=int, status=str, fingerprint=str)
+
+
+def judgment_problem(row):
+    """Why a row of judgments.jsonl is not one that eval_judge.py writes, or None. The fields the report and the
+    rerun use are checked: an ok row holds five whole-number scores 1-5."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    for k, kind in ROW_FIELDS.items():
+        if k not in row:
+            return f"no {k!r}"
+        if not isinstance(row[k], kind) or isinstance(row[k], bool):
+            return f"{k!r} is {described(row[k])}"
+    if row["status"] not in ("ok", "failed"):
+        return f"status {shown(row['status'])} is neither 'ok' nor 'failed'"
+    if not isinstance(row.get("sent_sha256", ""), str):
+        return f"'sent_sha256' is {described(row['sent_sha256'])}"
+    for k in ("attempts", "http_retries"):
+        if count_of(row.get(k)) is None:
+            return f"{k!r} is {described(row.get(k))}, not a whole number >= 0"
+    tokens = row.get("tokens")
+    if not isinstance(tokens, dict) or any(
+        tokens.get(k) is not None and count_of(tokens.get(k)) is None
+        for k in ("prompt", "completion")
+    ):
+        return "'tokens' is not {'prompt': N, 'completion': N}"
+    if row["status"] == "failed":
+        return None
+    scores = row.get("scores")
+    if not isinstance(scores, dict):
+        return f"an ok row whose 'scores' is {described(scores)}"
+    for aspect in ASPECTS:
+        if aspect not in scores:
+            return f"an ok row without a score for {aspect!r}"
+        v = scores[aspect]
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 5:
+            return f"{aspect} score {shown(v)} is not a whole number 1-5"
+    return None
 
 
 def read_judgments(path, fingerprint):
     """{key: the last row for that key} of judgments.jsonl: a rerun appends, so a later row replaces an earlier
     failed one. A last line without its newline that does not parse is an append cut short by a kill, and is ignored;
-    any other bad line, or a row made under another fingerprint, is an error naming the line. (Not read_jsonl: that
-    refuses the torn last line.)"""
-    if not os.path.isfile(path):
+    any other bad line, a row that is not one eval_judge.py writes (judgment_problem), or a row made under another
+    fingerprint, is an error naming the line. (Not read_jsonl: that refuses the torn last line.)"""
+    if not os.path.exists(path):
         return {}
-    try:
-        lines = open(path, encoding="utf-8").read().split("\n")
-    except UnicodeDecodeError:
-        raise not_utf8(path) from None
-    rows = {}
+    lines, rows = read_text(path, "judgments").split("\n"), {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
+            row = json_line(path, n, line)
+        except DataError as e:
             if n == len(lines):
                 continue
+            raise DataError(f"{e}; delete that line to judge its answer again") from None
+        problem = judgment_problem(row)
+        if problem:
             raise DataError(
-                f"{path}, line {n}: not JSON ({e.msg}); delete that line to judge its answer again"
-            ) from None
-        if not isinstance(row, dict) or not {
-            "system",
-            "id",
-            "sample",
-            "status",
-            "fingerprint",
-        } <= set(row):
-            raise DataError(
-                f"{path}, line {n}: not a judgment row (system, id, sample, status, fingerprint)"
+                f"{path}, line {n}: not a judgment row of eval_judge.py ({problem}); delete that line "
+                f"to judge its answer again"
             )
         if row["fingerprint"] != fingerprint:
             raise DataError(
@@ -748,9 +1004,11 @@ def ask_yes_no(
     reply's first word is 'yes' in any case (markdown and punctuation before it ignored). Any other first word, and a
     request that failed after the client's retries, counts as No and is reported on stderr with an example.
     Example: replies ['Yes, same point.', '**No**', 'Maybe'] -> [True, False, False], one reply reported."""
+    base_url = resolve_base_url(base_url)
     ask = make_ask(
-        resolve_base_url(base_url),
+        base_url,
         api_key_env,
+        api_key(base_url, api_key_env),
         model,
         max_tokens,
         temperature,
@@ -795,22 +1053,26 @@ def parse_args(argv=None):
     p.add_argument(
         "--answers",
         required=True,
+        type=text_arg,
         help="answers JSONL of eval_nli.py or study/run.py (id, model, prompt, "
         "answer, situation; study/run.py's `row` and `sample` are used when present)",
     )
     p.add_argument(
         "--model",
         default=PAPER_JUDGE,
+        type=text_arg,
         help="the judge, as the server names it (default: %(default)s, the paper's)",
     )
     p.add_argument(
         "--base-url",
+        type=text_arg,
         help="any OpenAI-compatible server, e.g. http://localhost:8000/v1 (default: "
         f"$OPENAI_BASE_URL, else {OPENAI_URL})",
     )
     p.add_argument(
         "--api-key-env",
         default="OPENAI_API_KEY",
+        type=text_arg,
         help="the environment variable that holds the key; "
         "'none' = a dummy key, which an unset variable also gives for a loopback URL (default: "
         "%(default)s)",
@@ -818,6 +1080,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--out",
         default="runs/judge",
+        type=text_arg,
         help="judgments.jsonl, judge_results.md/.csv, judge.png, "
         "judge_config.json (default: %(default)s)",
     )
@@ -829,6 +1092,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--baseline",
+        type=text_arg,
         help="the system the others are compared with (default: the first in the file)",
     )
     p.add_argument(
@@ -879,6 +1143,12 @@ def parse_args(argv=None):
         "flushed at once; fsync guards against a power cut) (default: %(default)s)",
     )
     p.add_argument(
+        "--rejudge-changed",
+        action="store_true",
+        help="ask again for an answer whose situation or text differs from what its saved judgment in --out was "
+        "given (default: off: such a run is refused, naming the answer)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="print the number of requests and prompt tokens; send "
@@ -886,6 +1156,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--tokenizer",
+        type=text_arg,
         help="the judge's tokenizer (hub id or dir) to count --dry-run's tokens (default: "
         "characters / 4)",
     )
@@ -896,13 +1167,39 @@ def parse_args(argv=None):
     checks += [(k, getattr(args, k) >= 0, ">= 0") for k in ("http_retries", "max_retries")]
     checks += [
         ("limit", args.limit is None or args.limit >= 1, ">= 1"),
-        ("timeout", args.timeout > 0, "> 0"),
+        ("timeout", 0 < args.timeout <= MAX_TIMEOUT, f"> 0 and at most {MAX_TIMEOUT} (a day)"),
         ("temperature", 0 <= args.temperature <= 2, "in [0, 2]"),
     ]
     for k, ok, words in checks:
         if not ok:  # NaN fails every comparison, so it lands here too
             p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: must be {words}")
+    args.temperature += 0.0  # -0.0 is 0.0
     return args
+
+
+def to_ask(args, answers, fields, fingerprint):
+    """(the fingerprint of --out's rows, the saved judgments, the answers to ask for): those with no judgment yet or
+    a failed one, and with --rejudge-changed those whose text differs from what their judgment was given. Without
+    it, such an answer is refused by name: its saved scores belong to another text. Reads only."""
+    fingerprint = check_fingerprint(args.out, fields, fingerprint)
+    judged = read_judgments(os.path.join(args.out, "judgments.jsonl"), fingerprint)
+    ok = lambda a: judged.get(a.key, {}).get("status") == "ok"
+    changed = [a for a in answers if ok(a) and judged[a.key].get("sent_sha256") != sent_digest(a)]
+    if changed and not args.rejudge_changed:
+        a = changed[0]
+        unknown = "sent_sha256" not in judged[a.key]
+        raise ValueError(
+            f"--answers {args.answers}: {len(changed)} answer(s) differ from the text their judgment in "
+            f"{args.out} was given"
+            + (
+                " (or it was judged by an earlier eval_judge.py, which kept no digest)"
+                if unknown
+                else ""
+            )
+            + f", e.g. the answer of {a.system!r} to {a.id!r} (sample {a.sample}); pass "
+            f"--rejudge-changed to ask for them again, or use another --out"
+        )
+    return fingerprint, judged, [a for a in answers if not ok(a) or a in changed]
 
 
 def main(argv=None):
@@ -919,11 +1216,8 @@ def main(argv=None):
     base_url = resolve_base_url(args.base_url)
     s = JudgeSettings(args.model, args.max_tokens, args.temperature, args.max_retries)
     fields, fingerprint = settings_fingerprint(s)
-    check_fingerprint(args.out, fields)
-    log_path = os.path.join(args.out, "judgments.jsonl")
-    judged = read_judgments(log_path, fingerprint)
-    todo = [a for a in answers if judged.get(a.key, {}).get("status") != "ok"]
     if args.dry_run:
+        _, _, todo = to_ask(args, answers, fields, fingerprint)
         n, how = prompt_tokens([judge_messages(a.situation, a.text) for a in todo], args.tokenizer)
         print(
             f"dry run: {len(todo)} requests ({len(answers) - len(todo)} of {len(answers)} answers already judged "
@@ -932,21 +1226,34 @@ def main(argv=None):
             f"{args.max_retries}) adds one request more; nothing was sent or written"
         )
         return
+    key = api_key(
+        base_url, args.api_key_env
+    )  # a missing key or package: an error before any output
     ask = make_ask(
         base_url,
         args.api_key_env,
+        key,
         s.model,
         s.max_tokens,
         s.temperature,
         args.timeout,
         args.http_retries,
-    )  # a missing key or package: an error before any output
+    )
+    with lock_run_folder(args.out):  # one process per --out: two would pay for every answer twice
+        judge_all(args, answers, baseline, s, fields, fingerprint, ask, redact(base_url, key))
+
+
+def judge_all(args, answers, baseline, s, fields, fingerprint, ask, base_url):
+    """main's work under the lock of --out: ask for what is missing, save each row as it comes, write the report.
+    base_url: as shown (a key written into the URL is redacted)."""
+    fingerprint, judged, todo = to_ask(args, answers, fields, fingerprint)
     claim_out_dir(args.out)
     config = dict(vars(args), base_url=base_url, fingerprint=fields, fingerprint_sha256=fingerprint)
     print("config:", json.dumps(config))
     write_text(os.path.join(args.out, "judge_config.json"), json.dumps(config, indent=1))
 
     # ---- ask for every answer not judged yet; each row is saved as it arrives
+    log_path = os.path.join(args.out, "judgments.jsonl")
     work = lambda answer: dict(judge_answer(ask, answer, s), fingerprint=fingerprint)
     t0, stats = time.time(), dict(ok=0, failed=0)
     print(

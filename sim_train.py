@@ -29,7 +29,7 @@ import reward
 from harness.cli import check_ranges, dataclass_args, run_cli
 from harness.data import load_situations
 from harness.models import check_model_path, load_embedder
-from harness.runs import claim_out_dir, write_text
+from harness.runs import claim_out_dir, lock_run_folder, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JUDGE_THRESHOLD = (
@@ -238,8 +238,9 @@ def main(argv=None):
             ("train", "eval"), split_by_situation(load_situations(cfg.data), cfg.held_out, cfg.seed)
         )
     )
-    named["extra"] = load_situations(cfg.eval_data) if cfg.eval_data else []
-    everything = named["train"] + named["eval"] + named["extra"]  # inputs first, then any output
+    named["extra"] = (
+        load_situations(cfg.eval_data) if cfg.eval_data else []
+    )  # inputs first, then output
     if {s.id for s in named["extra"]} & {s.id for s in named["train"] + named["eval"]}:
         raise ValueError(
             f"--eval-data {cfg.eval_data} shares situation ids with --data: use another set"
@@ -258,6 +259,13 @@ def main(argv=None):
     check_model_path(cfg.base, "--base", tokenizer=False)
     if not cfg.judge_url and cfg.judge != "embedded":
         check_model_path(cfg.judge, "--judge")
+    with lock_run_folder(cfg.out):  # one process per --out, for the whole run
+        return train_and_measure(cfg, named, device, t0)
+
+
+def train_and_measure(cfg, named, device, t0):
+    """main's work once the inputs are checked and --out is locked."""
+    everything = named["train"] + named["eval"] + named["extra"]
     claim_out_dir(cfg.out, MODEL_FILES, cfg.overwrite, "use another --out, or ")
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     set_seed(cfg.seed)

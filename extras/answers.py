@@ -4,7 +4,7 @@ the test set; study/run.py and eval_judge.py append to theirs after a kill."""
 import json
 import os
 
-from harness.data import read_jsonl
+from harness.data import DataError, described, read_jsonl, text_id
 
 
 def load_answers(path, items):
@@ -18,7 +18,14 @@ def load_answers(path, items):
                 f"{path}, line {n}: expected a JSON object with id, model, prompt, answer "
                 f"(missing {', '.join(missing)})"
             )
-        key, sid = (row["model"], row["prompt"]), str(row["id"])
+        where = f"{path}, line {n}"
+        key = text_id(where, row, "model"), text_id(where, row, "prompt")
+        sid = text_id(where, row)
+        if row["answer"] is not None and not isinstance(row["answer"], str):
+            raise DataError(
+                f"{where}: 'answer' must be text (or null for an empty answer), not "
+                f"{described(row['answer'])}"
+            )
         if sid not in known:
             raise ValueError(
                 f"{path}, line {n}: id {sid!r} is not in the test set; the answers were made for "
@@ -28,7 +35,7 @@ def load_answers(path, items):
             raise ValueError(
                 f"{path}, line {n}: a second answer of model {key[0]!r}, prompt {key[1]!r} to {sid!r}"
             )
-        groups[key][sid] = row["answer"] if isinstance(row["answer"], str) else ""
+        groups[key][sid] = row["answer"] or ""
     if not groups:
         raise ValueError(f"{path}: no answers in the file")
     for (model, prompt), answers in groups.items():

@@ -235,14 +235,19 @@ def history(metrics, step):
     """The lines of metrics.jsonl up to `step`: rows past the checkpoint are run again, and a kill mid-append may
     have left half a row, which does not parse and is dropped."""
 
-    def row_step(line):
+    def row_step(line):  # a row that is not an object with a whole-number step is no row of ours
         try:
-            return json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
+            n = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
             return math.inf
+        return n if isinstance(n, int) and not isinstance(n, bool) else math.inf
 
-    return (
-        [line for line in open(metrics, encoding="utf-8") if row_step(line) <= step]
+    return (  # bytes that are not UTF-8 become U+FFFD: the history then differs and is refused
+        [
+            line
+            for line in open(metrics, encoding="utf-8", errors="replace")
+            if row_step(line) <= step
+        ]
         if os.path.exists(metrics)
         else []
     )

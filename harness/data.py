@@ -4,6 +4,7 @@ of the method may skip this file: it holds no rule of the paper."""
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 
 KINDS = ("value", "right", "duty")
@@ -52,9 +53,13 @@ def load_situations(path):
     items = [situation_of(f"{path}, line {n}", row) for n, row in read_jsonl(path)]
     if not items:
         raise DataError(f"{path}: the file holds no situations")
-    again = next((s for k, s in enumerate(items) if s.id in {t.id for t in items[:k]}), None)
-    if again:
-        raise DataError(f"{again.where}: situation id {again.id!r} appears more than once")
+    first = {}
+    for s in items:
+        if first.setdefault(s.id, s) is not s:
+            raise DataError(
+                f"{s.where}: situation id {s.id!r} appears more than once (first at "
+                f"{first[s.id].where.rpartition(', ')[2]})"
+            )
     return items
 
 
@@ -64,6 +69,7 @@ def situation_of(where, row):
     missing = next((k for k in ("id", "situation", "perspectives") if k not in row), None)
     if missing:
         raise DataError(f"{where}: missing field {missing!r}")
+    sid = text_id(where, row)
     if not isinstance(row["situation"], str) or not row["situation"].strip():
         raise DataError(f"{where}: missing or empty 'situation'")
     if not isinstance(row["perspectives"], list) or not row["perspectives"]:
@@ -85,33 +91,129 @@ def situation_of(where, row):
         )
         for p in row["perspectives"]
     ]
-    domain = row.get("domain") if isinstance(row.get("domain"), str) else None
-    return Situation(str(row["id"]), row["situation"].strip(), ps, domain, where)
+    domain = row.get("domain")
+    if domain is not None and not isinstance(domain, str):
+        raise DataError(f"{where}: 'domain' must be text (or left out), not {described(domain)}")
+    return Situation(sid, row["situation"].strip(), ps, domain, where)
+
+
+def text_id(where, row, key="id"):
+    """row[key] as an id: non-empty text without spaces at its ends. Anything else is a DataError naming `where`:
+    str() would make null "None", NaN "nan" and a dict its repr, ids that match nothing, or each other by accident."""
+    value = row[key]
+    if not isinstance(value, str) or not value.strip():
+        example = '; write it in quotes, e.g. "id": "train-001"' if key == "id" else ""
+        raise DataError(f"{where}: {key!r} must be non-empty text, not {described(value)}{example}")
+    if value != value.strip():
+        raise DataError(
+            f"{where}: {key!r} {value!r} has spaces at its ends; ids are matched exactly: remove them"
+        )
+    return value
+
+
+def described(value):
+    """A JSON value in a few words, for an error line: 'null', 'the number 7', 'a number of 401 digits', 'a list'.
+
+    >>> described(None), described(float("nan")), described(10**400), described(""), described({"a": 1})
+    ('null', 'the number nan', 'a number of 401 digits', 'empty text', 'an object')
+    """
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int) and len(str(abs(value))) > 20:
+        return f"a number of {len(str(abs(value)))} digits"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return (
+            "empty text" if not value else "blank text" if not value.strip() else repr(value[:40])
+        )
+    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def read_text(path, what="data"):
+    """The text of a file we read, or a DataError that says why not: missing, a directory, a device, not UTF-8. A
+    UTF-8 byte-order mark at the start is dropped (Windows editors write one; the CSV reader drops it too). A pipe
+    (bash's <(...)) is read like a file."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such {what} file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not the {what} file; pass the file inside it")
+    mode = os.stat(path).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise DataError(
+            f"{path}: is a device or a socket, not a regular file; pass the {what} file"
+        )
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the {what} file ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise not_utf8(path, raw) from None
 
 
 def read_jsonl(path, what="data"):
-    """(line number, object) for each non-blank line of a JSONL file; a missing file, bytes that are not UTF-8 and a
-    line that is not a JSON object are DataErrors that name the file and line (every JSONL reader here uses this)."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such {what} file")
-    try:
-        lines = open(path, encoding="utf-8").read().split("\n")
-    except UnicodeDecodeError:
-        raise not_utf8(path) from None
-    for n, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {n}: not JSON ({e.msg})") from None
+    """(line number, object) for each non-blank line of a JSONL file; a file that cannot be read (read_text) and a
+    line that is not a JSON object (json_line) are DataErrors that name the file and line. Every JSONL reader here
+    uses this, or json_line for each line."""
+    for n, line in enumerate(read_text(path, what).split("\n"), 1):
+        row = json_line(path, n, line) if line.strip() else None
         if row is not None and not isinstance(row, dict):
             raise DataError(f"{path}, line {n}: expected a JSON object")
         if row is not None:
             yield n, row
 
 
-def not_utf8(path):
-    """The DataError for a file that is not UTF-8, naming the line of its first bad byte."""
-    raw = open(path, "rb").read()
+def json_line(path, n, line):
+    """The JSON value on line n of `path`, or a DataError naming the file and line: not JSON, nested too deep for
+    Python, a number too long for it, one key twice in an object (JSON keeps the last silently), or a lone surrogate
+    escape such as \\ud800 (half of a pair, no character: the tokenizer would fail on it later)."""
+    where = f"{path}, line {n}"
+    try:
+        value = json.loads(line, object_pairs_hook=unique_keys, parse_int=short_int)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataError(
+            f"{where}: JSON nested too deeply for Python to read; no file of ours nests more than 3 levels"
+        ) from None
+    except ValueError as e:  # unique_keys, short_int
+        raise DataError(f"{where}: {e}") from None
+    if "\\u" in line:  # a surrogate can only come from an escape
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(
+                f"{where}: holds a lone surrogate escape (like \\ud800 without its pair), which is no "
+                f"character; fix the text or drop the escape"
+            ) from None
+    return value
+
+
+def unique_keys(pairs):
+    """json's object_pairs_hook: a dict, or a ValueError when a key comes twice."""
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        again = next(k for k, _ in pairs if [j for j, _ in pairs].count(k) > 1)
+        raise ValueError(f"key {again!r} appears twice in one object; keep one")
+    return out
+
+
+def short_int(digits):
+    """json's parse_int: Python refuses to read more than 4300 digits (sys.get_int_max_str_digits), so say so here."""
+    if len(digits.lstrip("-")) > 4300:
+        raise ValueError(
+            f"a number of {len(digits.lstrip('-'))} digits, more than Python reads (4300)"
+        )
+    return int(digits)
+
+
+def not_utf8(path, raw=None):
+    """The DataError for a file that is not UTF-8, naming the line of its first bad byte (`raw`: its bytes, when
+    already read)."""
+    raw = open(path, "rb").read() if raw is None else raw
     try:
         raw.decode("utf-8")
         return DataError(f"{path}: not UTF-8 text")

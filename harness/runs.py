@@ -4,6 +4,7 @@ the paper."""
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -90,9 +91,129 @@ def claim_out_dir(path, holds=(), overwrite=False, hint="", flag="--out", dry_ru
             for k in range(1, 10**6)
             if not os.path.exists(f"{path.rstrip('/')}.replaced-{k}")
         )
+        lock = _held.get(os.path.realpath(path))
         os.replace(path, aside)
         os.makedirs(path)
+        if lock is not None:  # the lock file went aside with the run: lock the fresh folder
+            lock.moved(aside)
         print(f"[out] --overwrite: the earlier run in {path} was moved to {aside}", file=sys.stderr)
+
+
+LOCK_NAME = ".lock"  # inside a run folder while a process writes there; gone when it ends (a kill leaves it, unheld)
+_held = {}  # real path of a folder -> the RunLock this process holds on it (claim_out_dir moves it along)
+
+
+def iter_parents(path):
+    """`path`, its parent, ... up to the root."""
+    while True:
+        yield path
+        if os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
+
+
+class FolderBusy(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+class RunLock:
+    """The exclusive lock that lock_run_folder takes; see there. `folder`, `flag`: as given; `release()` ends it."""
+
+    def __init__(self, folder, flag):
+        self.folder, self.flag, self.fd = folder, flag, None
+        # the highest folder that lock_run_folder makes (None: it exists), removed at the end if left empty
+        missing = [p for p in iter_parents(os.path.abspath(folder)) if not os.path.exists(p)]
+        self.made = missing[-1] if missing else None
+
+    @property
+    def path(self):
+        return os.path.join(self.folder, LOCK_NAME)
+
+    def acquire(self):
+        """Take the lock or raise FolderBusy with the holder's PID. The file may be unlinked by the holder that
+        releases it between our open and our flock: then the lock we got is on a file nobody else will see, so
+        open again until the lock is on the file at the path."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                raise FolderBusy(
+                    f"{self.flag} {self.folder}: another process (PID {holder or 'unknown'}) is writing "
+                    f"there; wait for it to end or stop it, or use another {self.flag}"
+                ) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        _held[os.path.realpath(self.folder)] = self
+
+    def release(self):
+        """Unlink the lock file, then let go (in this order, see acquire); then remove the folders that
+        lock_run_folder made, if they are still empty. Safe to call twice."""
+        if self.fd is not None:
+            _held.pop(os.path.realpath(self.folder), None)
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                    os.remove(self.path)
+            os.close(self.fd)
+            self.fd = None
+        for p in iter_parents(os.path.abspath(self.folder)) if self.made else ():
+            try:
+                os.rmdir(p)  # only an empty one
+            except OSError:
+                break
+            if p == self.made:
+                break
+
+    def moved(self, aside):
+        """The folder was renamed to `aside` (claim_out_dir --overwrite), its lock file with it: lock the fresh
+        folder at the same path, then drop the old lock."""
+        old_fd, self.fd, self.made = self.fd, None, None
+        self.acquire()
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(aside, LOCK_NAME))
+        os.close(old_fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_run_folder(folder, flag="--out"):
+    """An exclusive OS lock on a run folder, held until release() or the end of a `with` block (or the process: the
+    OS lets go of it on any exit, SIGKILL included, so a killed run never blocks the next).
+
+        with lock_run_folder(cfg.out):      # before reading or writing anything in cfg.out
+            ...                             # the whole run
+
+    A second process that asks for the same folder gets FolderBusy (a RuntimeError), one line that names the flag,
+    the folder and the PID that holds it, and changes nothing there. The lock is fcntl.flock on FOLDER/.lock (made
+    if missing; the folder too), which holds the PID; release() removes the file, and the folder when this lock
+    made it and it is still empty, so a finished or refused run leaves no trace of it. A path that is a file or
+    cannot be written to is one line naming `flag`. claim_out_dir(..., overwrite=True) on a folder locked here moves
+    the lock to the fresh folder. POSIX only (fcntl); flock does not lock across machines on some network file
+    systems."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise FileExistsError(f"{flag} {folder}: is a file; pass a directory")
+    lock = RunLock(folder, flag)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock.acquire()
+    except OSError as e:
+        lock.release()
+        raise OSError(f"{flag} {folder}: cannot write there ({e.strerror})") from None
+    return lock
 
 
 def fingerprints(data_file, tokenizer):

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 
+import eval_judge
 import eval_nli
 import harness.cli
 import harness.data
@@ -30,6 +31,7 @@ SCRIPTS = {
     "tools/score_answers": score_answers.main,
     "study": study.main,
     "tools/convert_data": convert_data.main,
+    "eval_judge": eval_judge.main,
 }
 GOOD = {
     "id": "1",
@@ -105,9 +107,47 @@ def data_file(tmp, kind):
             (json.dumps(GOOD) + "\n" + json.dumps(long)).encode(),
             "line 2: the prompt of situation '2' has",
         ),
+        "a directory": ("folder.jsonl", None, "is a directory, not the"),
+        "a device": ("/dev/null", None, "is a device or a socket, not a regular file"),
+        "deeply nested JSON": (
+            "deep.jsonl",
+            b'{"id": "1", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "line 1: JSON nested too deeply",
+        ),
+        "a number of 5000 digits": (
+            "digits.jsonl",
+            b'{"id": "1", "x": ' + b"7" * 5000 + b"}",
+            "line 1: a number of 5000 digits",
+        ),
+        "a key twice": (
+            "twice.jsonl",
+            json.dumps(GOOD).replace('"id": "1"', '"id": "1", "id": "2"').encode(),
+            "line 1: key 'id' appears twice",
+        ),
+        "a lone surrogate": (
+            "surrogate.jsonl",
+            json.dumps(dict(GOOD, situation="Lying \ud800 to a friend")).encode(),
+            "line 1: holds a lone surrogate",
+        ),
     }
+    fields = {  # one field of the good row replaced: (the JSON text of its value, what is said)
+        "id null": ("id", "null", "'id' must be non-empty text, not null"),
+        "id NaN": ("id", "NaN", "'id' must be non-empty text, not the number nan"),
+        "id an object": ("id", '{"a": 1}', "'id' must be non-empty text, not an object"),
+        "id empty": ("id", '""', "'id' must be non-empty text, not empty text"),
+        "id a number": ("id", "7", "'id' must be non-empty text, not the number 7"),
+        "id of 401 digits": ("id", "1" * 401, "'id' must be non-empty text, not a number of 401"),
+        "domain a list": ("domain", '["law"]', "'domain' must be text (or left out), not a list"),
+        "id with a space at its end": ("id", '"1 "', "'id' '1 ' has spaces at its ends"),
+    }
+    if kind in fields:
+        key, value, says = fields[kind]
+        text = json.dumps(dict(GOOD, **{key: "@"})).replace('"@"', value)
+        cases[kind] = (kind.replace(" ", "-") + ".jsonl", text.encode(), "line 1: " + says)
     name, content, says = cases[kind]
     path = tmp / name
+    if kind == "a directory":
+        path.mkdir()
     if content is not None:
         path.write_bytes(content)
     return str(path), says
@@ -125,11 +165,44 @@ def answers_file(tmp, kind):
         path = tmp / "answers.jsonl"
         path.write_text(good)
         return str(path), None
+    if kind in ANSWER_KINDS:
+        key, value, says = ANSWER_KINDS[kind]
+        first = json.dumps(json.loads(good.splitlines()[0]) | {key: "@"}).replace('"@"', value)
+        path = tmp / "answers.jsonl"
+        path.write_text(first + "\n" + "".join(good.splitlines(True)[1:]))
+        return str(path), "line 1: " + says
     path, says = data_file(tmp, kind)
     if kind == "missing field":
         open(path, "w").write(json.dumps(dict(id=ids[0], model="m", prompt="implicit")) + "\n")
         says = "line 1:"
     return path, says
+
+
+ANSWER_KINDS = {  # a field of an answers row replaced: (field, its JSON text, what is said)
+    "id null": ("id", "null", "'id' must be non-empty text, not null"),
+    "id a number": ("id", "7", "'id' must be non-empty text, not the number 7"),
+    "model a list": ("model", '["m"]', "'model' must be non-empty text, not a list"),
+    "answer a number": ("answer", "5", "'answer' must be text (or null for an empty answer)"),
+    "answer with a lone surrogate": ("answer", '"a \\udc00 b"', "holds a lone surrogate"),
+}
+
+
+def judge_answers_file(tmp, kind="good"):
+    """An answers file for eval_judge.py (id, model, prompt, answer, situation), good or with one defect."""
+    good = dict(
+        id="s1", model="m", prompt="implicit", answer="In my view, yes.", situation="May I?"
+    )
+    fields = dict(ANSWER_KINDS, **{"sample negative": ("sample", "-1", "'sample' must be a whole")})
+    if kind == "missing field":
+        path = tmp / "judge_answers.jsonl"
+        path.write_text(json.dumps({k: v for k, v in good.items() if k != "situation"}) + "\n")
+        return str(path), "line 1: missing field(s) situation"
+    if kind not in fields and kind != "good":
+        return data_file(tmp, kind)
+    key, value, says = fields.get(kind, ("id", '"s1"', None))
+    path = tmp / "judge_answers.jsonl"
+    path.write_text(json.dumps(good | {key: "@"}).replace('"@"', value) + "\n")
+    return str(path), says and "line 1: " + says
 
 
 def model_dir(tmp, kind):
@@ -158,9 +231,26 @@ FOREIGN_KINDS = [
     "JSON top level 5",
     "JSON top level null",
 ]
+FIELD_KINDS = [  # issue 34: a field that is not what it claims to be, and files no test made before
+    "id null",
+    "id NaN",
+    "id an object",
+    "id empty",
+    "id a number",
+    "id of 401 digits",
+    "domain a list",
+    "id with a space at its end",
+    "a lone surrogate",
+    "a directory",
+    "a device",
+    "deeply nested JSON",
+    "a number of 5000 digits",
+    "a key twice",
+]
 NOT_FINITE = ["inf", "nan", "-inf"]
 CASES = (  # (script, what is wrong); see build() for the command line of each
     [("opgrpo_min", f"--train-data {k}") for k in DATA_KINDS + ["over-long situation"]]
+    + [("opgrpo_min", f"--train-data {k}") for k in FIELD_KINDS]
     + [
         ("opgrpo_min", c)
         for c in (
@@ -229,6 +319,7 @@ CASES = (  # (script, what is wrong); see build() for the command line of each
     ]
     + [("eval_nli", f"--data {k}") for k in DATA_KINDS]
     + [("eval_nli", f"--answers {k}") for k in DATA_KINDS[:5]]
+    + [("eval_nli", f"--answers {k}") for k in ANSWER_KINDS]
     + [
         ("eval_nli", c)
         for c in (
@@ -259,6 +350,31 @@ CASES = (  # (script, what is wrong); see build() for the command line of each
     + [("tools/convert_data", f"DATA {k}") for k in FOREIGN_KINDS]
     + [("tools/convert_data", "--out exists")]
     + [
+        ("eval_judge", f"--answers {k}")
+        for k in DATA_KINDS[:5]
+        + ["a directory", "a device"]
+        + list(ANSWER_KINDS)
+        + ["sample negative"]
+    ]
+    + [
+        ("eval_judge", c)
+        for c in (
+            "--timeout inf",
+            "--timeout nan",
+            "--timeout 0",
+            "--timeout 1e10",
+            "--model ''",
+            "--model ' '",
+            "--api-key-env ''",
+            "--base-url ftp://judge",
+            "--concurrency 0",
+            "--temperature -1",
+            "--out ''",
+            "--out is a file",
+            "--out read-only",
+        )
+    ]
+    + [
         ("study", c)
         for c in (
             "--seeds 0",
@@ -283,7 +399,7 @@ CASES = (  # (script, what is wrong); see build() for the command line of each
 def build(script, case, tmp, run_dir, tiny_model_dir):
     """(argv, the output dir, what the one error line must contain) of one case: good arguments with one bad one."""
     flag, _, what = case.partition(" ")
-    what = "" if what == "''" else what
+    what = {"''": "", "' '": " "}.get(what, what)
     good_answers = answers_file(tmp, "good")[0]
     args = {
         "opgrpo_min": {"--train-data": TRAIN, "--device": "cpu", "--model": tiny_model_dir},
@@ -292,12 +408,21 @@ def build(script, case, tmp, run_dir, tiny_model_dir):
         "tools/score_answers": {"--data": TEST, "--answers": good_answers},
         "study": {"--model": tiny_model_dir, "--smoke": None},
         "tools/convert_data": {"DATA": None},
+        "eval_judge": {  # a port where nothing listens: every case must end before any request
+            "--answers": judge_answers_file(tmp)[0],
+            "--base-url": "http://127.0.0.1:9/v1",
+            "--api-key-env": "none",
+        },
     }[script]
     args["--out"], says = str(tmp / "out"), [flag]
-    if flag in ("--train-data", "--data", "DATA") and what in DATA_KINDS + FOREIGN_KINDS + [
-        "over-long situation"
-    ]:
+    if (
+        flag in ("--train-data", "--data", "DATA")
+        and what in DATA_KINDS + FOREIGN_KINDS + ["over-long situation"] + FIELD_KINDS
+    ):
         args[flag], why = data_file(tmp, what)
+        says = [args[flag], why]
+    elif flag == "--answers" and script == "eval_judge":
+        args[flag], why = judge_answers_file(tmp, what)
         says = [args[flag], why]
     elif script == "tools/convert_data":  # --out exists
         (tmp / "out").mkdir()
@@ -467,6 +592,18 @@ RESUME_CASES = {  # what is done to a copy of a finished 2-step run, and what th
         "trainer_state.pt: damaged",
     ),
     "--steps below the checkpoint": (lambda run, tmp: None, "--steps 1: the checkpoint"),
+    "metrics.jsonl with a step as text": (
+        lambda run, tmp: (run / "metrics.jsonl").write_text(
+            (run / "metrics.jsonl").read_text().replace('"step": 1,', '"step": "1",', 1)
+        ),
+        "metrics.jsonl is not the history of the checkpoint",
+    ),
+    "metrics.jsonl not UTF-8": (
+        lambda run, tmp: (run / "metrics.jsonl").write_bytes(
+            b"\xff" + (run / "metrics.jsonl").read_bytes()
+        ),
+        "metrics.jsonl is not the history of the checkpoint",
+    ),
 }
 
 
@@ -583,6 +720,69 @@ def test_overwrite_moves_the_earlier_run_aside_and_keeps_it_whole(
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1]
 
 
+# ================================================================ one process per run folder
+def lock_holder(folder):
+    """A real process that holds the run-folder lock of `folder` (harness.runs.lock_run_folder) until killed."""
+    code = "import sys, time; from harness.runs import lock_run_folder as l; l(sys.argv[1]); print('held', flush=True); time.sleep(120)"
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout.readline() == "held\n"
+    return p
+
+
+def test_a_locked_run_folder_refuses_a_second_process_by_pid_and_a_sigkill_frees_it(tmp_path):
+    folder = tmp_path / "run"
+    holder = lock_holder(folder)
+    (folder / "metrics.jsonl").write_text("{}\n")
+    before = tree(folder)
+    with pytest.raises(harness.runs.FolderBusy) as e:
+        harness.runs.lock_run_folder(str(folder))
+    assert str(e.value).startswith(f"--out {folder}: another process (PID {holder.pid}) is writing")
+    assert tree(folder) == before
+    holder.send_signal(signal.SIGKILL)  # the OS lets go of the lock; its file stays, unheld
+    holder.wait()
+    assert (folder / ".lock").exists()
+    with harness.runs.lock_run_folder(str(folder)) as lock:
+        assert (folder / ".lock").read_text() == f"{os.getpid()}\n"
+        harness.runs.claim_out_dir(str(folder), holds=("metrics.jsonl",), overwrite=True)
+        p = subprocess.run(  # the lock moved along with --overwrite: the fresh folder is still held
+            [
+                sys.executable,
+                "-c",
+                "import sys; from harness.runs import lock_run_folder as l; l(sys.argv[1])",
+                str(folder),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert f"another process (PID {os.getpid()})" in p.stderr and lock.fd is not None
+    assert tree(folder) == {} and tree(tmp_path / "run.replaced-1") == {
+        "metrics.jsonl": b"{}\n"
+    }  # the run moved aside whole, without the lock file
+    fresh = tmp_path / "new" / "deeper"
+    harness.runs.lock_run_folder(str(fresh)).release()  # a folder made for nothing is removed again
+    assert not (tmp_path / "new").exists()
+
+
+def test_sim_train_into_a_folder_another_process_holds_is_one_line_and_changes_nothing(tmp_path):
+    folder = tmp_path / "sim"
+    holder = lock_holder(folder)
+    try:
+        before = tree(folder)
+        with pytest.raises(SystemExit) as e:
+            harness.cli.run_cli(sim_train.main, ["--data", TRAIN, "--out", str(folder)])
+        assert str(e.value.code) == (
+            f"error: --out {folder}: another process (PID {holder.pid}) is writing there; wait for "
+            f"it to end or stop it, or use another --out"
+        )
+        assert tree(folder) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_the_table_covers_every_script_and_the_docs_state_its_size():
     from collections import Counter
 
@@ -601,6 +801,7 @@ def test_a_bad_input_from_a_real_process_has_no_traceback(script, tmp_path):
         "opgrpo_min": ["--train-data"],
         "study": ["--train-data"],
         "tools/convert_data": [],
+        "eval_judge": ["--answers"],
     }.get(script, ["--data"])
     extra = (
         ["--answers", answers_file(tmp_path, "good")[0]]
@@ -628,6 +829,18 @@ def test_a_bad_input_from_a_real_process_has_no_traceback(script, tmp_path):
         == f"error: {path}, line 2: not UTF-8 text (byte 0xe9); save the file "
         f"as UTF-8"
     )
+
+
+def test_the_table_of_tried_inputs_states_how_many_it_holds():
+    text = open(os.path.join(REPO, "docs", "testing.md")).read()
+    table = text[text.index("## Tried inputs") :]
+    rows = [
+        line for line in table.splitlines() if line.startswith("| ") and "| input |" not in line
+    ]
+    inputs = sum(
+        row.split(" | ")[0].count(" / ") + 1 for row in rows
+    )  # "a / b" in a row: two inputs
+    assert f"**{inputs} tried**. Now: {inputs} clear" in " ".join(table.split())
 
 
 # ================================================================ resume

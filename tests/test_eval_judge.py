@@ -3,8 +3,11 @@ API, reached through the real openai client. Each answer carries a mark, [[id=..
 the fake judge how to reply to it, and the fake counts the requests per answer: so every test knows exactly what
 was asked, how often, and what came back. No test reaches an address outside the loopback range."""
 
+import base64
 import collections
 import csv
+import hashlib
+import html
 import http.server
 import json
 import os
@@ -15,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import warnings
 
 import pytest
 
@@ -27,15 +32,75 @@ from extras.judge import JUDGE_QUESTION  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-test-DO-NOT-LEAK-7f3a9c1e5b"  # recognisable, so a leak into any file or output is found
+LONG_KEY = (
+    "sk-proj-" + base64.urlsafe_b64encode(hashlib.sha512(b"issue 34").digest() * 2).decode()[:160]
+)
 MARK = re.compile(r"\[\[(.*?)\]\]")
 
 
 # ================================================================ the fake judge
+CUT = object()  # a reply that sends its headers and half its body, then closes the connection
+
+
+def completion(content, usage=None):
+    """A chat completion body whose reply content is `content` (any JSON value, for the hostile ones)."""
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": "fake",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content},
+            }
+        ],
+        "usage": usage or {"prompt_tokens": 100, "completion_tokens": len(str(content)) // 4},
+    }
+
+
+def hostile_replies(good, other, key):
+    """Issue 34's replies, by mode: each is what the server sends back (a body, raw bytes or CUT). `good`, `other`:
+    two score objects that differ; `key`: the key the request carried, for the modes that echo it."""
+    text = lambda obj: json.dumps(obj)
+    fence = lambda obj: "```json\n" + json.dumps(obj, indent=1) + "\n```"
+    return {
+        "number": completion(5),
+        "list": completion([1, 2]),
+        "object": completion(good),
+        "message-null": {"choices": [{"index": 0, "message": None}]},
+        "no-message": {"choices": [{"index": 0, "finish_reason": "stop"}]},
+        "choices-text": {"choices": "none today"},
+        "html": b"<html><body><h1>502 Bad Gateway</h1></body></html>",
+        "body-list": b"[1, 2]",
+        "empty-body": b"",
+        "refusal": {"choices": [{"message": {"content": None, "refusal": "I will not grade."}}]},
+        "junk-usage": completion(text(good), {"prompt_tokens": "many", "completion_tokens": [1]}),
+        "two": text(good) + " or, on reflection, " + text(other),
+        "two-fenced": fence(good) + "\nOr rather:\n" + fence(other),
+        "fence-and-bare": fence(good) + "\nIn short: " + text(other),
+        "case-twice": text(dict(good, Depth={"reason": "r", "score": 1})),
+        "key-twice": text(good)[:-1] + ', "depth": {"reason": "r", "score": 1}}',
+        "nested": '{"helpfulness": ' + "[" * 5000 + "]" * 5000 + "}",
+        "cut": CUT,
+        "no-choices": {"choices": [], "usage": {"prompt_tokens": 9}},
+        "huge": "x" * 150_000 + text(good),
+        "surrogate": "\ud800 " + text(good),
+        "echo-at": "y" * 40 + key + " " + text(good),
+        "echo-escaped": f"I was sent {key[:5]}\\u{ord(key[5:6] or 'k'):04x}{key[6:]}. "
+        + text(good),
+        "echo-all-escaped": "".join(f"\\u{ord(c):04x}" for c in key) + " " + text(good),
+    }
+
+
 class FakeJudge:
     """What the server replies, decided by the mark in the request, and what it saw. Modes:
     good, fenced (```json fence), string ("4"), range (a 7), broken (cut-off JSON, then good), echo (repeats the
     Authorization header before good JSON), 429 (Retry-After: 1, then good), 500 (every time, until `healthy`),
-    slow (sleeps `sleep` s, default 3, then good); for the pair question: yes, no, bold (**Yes**), other."""
+    slow (sleeps `sleep` s, default 3, then good); hold (good once `release` is set); error (HTTP `status` whose message holds the key after `at`
+    characters); 401 (the key refused); the hostile replies of hostile_replies; for the pair question: yes, no,
+    bold (**Yes**), other."""
 
     def __init__(self):
         self.asked, self.times, self.bodies, self.auth = (
@@ -44,10 +109,11 @@ class FakeJudge:
             [],
             [],
         )
-        self.lock, self.healthy = threading.Lock(), False
+        self.lock, self.healthy, self.release = threading.Lock(), False, threading.Event()
 
     def respond(self, body, auth):
-        """(HTTP status, extra headers, reply text or None)."""
+        """(HTTP status, extra headers, what to send): reply text (sent inside a completion), a JSON body, raw bytes,
+        or CUT."""
         user = body["messages"][-1]["content"]
         spec = dict(kv.split("=", 1) for kv in MARK.search(user).group(1).split())
         with self.lock:
@@ -60,12 +126,27 @@ class FakeJudge:
         good = {
             a: {"reason": f"the {a} is as scored", "score": x} for a, x in zip(ej.ASPECTS, scores)
         }
+        key = auth.removeprefix("Bearer ")
         mode = spec.get("mode", "good")
         time.sleep(float(spec.get("sleep", 3 if mode == "slow" else 0)))
+        if mode == "hold":  # until the test lets it go
+            self.release.wait(60)
+        error = lambda status, message: (
+            status,
+            {},
+            {"error": {"message": message, "type": "fake", "code": None}},
+        )
         if mode == "429" and n == 1:
-            return 429, {"Retry-After": "1"}, None
+            return 429, {"Retry-After": "1"}, {"error": {"message": "slow down"}}
         if mode == "500" and not self.healthy:
-            return 500, {"Retry-After-Ms": "10"}, None
+            return 500, {"Retry-After-Ms": "10"}, {"error": {"message": "fake error 500"}}
+        if mode == "error":
+            return error(int(spec["status"]), "x" * int(spec["at"]) + key + " was not accepted")
+        if mode == "401":
+            return error(401, "invalid key")
+        hostile = hostile_replies(good, dict(good, depth={"reason": "r", "score": 1}), key)
+        if mode in hostile:
+            return 200, {"Content-Type": "text/html"} if mode == "html" else {}, hostile[mode]
         replies = dict(
             fenced="Here is my grading.\n```json\n"
             + json.dumps(good, indent=2)
@@ -93,41 +174,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.path != "/v1/chat/completions":
-            status, headers, text = 404, {}, None
+            status, headers, reply = 404, {}, {"error": {"message": "no such route"}}
         else:
-            status, headers, text = self.server.fake.respond(
+            status, headers, reply = self.server.fake.respond(
                 body, self.headers.get("Authorization")
             )
-        if text is None:
-            payload = {"error": {"message": f"fake error {status}", "type": "fake", "code": None}}
-        else:
-            user = body["messages"][-1]["content"]
-            payload = {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": "stop",
-                        "message": {"role": "assistant", "content": text},
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": len(user) // 4,
-                    "completion_tokens": len(text) // 4,
-                    "total_tokens": len(user) // 4 + len(text) // 4,
-                },
-            }
-        data = json.dumps(payload).encode()
+        if isinstance(reply, str):
+            reply = completion(reply)
+        data = reply if isinstance(reply, bytes) else json.dumps(completion("{}")).encode()
+        data = json.dumps(reply).encode() if isinstance(reply, dict | list) else data
         try:
             self.send_response(status)
             for k, v in dict(
-                headers, **{"Content-Type": "application/json", "Content-Length": len(data)}
+                {"Content-Type": "application/json"}, **headers, **{"Content-Length": len(data)}
             ).items():
                 self.send_header(k, str(v))
             self.end_headers()
+            if reply is CUT:  # half the body, then the connection closes
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
             pass
@@ -194,6 +262,25 @@ def judge(fake, answers, out, *extra):
         ]
     )
     return [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+
+
+def judgment_row(**fields):
+    """A row of judgments.jsonl as eval_judge.py writes it, with `fields` changed."""
+    row = dict(
+        system="m",
+        id="s1",
+        sample=0,
+        status="ok",
+        scores=dict.fromkeys(ej.ASPECTS, 4),
+        reply="{}",
+        error=None,
+        attempts=1,
+        http_retries=0,
+        tokens=dict(prompt=10, completion=5),
+        sent_sha256="0123456789abcdef",
+        fingerprint="fp",
+    )
+    return dict(row, **fields)
 
 
 def cli_error(argv):
@@ -452,9 +539,7 @@ def test_ctrl_c_sends_nothing_more_but_saves_the_replies_in_flight(fake, tmp_pat
 
 
 def test_a_torn_last_line_is_ignored_and_cut_before_appending_any_other_bad_line_is_named(tmp_path):
-    row = lambda i: (
-        json.dumps(dict(system="m", id=f"s{i}", sample=0, status="ok", fingerprint="fp")) + "\n"
-    )
+    row = lambda i: json.dumps(judgment_row(id=f"s{i}")) + "\n"
     path = tmp_path / "judgments.jsonl"
     path.write_text(row(1) + row(2)[:25])
     assert list(ej.read_judgments(str(path), "fp")) == [("m", "s1", 0)]
@@ -500,7 +585,7 @@ def test_a_changed_judge_or_question_is_refused_naming_it_and_nothing_is_written
         monkeypatch.setattr(ej, "USER_TEMPLATE", ej.USER_TEMPLATE + "\nBe brief.")
     msg = cli_error(argv)
     says = {
-        "model": "--model judge-b: the judgments in",
+        "model": "--model 'judge-b': the judgments in",
         "max-tokens": "--max-tokens 300: the judgments in",
         "question": "the judge question",
     }[change]
@@ -661,3 +746,248 @@ def test_ask_yes_no_takes_the_first_word_through_the_same_client(fake, capsys):
     err = capsys.readouterr().err
     assert "1 of 6 replies start with neither Yes nor No" in err and "'Perhaps" in err
     assert "1 of 6 requests failed" in err
+
+
+# ================================================================ issue 34: a secret never leaves, not even in part
+def readings(text):
+    """`text` as written, and as a reader would decode its escapes: JSON and Python \\u and \\x (once, and twice for
+    an escape that was escaped itself), %XX and &#NN;."""
+
+    def unescape(t):
+        with warnings.catch_warnings():  # "\y": not an escape, kept as it is
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return t.encode("ascii", "backslashreplace").decode("unicode_escape", "replace")
+
+    return [text, unescape(text), unescape(unescape(text)), urllib.parse.unquote(text)] + [
+        html.unescape(text)
+    ]
+
+
+def leaked(text, key, n=12):
+    """The first piece of `n` characters of the key found in any reading of `text`, or None."""
+    pieces = [key[i : i + n] for i in range(len(key) - n + 1)]
+    return next((p for t in readings(text) for p in pieces if p in t), None)
+
+
+def by_number(row):
+    """Rows of answers_file's situations s1, s2, ... in file order (they are saved in the order they come)."""
+    return int(row["id"][1:])
+
+
+def test_redaction_leaves_no_12_character_piece_of_the_key_wherever_a_cut_falls_or_an_escape_hides():
+    assert len(LONG_KEY) == 168 and leaked("...the key: " + LONG_KEY[50:62], LONG_KEY)
+    for limit in (160, 300):  # the cuts of a 404's line and of a failed row's reason
+        for at in range(
+            limit + 1
+        ):  # the key starts at every offset before the cut, and just after it
+            said = ej.one_line(
+                "Error code: 400 - " + "x" * at + LONG_KEY + " was refused", LONG_KEY, limit
+            )
+            assert len(said) <= limit and not leaked(said, LONG_KEY), (limit, at, said)
+    styles = {
+        "json": lambda c: f"\\u{ord(c):04x}",
+        "json twice": lambda c: f"\\\\u{ord(c):04x}",
+        "python": lambda c: f"\\x{ord(c):02x}",
+        "url": lambda c: f"%{ord(c):02X}",
+        "html": lambda c: f"&#{ord(c)};",
+        "html hex": lambda c: f"&#x{ord(c):x};",
+    }
+    for name, escape in styles.items():
+        for i in range(len(LONG_KEY)):  # one character escaped, at every place
+            text = f"sent {LONG_KEY[:i]}{escape(LONG_KEY[i])}{LONG_KEY[i + 1 :]} back"
+            assert not leaked(ej.redact(text, LONG_KEY), LONG_KEY), (name, i)
+        assert not leaked(ej.redact("".join(map(escape, LONG_KEY)), LONG_KEY), LONG_KEY), name
+    assert ej.redact(LONG_KEY[:7], LONG_KEY) == LONG_KEY[:7]  # 7 characters tell nothing: kept
+    assert ej.redact("a " + LONG_KEY[9:17] + " b", LONG_KEY) == "a [API KEY] b"
+
+
+def test_the_key_echoed_in_a_400_404_422_500_or_a_200_reply_leaves_no_piece_in_any_output(
+    fake, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("JUDGE_TEST_KEY", LONG_KEY)
+    errors = {
+        400: (150, 240, 268),
+        422: (200,),
+        500: (260,),
+    }  # the key across the 300-character cut
+    marks = [
+        f"id=e{c}-{at} mode=error status={c} at={at}" for c, ats in errors.items() for at in ats
+    ]
+    marks += ["id=r1 mode=echo-at", "id=r2 mode=echo-escaped", "id=r3 mode=echo-all-escaped"]
+    rows = judge(fake, answers_file(tmp_path, [marks]), tmp_path / "judge", "--http-retries", "0")
+    status = [r["status"] + " " + (r["error"] or "")[:8] for r in sorted(rows, key=by_number)]
+    assert status == ["failed HTTP 400"] * 3 + ["failed HTTP 422", "failed HTTP 500"] + ["ok "] * 3
+    lines = []
+    for at in (20, 100, 140):  # a 404 stops the run with one line, cut at 160 characters
+        path = answers_file(
+            tmp_path, [[f"id=n{at} mode=error status=404 at={at}"]], name=f"{at}.jsonl"
+        )
+        argv = ["--answers", path, "--out", str(tmp_path / f"j{at}"), "--base-url", fake.url]
+        lines.append(cli_error(argv + ["--api-key-env", "JUDGE_TEST_KEY", "--http-retries", "0"]))
+        assert "answered 404" in lines[-1]
+    ej.ask_yes_no(  # a reply that is no Yes/No is printed, cut at 80 characters
+        [("[[id=y mode=echo-at]] a", "b")], "m", JUDGE_QUESTION, fake.url, "JUDGE_TEST_KEY"
+    )
+    assert set(fake.auth) == {f"Bearer {LONG_KEY}"}  # sent every time
+    printed = capsys.readouterr()
+    assert "start with neither Yes nor No" in printed.err
+    written = [
+        p.read_bytes().decode("utf-8", "replace") for p in tmp_path.rglob("*") if p.is_file()
+    ]
+    for text in [printed.out, printed.err, *lines, *written]:
+        assert not leaked(text, LONG_KEY)
+
+
+# ================================================================ issue 34: any reply is a row, never a traceback
+HOSTILE = {  # mode of the fake (hostile_replies) -> the reason its failed row gives
+    "number": "the reply's content is the number 5, not text",
+    "list": "the reply's content is a list, not text",
+    "object": "the reply's content is an object, not text",
+    "message-null": "the first choice's 'message' is null, not an object",
+    "no-message": "the first choice has no 'message'",
+    "choices-text": "'choices' is 'none today', not a list of replies",
+    "html": "the server's body is an HTML page, not a chat completion",
+    "body-list": "the server's body is a list, not a chat completion object",
+    "empty-body": "the server's body is not JSON, not a chat completion",
+    "refusal": "the judge refused: I will not grade.",
+    "two": "2 JSON objects with different scores",
+    "two-fenced": "2 JSON objects with different scores",
+    "fence-and-bare": "2 JSON objects with different scores",
+    "case-twice": "'depth' appears twice ('depth' and 'Depth')",
+    "key-twice": "key 'depth' appears twice in one object",
+    "nested": "JSON nested too deeply to read",
+    "cut": "connection lost before the whole reply came",
+    "no-choices": "'choices' is an empty list: the server sent no reply",
+    "huge": "a reply of 150",
+}
+
+
+def test_any_reply_is_a_failed_row_with_its_reason_and_the_run_goes_on(fake, tmp_path):
+    marks = [f"id={m} mode={m}" for m in HOSTILE]
+    marks += ["id=fine mode=good", "id=junk mode=junk-usage", "id=surrogate mode=surrogate"]
+    out = tmp_path / "judge"
+    rows = judge(
+        fake, answers_file(tmp_path, [marks]), out, "--max-retries", "0", "--http-retries", "0"
+    )
+    by_mode = {m.split()[0][3:]: r for m, r in zip(marks, sorted(rows, key=by_number))}
+    for mode, reason in HOSTILE.items():
+        r = by_mode[mode]
+        assert r["status"] == "failed" and reason in r["error"], (mode, r["error"])
+        assert fake.asked[mode] == 1
+    assert "<h1>502 Bad Gateway</h1>" in by_mode["html"]["reply"]  # a paid reply is kept, whatever
+    assert '"content": 5' in by_mode["number"]["reply"] and "reflection" in by_mode["two"]["reply"]
+    assert by_mode["fine"]["status"] == by_mode["junk"]["status"] == "ok"
+    assert by_mode["surrogate"]["status"] == "ok" and by_mode["surrogate"]["reply"][0] == "\ufffd"
+    assert by_mode["junk"]["tokens"] == dict(prompt=0, completion=0)  # "many" tokens is no count
+    assert f"| m / implicit | 3 | {len(HOSTILE)} |" in (out / "judge_results.md").read_text()
+    docs = " ".join(open(os.path.join(REPO, "docs", "judge.md")).read().split())
+    assert f"{len(HOSTILE)} replies that are no usable completion" in docs
+
+
+def test_a_run_stopped_by_its_server_still_saves_the_replies_in_flight(fake, tmp_path):
+    marks = [["id=s1 mode=good sleep=1", "id=s2 mode=good sleep=1", "id=k mode=401"]]
+    path, out = answers_file(tmp_path, marks), tmp_path / "judge"
+    argv = ["--answers", path, "--out", str(out), "--base-url", fake.url, "--concurrency", "3"]
+    msg = cli_error(argv + ["--api-key-env", "JUDGE_TEST_KEY"])
+    assert "refused the key from $JUDGE_TEST_KEY (HTTP 401)" in msg and "2 judgments saved" in msg
+    rows = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["status"]) for r in rows) == [("s1", "ok"), ("s2", "ok")]
+
+
+def test_a_stored_row_that_eval_judge_did_not_write_is_named_by_its_line(fake, tmp_path):
+    path = tmp_path / "judgments.jsonl"
+    four = dict.fromkeys(ej.ASPECTS, 4)
+    cases = {
+        "helpfulness score 9 is not a whole number 1-5": dict(scores=dict(four, helpfulness=9)),
+        "depth score None is not a whole number 1-5": dict(scores=dict(four, depth=None)),
+        "depth score 4.5 is not": dict(scores=dict(four, depth=4.5)),
+        "an ok row without a score for 'clarity'": dict(
+            scores={a: 4 for a in ej.ASPECTS if a != "clarity"}
+        ),
+        "an ok row whose 'scores' is null": dict(scores=None),
+        "status 'maybe' is neither": dict(status="maybe"),
+        "'sample' is '0'": dict(sample="0"),
+        "'id' is the number 2": dict(id=2),
+        "'attempts' is null": dict(attempts=None),
+        "'tokens' is not": dict(tokens=[1, 2]),
+    }
+    for says, change in cases.items():
+        rows = [judgment_row(), judgment_row(**dict(dict(id="s2"), **change))]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(harness.data.DataError) as e:
+            ej.read_judgments(str(path), "fp")
+        assert f"judgments.jsonl, line 2: not a judgment row of eval_judge.py ({says}" in str(
+            e.value
+        )
+    # from the command line: a 9 written into a real run's judgments is refused, nothing asked
+    answers, out = answers_file(tmp_path, [["id=a mode=good"]]), tmp_path / "judge"
+    row = judge(fake, answers, out)[0]
+    (out / "judgments.jsonl").write_text(json.dumps(dict(row, scores=dict(four, depth=9))) + "\n")
+    msg = cli_error(["--answers", answers, "--out", str(out), "--base-url", fake.url])
+    assert "judgments.jsonl, line 1: not a judgment row of eval_judge.py (depth score 9" in msg
+    assert fake.asked["a"] == 1
+
+
+# ================================================================ issue 34: a judgment belongs to the text it judged
+def test_a_rerun_whose_answer_text_changed_is_refused_by_name_or_rejudged_with_the_flag(
+    fake, tmp_path
+):
+    out = tmp_path / "judge"
+    path = answers_file(tmp_path, [["id=a mode=good scores=5,5,5,5,5", "id=b mode=good"]])
+    judge(fake, path, out)
+    before = files(out)
+    answers_file(
+        tmp_path, [["id=a mode=good scores=5,5,5,5,5", "id=b2 mode=good scores=1,1,1,1,1"]]
+    )
+    argv = ["--answers", path, "--out", str(out), "--base-url", fake.url]
+    msg = cli_error(argv + ["--api-key-env", "JUDGE_TEST_KEY"])
+    assert "1 answer(s) differ from the text their judgment in" in msg
+    assert "the answer of 'm / implicit' to 's2' (sample 0); pass --rejudge-changed" in msg
+    assert files(out) == before and dict(fake.asked) == {"a": 1, "b": 1}
+    judge(fake, path, out, "--rejudge-changed")
+    assert dict(fake.asked) == {"a": 1, "b": 1, "b2": 1}  # only the changed answer asked again
+    assert "| m / implicit | 2 | 0 | 3.00 ± 2.00 |" in (out / "judge_results.md").read_text()
+    judge(fake, path, out)  # now every judgment is of the text in the file: nothing asked
+    assert sum(fake.asked.values()) == 3
+
+
+# ================================================================ issue 34: the judge's flags
+def test_a_rerun_that_differs_only_by_a_trailing_space_names_the_flag_and_minus_zero_is_zero(
+    fake, tmp_path
+):
+    path, out = answers_file(tmp_path, [["id=a mode=good"]]), tmp_path / "judge"
+    judge(fake, path, out, "--model", "judge-a", "--temperature", "-0.0")
+    judge(fake, path, out, "--model", "judge-a", "--temperature", "0")  # the same temperature
+    assert fake.asked["a"] == 1
+    argv = ["--answers", path, "--out", str(out), "--base-url", fake.url, "--model", "judge-a "]
+    msg = cli_error(argv)
+    assert "--model 'judge-a ': the judgments in" in msg and "made with --model 'judge-a'" in msg
+
+
+# ================================================================ issue 34: one process per --out
+def test_a_second_run_into_the_same_out_is_refused_naming_the_first_and_nothing_is_paid_twice(
+    fake, tmp_path
+):
+    n = 3
+    marks = [["id=p0 mode=hold"] + [f"id=p{k} mode=good" for k in range(1, n)]]
+    path, out = answers_file(tmp_path, marks), tmp_path / "judge"
+    argv = [sys.executable, "eval_judge.py", "--answers", path, "--out", str(out)]
+    argv += ["--base-url", fake.url, "--api-key-env", "JUDGE_TEST_KEY", "--concurrency", "1"]
+    first = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while (
+        not fake.asked["p0"] and time.time() < deadline
+    ):  # the first run is asking: it holds --out
+        time.sleep(0.05)
+    try:
+        second = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=30)
+    finally:
+        fake.release.set()
+    assert first.wait(timeout=60) == 0 and second.returncode == 1
+    assert second.stderr.strip() == (
+        f"error: --out {out}: another process (PID {first.pid}) is writing there; wait for it to "
+        f"end or stop it, or use another --out"
+    )
+    rows = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == [f"s{k + 1}" for k in range(n)]
+    assert dict(fake.asked) == {f"p{k}": 1 for k in range(n)} and not (out / ".lock").exists()

@@ -78,6 +78,12 @@ def test_value_kaleidoscope_json_keeps_kind_and_name(tmp_path):
     ]
 
 
+def test_our_jsonl_saved_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + open(f"{om.HERE}/data/test.jsonl", "rb").read())
+    assert harness.data.load_situations(str(path))[0].id == "test-001"
+
+
 def test_the_scripts_read_our_jsonl_and_say_how_to_convert_the_rest(tmp_path):
     (tmp_path / "a.csv").write_text("prompt,answer\n")
     with pytest.raises(

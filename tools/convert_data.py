@@ -32,8 +32,7 @@ KINDS = ("value", "right", "duty")
 
 def situations(path):
     """The Situations of an authors' .csv or a ValueKaleidoscope .json, every row checked."""
-    if not os.path.isfile(path):
-        raise harness.data.DataError(f"{path}: no such data file")
+    harness.data.read_text(path)  # missing, a directory, a device, not UTF-8: one line each
     if os.path.splitext(path)[1].lower() not in (".csv", ".json"):
         raise harness.data.DataError(
             f"{path}: convert a .csv (the authors') or a .json (ValueKaleidoscope)"
@@ -100,6 +99,12 @@ def kaleido_rows(path):
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise harness.data.DataError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+    except RecursionError:
+        raise harness.data.DataError(f"{path}: JSON nested too deeply for Python to read") from None
+    except ValueError:  # a number of more than 4300 digits
+        raise harness.data.DataError(
+            f"{path}: holds a number too long for Python to read"
+        ) from None
     if isinstance(data, dict):
         data = data["data"] if isinstance(data.get("data"), list) else list(data.values())
     if not isinstance(data, list):
@@ -133,7 +138,9 @@ def kaleido_rows(path):
                     kind=kind if kind in KINDS else None,
                 )
             )
-        out.append((where, dict(id=row.get("id", n), situation=row["situation"], perspectives=ps)))
+        sid = row.get("id", n)  # their ids may be numbers; ours are text
+        sid = str(sid) if isinstance(sid, int) and not isinstance(sid, bool) else sid
+        out.append((where, dict(id=sid, situation=row["situation"], perspectives=ps)))
     return out
 
 

@@ -50,7 +50,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     items, rows = {s.id: s for s in harness.data.load_situations(args.data)}, []
     for n, row in harness.data.read_jsonl(args.answers, "answers"):
-        if not isinstance(row.get("answer"), str) or str(row.get("id")) not in items:
+        if not isinstance(row.get("answer"), str) or row.get("id") not in items:
             raise harness.data.DataError(
                 f"{args.answers}, line {n}: needs a text 'answer' and the 'id' of a situation "
                 f"in {args.data}"
@@ -60,7 +60,7 @@ def main(argv=None):
         raise harness.data.DataError(f"{args.answers}: no answers in the file")
     harness.models.check_model_path(args.sim_model, "--sim-model")
     harness.runs.claim_out_dir(args.out)
-    ss = [items[str(r["id"])] for r in rows]
+    ss = [items[r["id"]] for r in rows]
     parts = reward.score_answers(
         [r["answer"] for r in rows],
         [om.reference_answer(s) for s in ss],
