@@ -70,13 +70,13 @@ class Graded:
             return child.call(args, kwargs, min(case_left, budget_left))
         except sandbox.StudentTimeout:
             self.timed_out.add(CASE["id"])
-            self.child = None
+            self.close()
             raise sandbox.StudentTimeout(
                 f"{self.name} ran past its time limit ({self.case:g} s a case, {self.budget:g} s in all):"
                 " an endless loop?"
             ) from None
         except sandbox.StudentCrash:
-            self.child = None
+            self.close()
             raise
         except Exception:
             self.trace[CASE["id"]] = getattr(child, "last_trace", "")

@@ -8,6 +8,7 @@ then sends calls and receives plain data (teach/wire.py); a call past its time k
 Only plain data crosses: the grader rebuilds values from it and never runs anything the child sent.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -43,7 +44,11 @@ class StudentTimeout(TimeoutError):
 
 
 class StudentCrash(RuntimeError):
-    """The student's process ended, or sent something that is no plain data."""
+    """The student's process ended, or sent something that is no plain data (it was killed)."""
+
+
+class NoPlainData(TypeError):
+    """The student's function returned a value that cannot cross (its process goes on serving)."""
 
 
 def landlock_abi():
@@ -157,32 +162,14 @@ class Child:
         limits = {k: v for k, v in dict(LIMITS, cpu=int(cpu_seconds) + 1).items() if v is not None}
         setup = dict(setup, read=read, limits=limits)
         with open(os.path.join(self.folder, "setup.json"), "w") as f:
-            import json
-
             json.dump(setup, f)
         self.sock, theirs = socket.socketpair()
         life_r, self.life = os.pipe()
-        try:
-            with open(os.path.join(self.folder, "output.txt"), "wb") as log:
-                launcher = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-I",
-                        "-B",
-                        "teach/child.py",
-                        str(theirs.fileno()),
-                        str(life_r),
-                    ],
-                    cwd=self.folder,
-                    env=clean_env(self.folder),
-                    pass_fds=(theirs.fileno(), life_r),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,
-                )
-            self.group = launcher.pid  # its session and process group: the child stays in it
-            launcher.wait(timeout=STARTUP)
+        try:  # a launcher that cannot start leaves nothing behind
+            self.launch(theirs, life_r)
+        except BaseException:
+            self.kill()
+            raise
         finally:
             theirs.close()
             os.close(life_r)
@@ -201,6 +188,22 @@ class Child:
             self.pidfd = os.pidfd_open(self.pid)
         except (AttributeError, OSError):
             self.pidfd = None
+
+    def launch(self, theirs, life_r):
+        """Start teach/child.py; it forks at once and its launcher ends (so it leaves this process)."""
+        with open(os.path.join(self.folder, "output.txt"), "wb") as log:
+            launcher = subprocess.Popen(
+                [sys.executable, "-I", "-B", "teach/child.py", str(theirs.fileno()), str(life_r)],
+                cwd=self.folder,
+                env=clean_env(self.folder),
+                pass_fds=(theirs.fileno(), life_r),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        self.group = launcher.pid  # its session and process group: the child stays in it
+        launcher.wait(timeout=STARTUP)
 
     @property
     def output(self):
@@ -267,11 +270,9 @@ class Child:
             while True:
                 reply = wire.recv(self.sock, left)
                 if reply["op"] in ("callback", "implementation"):
-                    fn = (
-                        (implementations or {}).get(reply.get("name"))
-                        if reply["op"] == "implementation"
-                        else self.callbacks.get(reply.get("id"))
-                    )
+                    key = reply.get("name" if reply["op"] == "implementation" else "id")
+                    table = implementations if reply["op"] == "implementation" else self.callbacks
+                    fn = (table or {}).get(key) if type(key) in (int, str) else None
                     wire.send(self.sock, self.answer(fn, reply))
                     continue
                 if reply["op"] in ("returned", "raised", "tests", "loaded"):
@@ -319,7 +320,7 @@ class Child:
         if reply["op"] == "raised":
             self.last_trace = str(reply.get("trace", ""))
             if reply.get("type") == "NotPlain":
-                raise StudentCrash(f"its value is no plain data: {str(reply.get('message'))[:300]}")
+                raise NoPlainData(f"its value is no plain data: {str(reply.get('message'))[:300]}")
             raise wire.rebuild(reply)
         try:
             return wire.Decoder(grad_sources=enc.grad_inputs)(reply.get("value"))
