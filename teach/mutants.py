@@ -313,12 +313,14 @@ def grade_tests(copy, seed, k=12, root=assignable.ROOT, seconds=60, names=assign
 def main_grade(args):
     """grade --week 2: prints each test, what it catches, the total; --verbose adds what each mutant changed."""
     result = grade_tests(args.dir, args.seed, args.mutants, seconds=args.timeout)
-    print(f"{'test':<60} {'on the reference':>16}  catches")
+    names = {t: t.split("::")[-1] for t in result["tests"]}
+    width = max([len(n) for n in names.values()] + [4])
+    print(f"{'test':<{width}}  {'on the reference':>16}  catches")
     for t, r in result["tests"].items():
         said = " ".join(r["catches"]) or "-"
         if r["on_reference"] != "passed":
             said = "nothing: it must pass on the reference"
-        print(f"{t.split('::')[-1][:60]:<60} {r['on_reference']:>16}  {said}")
+        print(f"{names[t]:<{width}}  {r['on_reference']:>16}  {said}")
     print(
         f"hidden mutants caught: {result.get('caught', 0)} of {len(result['mutants'])}: "
         f"{result['points']:.1f} / {result['of']}"

@@ -10,8 +10,8 @@
 
 make copies the project (what git tracks or would track; not runs/, .git, nor the teacher's files of TEACHER_ONLY).
 Each named function keeps its decorators, signature and docstring, worked example and contract included; its body
-becomes `raise NotImplementedError`. A week's copy also blanks the functions of every later week, so it hands out
-no solution that is not due yet. A test that would show a blanked function's body (marked
+becomes `raise NotImplementedError`. A week's copy also blanks the functions of later weeks (week_blanks), so it
+hands out no solution that is not due yet. A test that would show a blanked function's body (marked
 @pytest.mark.reveals("NAME")) is left out of the copy, and a link to a file the copy lacks becomes plain text.
 
 grade takes from the copy only the def of each function the teacher names (--week or --blank: the copy's own
