@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -532,8 +533,11 @@ def cheating(project, tmp_path_factory):
     manifest = {"blanked": {"split_perspectives": "reward.py", "token_logprobs": "opgrpo_min.py"}}
     (copy / teach.MANIFEST).write_text(json.dumps(manifest))
     conftest = (project / "tests" / "conftest.py").read_text()
+    folders = lambda: {f for f in os.listdir(tempfile.gettempdir()) if f.startswith("teach-")}  # noqa: E731
+    before = folders()
     run = cli("grade", copy, "--blank", ",".join(names), root=project)
-    return dict(run=run, rows=table(run.stdout), names=names, conftest=conftest, copy=copy)
+    left = folders() - before
+    return dict(run=run, rows=table(run.stdout), names=names, conftest=conftest, left=left)
 
 
 def points(cheating, name):
@@ -639,6 +643,9 @@ def test_the_copys_assignment_json_decides_nothing(cheating):
 def test_keyboard_interrupt_and_pytest_exit_fail_only_their_own_cases(cheating):
     run, rows = cheating["run"], cheating["rows"]
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    assert (
+        cheating["left"] == set()
+    )  # every student's process, killed or not, took its folder with it
     assert points(cheating, "summarize") == 0.0 and points(cheating, "entailment_index") == 0.0
     assert (
         "summarize: failed test_summary_uses_the_sample_std_and_accuracy_counts_scores_strictly_above_0_33: "
@@ -827,16 +834,14 @@ def test_nine_functions_that_loop_forever_cost_only_their_own_points_within_thei
 
 
 def test_a_failing_check_names_the_rule_it_checks(tmp_path):
-    """A grpo_loss that counts every clipped-ratio token, whatever the advantage's sign: the grader's output says
-    which rule of clip_frac it broke; --verbose adds pytest's whole report."""
+    """A grpo_loss (the docstring-only one above) that counts every clipped-ratio token, whatever the advantage's
+    sign: the grader's output says which rule of clip_frac it broke; --verbose adds pytest's whole report."""
     copy = tmp_path / "copy"
     teach.make(["grpo_loss"], str(copy))
-    right = "((ratio > 1 + clip_eps) & (A > 0)) | ((ratio < 1 - clip_eps) & (A < 0))"
-    loss = reference_defs("grpo_loss")["grpo_loss"]
-    assert right in loss
-    write_defs(
-        copy, {"grpo_loss": loss.replace(right, "(ratio > 1 + clip_eps) | (ratio < 1 - clip_eps)")}
-    )
+    right = "((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))"
+    assert right in HONEST["grpo_loss"]
+    wrong = HONEST["grpo_loss"].replace(right, "(ratio > 1 + clip_eps) | (ratio < 1 - clip_eps)")
+    write_defs(copy, {"grpo_loss": wrong})
     run = cli("grade", copy, "--week", "1", "--verbose")
     assert "clip_frac: share of answer tokens whose clip is active" in run.stdout, run.stdout
     assert "pytest's report" in run.stdout and "def test_grpo_loss_clip_cases_by_hand" in run.stdout
@@ -845,19 +850,25 @@ def test_a_failing_check_names_the_rule_it_checks(tmp_path):
 
 # ================================================================ week 2: tests that catch hidden mutants
 def projects_own_tests():
-    """The project's own tests of week 1's functions, as a student's test file: by construction they catch every
-    mutant the grader may hide (a mutant counts only if they catch it)."""
+    """The project's own tests of week 1's functions, as a student's test file (with the module's helpers and the
+    imports the student's process has): by construction they catch every mutant the grader may hide."""
     source = open(os.path.join(ROOT, "tests", "test_opgrpo_min.py")).read()
-    wanted = {i.split("::")[1] for n in assignable.UNDER_TEST for i in teach.ASSIGNABLE[n][1]} | {
-        "_loss"
-    }
-    lines, out = (
-        source.splitlines(),
-        ["import math", "import pytest", "import torch", "import opgrpo_min as om"],
-    )
+    wanted = {i.split("::")[1] for n in assignable.UNDER_TEST for i in assignable.ASSIGNABLE[n][1]}
+    there = {"math", "numpy", "pytest", "torch", "opgrpo_min", "reward", "harness"}
+    lines, out = source.splitlines(), []
     for node in ast.parse(source).body:
-        if getattr(node, "name", None) in wanted:
-            first = min([d.lineno for d in node.decorator_list] + [node.lineno])
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            )
+            keep = all(m and m.split(".")[0] in there for m in modules)
+        else:
+            name = getattr(node, "name", "")
+            keep = isinstance(node, ast.FunctionDef) and (
+                name in wanted or not name.startswith("test_")
+            )
+        if keep:
+            first = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
             out.append("\n".join(lines[first - 1 : node.end_lineno]))
     return "\n\n\n".join(out) + "\n"
 
@@ -900,8 +911,10 @@ def test_week2_copy_keeps_week_1s_functions_blanks_every_later_weeks_and_holds_t
     assert (
         "def ladder_bucket" in reward and (week2 / teach.STUDENT_TESTS).read_text() == teach.STARTER
     )
-    week1 = teach.week_blanks(1)
-    assert set(week1) == {n for names in teach.WEEKS.values() for n in names}
+    assert set(teach.week_blanks(1)) == {n for names in teach.WEEKS.values() for n in names}
+    assert set(teach.week_blanks(3)) == set(
+        teach.WEEKS[3] + teach.WEEKS[5]
+    )  # probe threshold: whole rewards
 
 
 def test_week2_tests_that_catch_every_mutant_score_full(week2, tmp_path):
