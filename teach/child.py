@@ -13,6 +13,7 @@ import ctypes
 import importlib
 import json
 import os
+import shutil
 import sys
 import threading
 import traceback
@@ -122,12 +123,14 @@ def resource_limits(limits):
 
 
 def watch(life_fd):
-    """End this process when the grader's end of the life pipe closes (the grader ended)."""
+    """End this process, and empty its folder, when the grader's end of the life pipe closes (the grader ended,
+    even killed; the grader removes the folder itself, which Landlock does not let this process do)."""
     try:
         while os.read(life_fd, 1):
             pass
     except OSError:
         pass
+    shutil.rmtree(os.getcwd(), ignore_errors=True)
     os._exit(3)
 
 

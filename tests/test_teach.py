@@ -681,6 +681,9 @@ def look():
         "list /tmp": lambda: os.listdir("/tmp"),
         "connect": lambda: socket.create_connection(("127.0.0.1", 22), timeout=2),
         "fork": lambda: os._exit(0) if os.fork() == 0 else os.wait(),
+        "the grader's cwd": lambda: os.readlink(f"/proc/{GRADER}/cwd"),
+        "the grader's memory": lambda: open(f"/proc/{GRADER}/mem", "rb").close(),
+        "signal the grader": lambda: os.kill(GRADER, 0),
     }.items():
         try:
             attempt()
@@ -692,7 +695,8 @@ def look():
 
 
 def test_the_students_process_names_nothing_of_the_teachers_and_cannot_reach_it():
-    files = sandbox.project_modules(ROOT, {"snoop.py": SNOOP.replace("PROJECT", repr(ROOT))})
+    snoop = SNOOP.replace("PROJECT", repr(ROOT)).replace("GRADER", str(os.getpid()))
+    files = sandbox.project_modules(ROOT, {"snoop.py": snoop})
     child = sandbox.Child(
         files, {"mode": "function", "module": "snoop", "function": "look"}, ROOT, 30
     )
@@ -705,8 +709,16 @@ def test_the_students_process_names_nothing_of_the_teachers_and_cannot_reach_it(
     )  # no path, argument, variable or parent names it
     assert parent != os.getpid()  # its parent is not the grader: it left it
     if LANDLOCK:
-        denied = {tried[k] for k in ("read the project", "write /tmp", "list /tmp")}
-        assert denied == {"PermissionError"}, tried
+        tries = (
+            "read the project",
+            "write /tmp",
+            "list /tmp",
+            "the grader's cwd",
+            "the grader's memory",
+        )
+        assert {tried[k] for k in tries} == {"PermissionError"}, tried
+        if sandbox.landlock_abi() >= 6:
+            assert tried["signal the grader"] == "PermissionError", tried
         assert any("Landlock" in s for s in child.isolation), child.isolation
     else:  # what a student's code can do without Landlock (docs/assignments.md)
         if os.path.exists("/tmp/teach-snoop-was-here"):
