@@ -379,8 +379,11 @@ def run_referee(root, plan, seconds):
                 cmd, cwd=root, capture_output=True, text=True, timeout=seconds, env=env
             )
             output = proc.stdout + proc.stderr
-            if proc.returncode not in (0, 1):
-                trouble = f"the grading run ended with exit status {proc.returncode}"
+            if proc.returncode not in (0, 1):  # e.g. 4: a test id of ASSIGNABLE no longer exists
+                said = [line for line in output.strip().splitlines() if line.strip()]
+                said = [line for line in said if line.startswith("ERROR")] or said[-1:]
+                trouble = f"the grading run ended with exit status {proc.returncode}: "
+                trouble += said[0][:300] if said else "no output"
         except subprocess.TimeoutExpired as e:
             output = (
                 (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else ""
