@@ -3,8 +3,8 @@
     python teach/measure.py mistakes                  # exercise 1: what grade gives typical mistakes
     python teach/measure.py exercise-answers --study runs/study_powered   # exercises 3 and 4: their data
 
-The students' measurements are in teach/probe.py (toy, sampler, threshold, uniqueness); the planted bugs of exercise
-2 are in teach/planted_bugs.json, planted by teach/run.py make --plant SEED.
+The students' measurements are in teach/probe.py (toy, sampler, threshold, uniqueness); exercise 2's hidden mutants
+come from teach/mutants.py; the in-class demo's planted bugs are in teach/planted_bugs.json (make --plant SEED).
 """
 
 import argparse
@@ -58,7 +58,7 @@ def mistakes(args):
             teach.make(["group_advantages", "grpo_loss"], copy)
             with open(os.path.join(copy, script), "w") as f:
                 f.write(reference.replace(old, new) if old else reference)
-            rows = teach.grade(copy)
+            rows, _ = teach.grade(copy, ["group_advantages", "grpo_loss"])
         failing = [
             f"{case.split('::')[1]} ({why.split(': ', 1)[-1][:60]})"
             for r in rows
