@@ -38,6 +38,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 
+import reward
 from extras.answers import drop_torn_tail
 from harness.cli import ArgumentParser, run_cli, text_arg
 from harness.data import (
@@ -984,6 +985,58 @@ def prompt_tokens(requests, tokenizer=None):
 
 
 # ================================================================ Stage 1 through the same client
+JUDGE_QUESTION = (
+    "Do these two statements express the same meaning or perspective?\n\nA: {a}\nB: {b}\n\n"
+    "Answer with Yes or No."
+)
+
+
+def judge_triplets(situations, model, judge, threshold=0.75):
+    """The paper's triplets. Per situation the pool is every distinct perspective sentence (explanations, then
+    paraphrases where the data has them); for each explanation (anchor) its candidates are the other pool sentences
+    with cosine >= threshold to it (reward.unit_embeddings(model, the pool), one call), most similar first. `judge`
+    is called once, with every (anchor, candidate) pair of all situations as a list of tuples (not at all when there
+    is none), and returns one bool per pair ("same meaning or perspective?"): the first Yes candidate is the
+    positive, the most similar No the negative; an anchor without both gives no triplet. Returns a list of dicts
+    {"situation": its id, "anchor", "positive", "negative"} in the order of situations and explanations.
+    Example: candidates [x 0.9 No, y 0.8 Yes, z 0.76 No] give (anchor, y, x)."""
+    pools = [
+        list(
+            dict.fromkeys(
+                [p.explanation for p in s.perspectives]
+                + [p.paraphrase for p in s.perspectives if p.paraphrase]
+            )
+        )
+        for s in situations
+    ]
+    vec, asks = (
+        reward.unit_embeddings(model, [t for pool in pools for t in pool]),
+        [],
+    )  # asks: (sid, anchor, cands)
+    for s, pool in zip(situations, pools):
+        E = np.stack([vec[t] for t in pool])  # [n_pool, dim]
+        for a in [p.explanation for p in s.perspectives]:
+            cos = E @ vec[a]  # [n_pool]
+            asks.append(
+                (
+                    s.id,
+                    a,
+                    [pool[j] for j in np.argsort(-cos) if pool[j] != a and cos[j] >= threshold],
+                )
+            )
+    pairs = [(a, c) for _, a, cands in asks for c in cands]
+    print(
+        f"judging {len(pairs)} pairs with base cosine >= {threshold} ({len(situations)} situations)"
+    )
+    said = dict(zip(pairs, map(bool, judge(pairs)))) if pairs else {}
+    out = []
+    for sid, a, cands in asks:
+        yes, no = [c for c in cands if said[(a, c)]], [c for c in cands if not said[(a, c)]]
+        if yes and no:
+            out.append(dict(situation=sid, anchor=a, positive=yes[0], negative=no[0]))
+    return out
+
+
 YES_NO = re.compile(r"\W*([A-Za-z]+)")
 
 
@@ -999,7 +1052,7 @@ def ask_yes_no(
     max_tokens=8,
     temperature=0.0,
 ):
-    """Stage 1's pair question (`question`, a format string with {a} and {b}: sim_train.JUDGE_QUESTION) for each
+    """Stage 1's pair question (`question`, a format string with {a} and {b}: JUDGE_QUESTION) for each
     (a, b) through the judge's client: True when the
     reply's first word is 'yes' in any case (markdown and punctuation before it ignored). Any other first word, and a
     request that failed after the client's retries, counts as No and is reported on stderr with an example.

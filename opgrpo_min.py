@@ -36,7 +36,15 @@ from harness.models import (
     model_fingerprint,
 )
 from harness.report import plot_rewards
-from harness.runs import atomic_save, claim_out_dir, fingerprints, save_checkpoint, write_text
+from harness.runs import (
+    atomic_save,
+    claim_out_dir,
+    fingerprints,
+    lock_run_folder,
+    no_run_above,
+    save_checkpoint,
+    write_text,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -120,34 +128,25 @@ RANGES = {  # what resolve_config accepts (the comments above say the same); NaN
     "save_every": lambda v: v >= 0,
 }
 
-PRESETS = {  # knobs left at None above take these
-    # ~11 min on 2 cores; one SFT epoch alone takes longer. A 135M policy seldom reaches the paper's 0.70 against
-    # the untuned MiniLM, so coverage would be 0 in almost every step: 0.455 is where MiniLM best separates the
-    # training set's paraphrase pairs from other pairs (docs/training.md), a deviation from the paper.
-    "cpu": dict(
-        sft_steps=12,
-        sft_lr=1e-4,
-        steps=16,
-        prompts_per_step=2,
-        group_size=4,
-        max_new_tokens=128,
-        lr=5e-6,
-        micro_batch=8,
-        gradient_checkpointing=0,
-        coverage_threshold=0.455,
-    ),
-    "gpu": dict(
-        sft_lr=1e-5,
-        steps=150,
-        prompts_per_step=8,
-        group_size=10,
-        max_new_tokens=800,
-        lr=1e-6,
-        micro_batch=8,
-        gradient_checkpointing=1,
-        coverage_threshold=reward.COVERAGE_THRESHOLD,
-    ),
+PRESETS = {  # knob: (cpu, gpu), what a knob left at None above takes; the gpu preset is the paper's recipe
+    "sft_steps": (12, None),  # None: one epoch; on 2 CPU cores that alone takes longer than the run
+    "sft_lr": (1e-4, 1e-5),
+    "steps": (16, 150),  # the cpu run takes about 11 min on 2 cores
+    "prompts_per_step": (2, 8),
+    "group_size": (4, 10),
+    "max_new_tokens": (128, 800),
+    "lr": (5e-6, 1e-6),
+    "micro_batch": (8, 8),
+    "gradient_checkpointing": (0, 1),
+    # a 135M policy seldom reaches the paper's 0.70 against the untuned MiniLM (coverage 0 in most steps); 0.455 is
+    # where MiniLM best separates the training paraphrase pairs from other pairs: a deviation (docs/training.md)
+    "coverage_threshold": (0.455, reward.COVERAGE_THRESHOLD),
 }
+
+
+def preset(name):
+    """{knob: value} of the 'cpu' or 'gpu' preset."""
+    return {k: v[("cpu", "gpu").index(name)] for k, v in PRESETS.items()}
 
 
 # ================================================================ data: prompts and the reference answer
@@ -341,15 +340,13 @@ def sample_groups(
     # 1 on answer tokens up to and including the first EOS, 0 on what follows it
     answer_mask = 1 - ((is_eos.cumsum(1) - is_eos) > 0).long()  # [P*G, T]
     texts = tokenizer.batch_decode(
-        answers.masked_fill(answer_mask == 0, pad), skip_special_tokens=True
+        answers * answer_mask + pad * (1 - answer_mask), skip_special_tokens=True
     )
     prompt_ids = ids.repeat_interleave(G, 0)  # [P*G, L]
+    input_ids = torch.cat([prompt_ids, answers], 1)  # [P*G, L+T]
+    attention_mask = torch.cat([attn[:, : ids.shape[1]], answer_mask], 1)  # [P*G, L+T]
     return Rollout(
-        torch.cat([prompt_ids, answers], 1),
-        torch.cat([attn[:, : ids.shape[1]], answer_mask], 1),
-        answer_mask,
-        texts,
-        torch.arange(P).repeat_interleave(G),
+        input_ids, attention_mask, answer_mask, texts, torch.arange(P).repeat_interleave(G)
     )
 
 
@@ -619,9 +616,9 @@ def grpo_step(model, tokenizer, batch, reward_fn, cfg, ref_model, optimizer):
     roll = sample_groups(
         model, tokenizer, prompts, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p
     )
-    assert roll.group_ids.tolist() == [i // G for i in range(len(batch) * G)], (
-        "an answer left its group"
-    )
+    assert roll.group_ids.tolist() == [
+        i // G for i in range(len(batch) * G)
+    ]  # each answer in its group
     t_rollout = clock(model)
     # ---- reward and group-normalised advantages
     rewards, means = reward_fn(roll, [batch[g] for g in roll.group_ids.tolist()])
@@ -645,50 +642,35 @@ def grpo_step(model, tokenizer, batch, reward_fn, cfg, ref_model, optimizer):
     with training(model, cfg.gradient_checkpointing):
         upd = grpo_update(model, optimizer, roll, adv, old_logp, ref_logp, cfg, vocab)
     t_update = clock(model)
-    # ---- the step's metrics
+    # ---- the step's metrics (the entropy is that of the sampler's policy: the first update's)
     row = dict(reward=float(np.mean(rewards)), reward_std=float(np.std(rewards)), **means)
-    row.update(
-        zero_spread=zero_spread, entropy=upd[0]["entropy"]
-    )  # entropy: of the sampler's policy
+    row.update(zero_spread=zero_spread, entropy=upd[0]["entropy"])
     for k in ("kl", "clip_frac", "ratio", "loss", "grad_norm"):
         row[k] = float(np.nanmean([u[k] for u in upd]))
-    row.update(
-        skipped_updates=sum(u["skipped"] for u in upd),
-        answer_len=float(roll.answer_mask.sum(1).float().mean()),
-    )
-    row.update(
-        t_generate=t_rollout - t_start, t_reward=t_reward - t_rollout, t_logprob=t_ref - t_reward
-    )
-    row.update(
-        t_logprob_old=t_old - t_reward, t_logprob_ref=t_ref - t_old, t_update=t_update - t_ref
-    )
-    row.update(t_update_forward=sum(u["t_forward"] for u in upd), t_step=t_update - t_start)
+    row["skipped_updates"] = sum(u["skipped"] for u in upd)
+    row["answer_len"] = float(roll.answer_mask.sum(1).float().mean())
+    row.update(t_generate=t_rollout - t_start, t_reward=t_reward - t_rollout)
+    row.update(t_logprob=t_ref - t_reward, t_logprob_old=t_old - t_reward)
+    row["t_logprob_ref"] = t_ref - t_old
+    row.update(t_update=t_update - t_ref, t_update_forward=sum(u["t_forward"] for u in upd))
+    row["t_step"] = t_update - t_start
     return row, roll
 
 
 def grpo_train(
-    model,
-    tokenizer,
-    items,
-    reward_fn,
-    cfg,
-    ref_model=None,
-    optimizer=None,
-    start_step=0,
-    out=None,
-    fingerprints=None,
+    model, tokenizer, items, score, cfg, ref=None, optimizer=None, start=0, out=None, prints=None
 ):
-    """Stage 2: grpo_step for steps start_step .. cfg.steps - 1, each on the situations prompts_for_step picks.
-    Returns the list of per-step metric rows (also appended to out/metrics.jsonl when `out` is set; its checkpoints
-    carry `fingerprints`, what a resume checks). Ctrl-C stops after the step in progress, with a checkpoint."""
+    """Stage 2: grpo_step for steps start .. cfg.steps - 1, each on the situations prompts_for_step picks; `score`
+    is the reward function (rollout_rewards). Returns the list of per-step metric rows (also appended to out/metrics.jsonl when `out` is set; its checkpoints
+    carry `prints`, the fingerprints a resume checks). Ctrl-C stops after the step in progress, with a checkpoint."""
     from tqdm.auto import tqdm
 
     optimizer = optimizer or adamw(model, cfg.lr, weight_decay=cfg.weight_decay)
     rows, bad_steps = [], 0
     bar = tqdm(
-        range(start_step, cfg.steps),
+        range(start, cfg.steps),
         "GRPO",
-        initial=start_step,
+        initial=start,
         total=cfg.steps,
         dynamic_ncols=True,
     )
@@ -697,7 +679,7 @@ def grpo_train(
             batch = [
                 items[i] for i in prompts_for_step(len(items), step, cfg.prompts_per_step, cfg.seed)
             ]
-            row, roll = grpo_step(model, tokenizer, batch, reward_fn, cfg, ref_model, optimizer)
+            row, roll = grpo_step(model, tokenizer, batch, score, cfg, ref, optimizer)
             rows.append(row := dict(step=step + 1, **row))
             shown = ("reward", "coverage", "uniqueness", "zero_spread", "entropy", "clip_frac")
             bar.set_postfix(
@@ -709,7 +691,7 @@ def grpo_train(
                 with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
                 if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                    save_checkpoint(out, model, tokenizer, optimizer, step + 1, cfg, fingerprints)
+                    save_checkpoint(out, model, tokenizer, optimizer, step + 1, cfg, prints)
             if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                 tqdm.write(
                     f"--- step {step + 1}, {batch[0].situation!r}, reward {row['reward']:.2f}:"
@@ -723,9 +705,9 @@ def grpo_train(
                 )
             if stop.requested:
                 break
-    done = start_step + len(rows)
+    done = start + len(rows)
     if out and (not cfg.save_every or done % cfg.save_every):
-        save_checkpoint(out, model, tokenizer, optimizer, done, cfg, fingerprints)
+        save_checkpoint(out, model, tokenizer, optimizer, done, cfg, prints)
     if stop.requested:
         print(
             f"\ninterrupted: checkpoint of step {done} saved; continue with --resume {out}",
@@ -742,6 +724,11 @@ RESUMABLE = (
     "sample_every",
 )  # the knobs a resume may change: they extend a run
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "sft")  # what makes a folder hold a run
+RUN_MARKS = (
+    "fingerprints.json",
+    "metrics.jsonl",
+    "checkpoint/trainer_state.json",
+)  # ours, not any model's
 
 
 def resolve_config(cfg):
@@ -751,10 +738,10 @@ def resolve_config(cfg):
     check_device(cfg.device)
     cfg.preset = cfg.preset or ("gpu" if cfg.device.startswith("cuda") else "cpu")
     cfg.dtype = cfg.dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")
-    for k, v in PRESETS.get(cfg.preset, {}).items():
+    check_ranges(cfg, RANGES)  # what was given; the presets' values are in range
+    for k, v in preset(cfg.preset).items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    check_ranges(cfg, RANGES)
     if cfg.updates_per_step > cfg.prompts_per_step * cfg.group_size:
         raise ValueError("--updates-per-step cannot exceed the number of answers per step")
     return cfg
@@ -836,6 +823,7 @@ def train(cfg):
     check_model_path(cfg.sim_model, "--sim-model", tokenizer=False)
     hint = f"continue it with --resume {cfg.out}, or "
     claim_out_dir(cfg.out, RUN_FILES, cfg.overwrite, hint, dry_run=True)
+    no_run_above(cfg.out, RUN_MARKS)  # an --out inside another run would break that run
     model, tok = load_policy(
         cfg.model, cfg.device, getattr(torch, cfg.dtype), cfg.trust_remote_code
     )
@@ -882,7 +870,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return train(parse_args(argv))
+    cfg = parse_args(argv)
+    with lock_run_folder(
+        cfg.resume or cfg.out, "--resume" if cfg.resume else "--out"
+    ):  # one process per run
+        return train(cfg)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,7 @@ from harness.models import check_model_path, load_embedder
 from harness.runs import claim_out_dir, lock_run_folder, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-JUDGE_THRESHOLD = (
-    0.75  # paper: only pairs with base cosine >= 0.75 go to the judge (--judge: extras/judge.py)
-)
+JUDGE_THRESHOLD = 0.75  # paper: only pairs with base cosine >= 0.75 go to the judge (--judge: eval_judge.judge_triplets)
 FIELDS = ("anchor", "positive", "negative")
 MODEL_FILES = (
     "sim_eval.json",
@@ -271,7 +269,8 @@ def train_and_measure(cfg, named, device, t0):
     set_seed(cfg.seed)
     model = load_embedder(cfg.base, device=device)
     if cfg.judge:  # the paper's way: an LLM judges the candidate pairs (extras/judge.py)
-        from extras.judge import judge_for, judge_triplets
+        from eval_judge import judge_triplets
+        from extras.judge import judge_for
 
         rows = judge_triplets(
             everything, model, judge_for(cfg.judge, cfg.judge_url, device), cfg.judge_threshold

@@ -979,7 +979,7 @@ def parse_args(argv=None):
         args.simulate
     ):  # the gpu preset unless a knob is given; the shape's weights are never allocated
         args.shape = args.shape or "qwen2.5-3b"
-        gpu = om.PRESETS["gpu"]
+        gpu = om.preset("gpu")
         args.prompts = args.prompts or gpu["prompts_per_step"]
         args.group_size = args.group_size or gpu["group_size"]
         args.max_new_tokens = args.max_new_tokens or gpu["max_new_tokens"]

@@ -216,6 +216,18 @@ def lock_run_folder(folder, flag="--out"):
     return lock
 
 
+def no_run_above(path, marks, flag="--out"):
+    """Refuse a path inside the folder of another run (a folder above it holding one of `marks`): writing there, or
+    moving it aside with --overwrite, would break that run."""
+    above = os.path.dirname(os.path.abspath(path))
+    while above != os.path.dirname(above):
+        if any(os.path.exists(os.path.join(above, m)) for m in marks):
+            raise FileExistsError(
+                f"{flag} {path}: inside the run in {above}, which it could break; choose a folder outside it"
+            )
+        above = os.path.dirname(above)
+
+
 def fingerprints(data_file, tokenizer):
     """The sha256 of the training data file and of the chat template: two of what a resume checks is unchanged."""
     template = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()

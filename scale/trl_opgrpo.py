@@ -31,7 +31,7 @@ from scale import prompt_messages
 # ================================================================ config: opgrpo_min's knobs, the paper's values
 DEFAULTS = {
     **{f.name: f.default for f in dataclasses.fields(om.Config)},
-    **om.PRESETS["gpu"],
+    **om.preset("gpu"),
     "prompts_per_step": 1024,  # the paper's batch; opgrpo_min's gpu preset holds what fits one GPU (8)
     "sft_steps": 0,  # --model is normally the warm start that opgrpo_min.py saved (runs/x/sft)
     "out": "runs/trl_opgrpo",

@@ -806,7 +806,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    with harness.runs.lock_run_folder(args.out):  # one process per --out, for the whole run
+        return run(args)
 
 
 if __name__ == "__main__":

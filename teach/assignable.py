@@ -11,7 +11,7 @@ CORE = (
     "reward.py",
     "eval_nli.py",
     "sim_train.py",
-    "extras/judge.py",
+    "eval_judge.py",
 )  # where functions are
 TODO = "write this function (its docstring says what it must do)"  # the message of a blanked body
 
@@ -143,7 +143,7 @@ ASSIGNABLE = {
             "test_mask_words_replaces_keywords_whatever_their_case_and_keeps_punctuation",
         ),
     ),
-    # Stage 1, the similarity estimator's triplets: sim_train.py and extras/judge.py (a fake judge answers)
+    # Stage 1, the similarity estimator's triplets: sim_train.py and eval_judge.py (a fake judge answers)
     "mine_triplets": (
         10,
         tests(

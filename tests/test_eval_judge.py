@@ -28,7 +28,7 @@ openai = pytest.importorskip("openai")
 import eval_judge as ej  # noqa: E402  (after the skip: the module itself imports openai only when asked to)
 import harness.cli  # noqa: E402
 import harness.data  # noqa: E402
-from extras.judge import JUDGE_QUESTION  # noqa: E402
+from eval_judge import JUDGE_QUESTION  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-test-DO-NOT-LEAK-7f3a9c1e5b"  # recognisable, so a leak into any file or output is found

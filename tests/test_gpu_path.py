@@ -57,7 +57,7 @@ def test_lora_trains_the_adapter_only_and_its_reference_is_the_base_model(
     )
     items = harness.data.load_situations(cfg.train_data)[:2]
     torch.manual_seed(0)
-    om.grpo_train(policy, tok, items, alternating_reward, cfg, ref_model=policy)
+    om.grpo_train(policy, tok, items, alternating_reward, cfg, ref=policy)
     trained = dict(policy.named_parameters())
     assert all(torch.equal(trained[n], p) for n, p in base.items())  # the base never moves
     assert all(

@@ -11,7 +11,7 @@ import torch
 import harness.models
 import reward
 import sim_train
-from extras.judge import judge_triplets
+from eval_judge import judge_triplets
 from harness.data import Perspective, Situation
 
 
@@ -104,7 +104,8 @@ def test_judge_triplets_ask_nothing_below_the_threshold(minilm):
 def test_judge_margins_are_one_number_per_pair_and_do_not_depend_on_padding(tiny_policy):
     model, tok = tiny_policy
     pairs = [("a", "b"), (HONESTY[0], COST[1]), (DEBT[0], "a much longer sentence " * 8)]
-    from extras.judge import JUDGE_QUESTION, judge_margins
+    from eval_judge import JUDGE_QUESTION
+    from extras.judge import judge_margins
 
     batched = judge_margins(model, tok, pairs, JUDGE_QUESTION, batch_size=3)
     alone = np.concatenate(
