@@ -39,7 +39,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numpy as np
 
 import reward
-from extras.answers import drop_torn_tail
+from harness.answers import drop_torn_tail
 from harness.cli import ArgumentParser, run_cli, text_arg
 from harness.data import (
     DataError,

@@ -18,22 +18,38 @@ import os
 import re
 import sys
 import time
+import zlib
 
 import numpy as np
 import torch
 
 import reward
+from harness.answers import append_rows, check_texts, load_answers, saved_rows
 from harness.cli import check_ranges, dataclass_args, run_cli
 from harness.data import check_prompts, load_situations
 from harness.models import check_device, check_model_path, load_embedder, load_policy, resolve_model
-from harness.report import markdown_table, plot_accuracy
-from harness.runs import claim_out_dir, write_text
+from harness.report import report_rows, write_report
+from harness.runs import claim_out_dir, keep_settings, lock_run_folder, write_text
 from opgrpo_min import chat_prompt, sample_groups
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_NLI = "microsoft/deberta-v2-xlarge-mnli"  # the NLI model of the paper's evaluation code
 ACCURACY_THRESHOLD = 0.33  # a situation counts as covered when its score is strictly above this
 MAX_PROMPT_LEN = 512  # as in training; a longer prompt is an error, never cut
+PAPER_TOKENS = 1200  # new tokens per answer at test time in the paper
+CPU_TOKENS = (
+    128  # on a CPU: the training preset's length, so a laptop finishes (README states the time)
+)
+ANSWERED_WITH = (
+    "model",
+    "prompt",
+    "data",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "batch_size",
+    "seed",
+)
 
 
 PROMPTS = ("implicit", "explicit", "both")  # --prompt: as trained, the paper's baseline, or both
@@ -47,7 +63,7 @@ class Config:  # knobs: '# what it does | values it takes'
     data: str = os.path.join(HERE, "data", "test.jsonl")  # test situations
     nli: list = None  # NLI model, repeatable; 'none' = only the offline metric; None = the paper's
     sim_model: str = None  # Sentence Transformer of the coverage metric; None = embedded MiniLM
-    max_new_tokens: int = 1200  # paper 1200; ~200 keeps a CPU run short | v >= 1
+    max_new_tokens: int = None  # None: the paper's 1200 on cuda, CPU_TOKENS on the CPU | v >= 1
     temperature: float = 0.7  # test-time sampling, as in the paper | v > 0
     top_p: float = 0.9  # test-time nucleus sampling, as in the paper | 0 < v <= 1
     batch_size: int = 32  # prompts per generate call (wider is faster) | v >= 1
@@ -196,49 +212,42 @@ def summarize(scores, threshold=ACCURACY_THRESHOLD):
 
 
 # ================================================================ answers
-def generate_answers(name, items, styles, args):
-    """One answer per situation and prompt style at test-time settings (sample_groups with G = 1). The styles share
-    batches: a CPU decode step costs about the same for 16 or 88 prompts (reading the weights)."""
-    model, tok = load_policy(resolve_model(name), args.device)
-    for style in styles:
-        check_prompts(tok, items, MAX_PROMPT_LEN, lambda s: chat_prompt(tok, s, style))  # noqa: B023
+def generate_answers(name, items, styles, args, path):
+    """Append to `path` one answer per situation and prompt style of model `name` at test-time settings
+    (sample_groups with G = 1), args.batch_size prompts at a time, the styles sharing batches (a CPU decode step
+    costs about the same for 16 or 88 prompts). A batch already in the file is not made again; each batch draws
+    from a seed of its own, so a rerun after a kill writes what a straight run writes."""
+    from tqdm.auto import tqdm
+
+    key = lambda r: (r["model"], r["prompt"], r["id"])
+    have, label = saved_rows(path, key), name or "default"
+    check_texts([r for k, r in have.items() if k[0] == label], items, path)  # the same questions
     todo = [(s, style) for style in styles for s in items]
-    torch.manual_seed(args.seed)
-    rows = []
-    for b in range(0, len(todo), args.batch_size):
-        batch = todo[b : b + args.batch_size]
-        texts = sample_groups(
-            model,
-            tok,
-            [chat_prompt(tok, s.situation, style) for s, style in batch],
-            1,
-            args.max_new_tokens,
-            args.temperature,
-            args.top_p,
-        ).texts
-        rows += [
-            dict(id=s.id, model=name or "default", prompt=style, answer=text, situation=s.situation)
-            for (s, style), text in zip(batch, texts)
-        ]
-        print(f"[generate] {name}: {len(rows)}/{len(todo)} answers", flush=True)
-    return rows
-
-
-# ================================================================ report
-def report_rows(results, items):
-    """One row per (model, prompt, metric) x stratum ('all', then each number of reference perspectives)."""
-    strata = ["all"] + sorted({len(s.perspectives) for s in items})
-    return [
-        dict(
-            model=model,
-            prompt=prompt,
-            metric=metric,
-            stratum=k,
-            **summarize([x for x, s in zip(scores, items) if k in ("all", len(s.perspectives))]),
-        )
-        for (model, prompt, metric), scores in results.items()
-        for k in strata
+    batches = [todo[b : b + args.batch_size] for b in range(0, len(todo), args.batch_size)]
+    missing = [
+        (k, b) for k, b in enumerate(batches) if any((label, t, s.id) not in have for s, t in b)
     ]
+    bar = tqdm(total=len(todo), initial=len(todo) - sum(len(b) for _, b in missing), desc=label)
+    model, tok, tokens, t0 = None, 0, 0, time.perf_counter()
+    for k, batch in missing:
+        if model is None:  # loaded only when something is missing
+            model, tok = load_policy(resolve_model(name), args.device)
+            for style in styles:
+                check_prompts(tok, items, MAX_PROMPT_LEN, lambda s: chat_prompt(tok, s, style))  # noqa: B023
+        torch.manual_seed(zlib.crc32(f"{args.seed}/{label}/{k}".encode()))
+        prompts = [chat_prompt(tok, s.situation, style) for s, style in batch]
+        roll = sample_groups(
+            model, tok, prompts, 1, args.max_new_tokens, args.temperature, args.top_p
+        )
+        rows = [
+            dict(id=s.id, model=label, prompt=style, answer=text, situation=s.situation)
+            for (s, style), text in zip(batch, roll.texts)
+        ]
+        append_rows(path, rows)  # each batch on disk as it is made
+        tokens += int(roll.answer_mask.sum())
+        bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        bar.update(len(batch))
+    bar.close()
 
 
 # ================================================================ main
@@ -250,82 +259,70 @@ def main(argv=None):
     check_device(args.device)
     if args.answers and args.model:
         raise ValueError("give --model (generate answers) or --answers (re-score a file), not both")
+    on_cpu = not args.device.startswith("cuda")
+    if args.max_new_tokens is None and not args.answers:
+        args.max_new_tokens = CPU_TOKENS if on_cpu else PAPER_TOKENS
+        if on_cpu:
+            note = (
+                f"{CPU_TOKENS} new tokens per answer, not the paper's {PAPER_TOKENS}: a deviation"
+            )
+            print(f"[eval] on the CPU: {note} (--max-new-tokens sets it)", file=sys.stderr)
     args.model = args.model or (None if args.answers else ["default"])
     args.nli = args.nli or [PAPER_NLI]
-    items, t0 = load_situations(args.data), time.perf_counter()  # inputs first, then any output
-    if args.answers:  # re-score a file: every row checked against the test set (extras/answers.py)
-        from extras.answers import load_answers
+    with lock_run_folder(args.out):  # one process per --out
+        return evaluate(args)
 
+
+def evaluate(args):
+    """main's work once --out is locked: inputs first, then the answers (made or read), then the scores."""
+    items, t0 = load_situations(args.data), time.perf_counter()
+    if args.answers:  # re-score a file: every row checked against the test set (harness/answers.py)
         groups = load_answers(args.answers, items)
     for name in args.model or []:
         resolve_model(name)  # a bad path fails before any generation
     check_model_path(args.sim_model, "--sim-model", tokenizer=False)
-    for name in [n for n in args.nli if n.lower() != "none"]:
+    nli = [n for n in args.nli if n.lower() != "none"]
+    for name in nli:
         check_model_path(name, "--nli")
-    claim_out_dir(
-        args.out,
-        () if args.answers else ("answers.jsonl",),
-        args.overwrite,
-        f"re-score it with --answers {args.out}/answers.jsonl, use another --out, or ",
-    )
-    config = json.dumps(dataclasses.asdict(args), indent=1)
-    print("config:", config)
-    write_text(os.path.join(args.out, "config.json"), config)
-    if not args.answers:  # ---- generate, saved to answers.jsonl (--answers re-scores it)
+    path, config = os.path.join(args.out, "answers.jsonl"), os.path.join(args.out, "config.json")
+    if args.answers or args.overwrite or not os.path.isfile(path):
+        claim_out_dir(args.out, () if args.answers else ("answers.jsonl",), args.overwrite, "")
+    else:  # a run that stopped: it goes on with the same settings, from the answers it saved
+        keep_settings(config, vars(args), ANSWERED_WITH, args.out)
+    print("config:", json.dumps(dataclasses.asdict(args), indent=1))
+    write_text(config, json.dumps(dataclasses.asdict(args), indent=1))
+    if not args.answers:  # ---- generate into answers.jsonl, batch by batch
         styles = ["implicit", "explicit"] if args.prompt == "both" else [args.prompt]
-        rows = [r for name in args.model for r in generate_answers(name, items, styles, args)]
-        write_text(
-            os.path.join(args.out, "answers.jsonl"), "".join(json.dumps(r) + "\n" for r in rows)
-        )
-        print(
-            f"[generate] {len(rows)} answers in {time.perf_counter() - t0:.0f} s -> {args.out}/answers.jsonl"
-        )
-        groups = {}
-        for r in rows:  # each (model, prompt): its answers in the order of items
-            groups.setdefault((r["model"], r["prompt"]), []).append(r["answer"])
+        for name in args.model:
+            generate_answers(name, items, styles, args, path)
+        groups = load_answers(path, items)
     t1, short = time.perf_counter(), lambda name: os.path.basename(name.rstrip("/"))
-
-    # ---- offline metric, then each NLI backbone that can be loaded
+    # ---- the offline metric, then each NLI backbone that can be loaded
     embedder = load_embedder(args.sim_model, device=args.device)
-    results = {
-        (*key, f"coverage {short(args.sim_model or 'all-MiniLM-L6-v2')}"): embedding_coverage(
-            t, items, embedder
-        )
-        for key, t in groups.items()
-    }
+    metric = f"coverage {short(args.sim_model or 'all-MiniLM-L6-v2')}"
+    results = {(*key, metric): embedding_coverage(t, items, embedder) for key, t in groups.items()}
     notes = [
         f"Accuracy: share of situations with score > {ACCURACY_THRESHOLD}. Coverage: share of reference "
         f"perspective lines matched at cosine >= {reward.COVERAGE_THRESHOLD}."
     ]
-    for name in [n for n in args.nli if n.lower() != "none"]:
+    for name in nli:
         try:
             entail = load_nli(name, args.device, args.nli_batch_size)
         except (
             OSError
-        ) as e:  # not loadable here; a model without an entailment label stays an error
+        ) as e:  # not here (offline); a model without an entailment label stays an error
             print(
-                f"[nli] {e}The NLI rows of this model are left out; the embedding coverage is still reported.",
+                f"[nli] {e}Its NLI rows are left out; the coverage is still reported.",
                 file=sys.stderr,
             )
             notes.append(f"NLI {name}: not available here (offline), no NLI rows.")
             continue
-        results.update(
-            {
-                (*key, f"NLI {short(name)}"): nli_scores(t, items, entail)
-                for key, t in groups.items()
-            }
-        )
-    rows = report_rows(results, items)
-    import pandas as pd
-
-    write_text(os.path.join(args.out, "results.csv"), pd.DataFrame(rows).to_csv(index=False))
-    table = markdown_table(rows, notes)
-    print(table)
-    write_text(os.path.join(args.out, "results.md"), table + "\n")
-    plot_accuracy(rows, os.path.join(args.out, "accuracy.png"), ACCURACY_THRESHOLD)
-    print(
-        f"[time] generation {t1 - t0:.0f} s, scoring {time.perf_counter() - t1:.0f} s; results in {args.out}"
-    )
+        for key, t in groups.items():
+            results[(*key, f"NLI {short(name)}")] = nli_scores(t, items, entail)
+    rows = report_rows(results, items, summarize)
+    write_report(rows, notes, args.out, ACCURACY_THRESHOLD)
+    seconds = f"generation {t1 - t0:.0f} s, scoring {time.perf_counter() - t1:.0f} s"
+    print(f"[time] {seconds}; results in {args.out}")
 
 
 if __name__ == "__main__":

@@ -813,9 +813,11 @@ def set_seed(seed):
 
 def train(cfg):
     """The whole job in the paper's order: check every input, load the policy, the SFT warm start, GRPO against the
-    frozen reference, the plot. --resume continues a saved run instead (resume_training)."""
-    if cfg.resume:
-        return resume_training(cfg)
+    frozen reference, the plot."""
+    if cfg.resume:  # extras/resume.py continues a saved run with this recipe's stages
+        from extras.resume import resume_training
+
+        return resume_training(cfg, sys.modules[__name__])
     cfg = resolve_config(cfg)
     # ---- every input is checked before anything is written
     items = load_situations(cfg.train_data)
@@ -839,29 +841,6 @@ def train(cfg):
     if cfg.sft_steps != 0:
         model = sft_stage(model, tok, items, cfg)
     return grpo_stage(model, tok, items, cfg)
-
-
-def resume_training(cfg):
-    """--resume DIR: the run in DIR goes on as if it had not stopped: from its last checkpoint, or from GRPO step 0
-    with its saved SFT model when it stopped before the first checkpoint (a stop during SFT runs SFT again: nothing
-    of it was saved). extras/resume.py finds what is saved and refuses a resume that would not continue the run
-    exactly: another knob, reference, data file or chat template."""
-    from extras import resume
-
-    saved = resume.load(cfg, Config, RESUMABLE)
-    cfg = resolve_config(saved.cfg)
-    items = load_situations(cfg.train_data)
-    model, tok = load_policy(
-        saved.start, cfg.device, getattr(torch, cfg.dtype), cfg.trust_remote_code
-    )
-    check_prompts(tok, items, cfg.max_prompt_len, lambda s: chat_prompt(tok, s))
-    saved.check_same(fingerprints(cfg.train_data, tok))
-    write_text(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
-    print(f"resuming {cfg.out} at {saved.where}")
-    if saved.start_over_sft:
-        set_seed(cfg.seed)
-        model = sft_stage(model, tok, items, cfg)
-    return grpo_stage(model, tok, items, cfg, saved)
 
 
 def parse_args(argv=None):

@@ -890,6 +890,11 @@ def parse_args(argv=None):
         help="torch.profiler over the last update of each run, with its page faults",
     )
     p.add_argument(
+        "--whole-rows",
+        action="store_true",
+        help="log-probs over whole rows: no prompt forward shared by the answers to it",
+    )
+    p.add_argument(
         "--malloc-default",
         action="store_true",
         help="leave glibc's malloc as it is (harness/allocator.py normally keeps freed memory)",
@@ -1043,6 +1048,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.malloc_default:  # measure without harness/allocator.py's setting
         harness.allocator._done.append(True)
+    if args.whole_rows:  # measure log-probs without the prompt shared by its answers
+        om.answer_logits = functools.partial(answer_logits, share_prompts=False)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.vs_generate:

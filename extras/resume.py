@@ -23,9 +23,9 @@ import zipfile
 import numpy as np
 import torch
 
-from harness.data import DataError
-from harness.models import model_fingerprint
-from harness.runs import settle, write_text
+from harness.data import DataError, check_prompts, load_situations
+from harness.models import load_policy, model_fingerprint
+from harness.runs import fingerprints, settle, write_text
 
 
 @dataclasses.dataclass
@@ -83,6 +83,26 @@ class Saved:
         set_rng_state(self.state["rng"], self.tensors)
         write_text(metrics, "".join(self.history))
         return self.step
+
+
+def resume_training(cfg, om):
+    """--resume DIR of opgrpo_min.py (`om`, passed in: no module imports its way back to itself): the run in DIR goes
+    on as if it had not stopped, from its last checkpoint, or from GRPO step 0 with its saved SFT model when it
+    stopped before the first checkpoint (a stop during SFT runs SFT again: nothing of it was saved). Refused, with
+    one line, when it would not continue the run exactly: another knob, reference, data file or chat template."""
+    saved = load(cfg, om.Config, om.RESUMABLE)
+    cfg = om.resolve_config(saved.cfg)
+    items = load_situations(cfg.train_data)
+    dtype = getattr(torch, cfg.dtype)
+    model, tok = load_policy(saved.start, cfg.device, dtype, cfg.trust_remote_code)
+    check_prompts(tok, items, cfg.max_prompt_len, lambda s: om.chat_prompt(tok, s))
+    saved.check_same(fingerprints(cfg.train_data, tok))
+    write_text(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+    print(f"resuming {cfg.out} at {saved.where}")
+    if saved.start_over_sft:
+        om.set_seed(cfg.seed)
+        model = om.sft_stage(model, tok, items, cfg)
+    return om.grpo_stage(model, tok, items, cfg, saved)
 
 
 def load(given, config_class, resumable):

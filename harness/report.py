@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from harness.runs import replaced
+from harness.runs import replaced, write_text
 
 
 def pyplot(png):
@@ -52,6 +52,34 @@ def plot_rewards(out, rows):
         axis.legend(fontsize=7, ncol=3 if axis is ax else 1)
     ax.set_ylabel("mean over answers"), bx.set_xlabel("GRPO step"), fig.tight_layout()
     save_figure(plt, fig, os.path.join(out, "reward_curve.png"))
+
+
+def report_rows(results, items, summarize):
+    """One row per (model, prompt, metric) x stratum ('all', then each number of reference perspectives): the
+    summary (`summarize`, eval_nli's) of the scores of that stratum's situations."""
+    strata = ["all"] + sorted({len(s.perspectives) for s in items})
+    return [
+        dict(
+            model=model,
+            prompt=prompt,
+            metric=metric,
+            stratum=k,
+            **summarize([x for x, s in zip(scores, items) if k in ("all", len(s.perspectives))]),
+        )
+        for (model, prompt, metric), scores in results.items()
+        for k in strata
+    ]
+
+
+def write_report(rows, notes, out, threshold):
+    """out/results.csv (every statistic of every stratum), out/results.md (printed too) and out/accuracy.png."""
+    import pandas as pd
+
+    write_text(os.path.join(out, "results.csv"), pd.DataFrame(rows).to_csv(index=False))
+    table = markdown_table(rows, notes)
+    print(table)
+    write_text(os.path.join(out, "results.md"), table + "\n")
+    plot_accuracy(rows, os.path.join(out, "accuracy.png"), threshold)
 
 
 def markdown_table(rows, notes):

@@ -228,6 +228,25 @@ def no_run_above(path, marks, flag="--out"):
         above = os.path.dirname(above)
 
 
+def keep_settings(path, now, names, out):
+    """A run that goes on in `out` keeps the settings it was made with: each of `names` in `now` (a dict) must equal
+    its value in the JSON file `path` (the run's config), or one line names the flag."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        raise FileExistsError(
+            f"--out {out} holds the work of an earlier run without its settings ({path}): use another --out, "
+            f"or start over with --overwrite (the earlier run is moved aside, not deleted)"
+        ) from None
+    for k in names:
+        if k in saved and saved[k] != now[k]:
+            raise ValueError(
+                f"--{k.replace('_', '-')} {now[k]!r}: the run in {out} was made with {saved[k]!r}; rerun with "
+                f"it to go on, start over with --overwrite, or use another --out"
+            )
+
+
 def fingerprints(data_file, tokenizer):
     """The sha256 of the training data file and of the chat template: two of what a resume checks is unchanged."""
     template = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()

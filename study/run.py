@@ -42,7 +42,7 @@ import harness.runs
 import opgrpo_min as om
 import reward
 import sim_train
-from extras.answers import drop_torn_tail
+from harness.answers import append_rows, check_texts, saved_rows
 from harness.stats import paired
 
 FULL = dict(
@@ -245,13 +245,7 @@ def design(S, styles):
 def read_answers(path):
     """{(row, style, id, sample): answer row} of OUT/answers.jsonl. A kill mid-append can leave a torn last line;
     it is cut off here (those answers are made again), any other bad line is an error that names it."""
-    if not os.path.exists(path):
-        return {}
-    drop_torn_tail(path)
-    return {
-        (r["row"], r["prompt"], r["id"], r["sample"]): r
-        for _, r in harness.data.read_jsonl(path, "answers")
-    }
+    return saved_rows(path, lambda r: (r["row"], r["prompt"], r["id"], r["sample"]))
 
 
 def block_seed(seed, row, style, batch, block):
@@ -266,6 +260,9 @@ def answer(path, row, source, style, items, n, gen, loaded):
     {row: (model, tokenizer)}, so a model is loaded once for all its styles and not at all when nothing is missing.
     Returns the number of answers made."""
     have, made = read_answers(path), 0
+    check_texts(
+        [r for k, r in have.items() if k[:2] == (row, style)], items, path
+    )  # the same questions
     for b in range(0, len(items), gen.batch_size):
         batch = items[b : b + gen.batch_size]
         for k in range(math.ceil(n / BLOCK)):
@@ -304,12 +301,7 @@ def answer(path, row, source, style, items, n, gen, loaded):
                 for j in samples
                 if (row, style, s.id, j) not in have
             ]
-            with open(
-                path, "a", encoding="utf-8"
-            ) as f:  # one write per block, on disk before the next one
-                f.write("".join(json.dumps(r) + "\n" for r in new))
-                f.flush()
-                os.fsync(f.fileno())
+            append_rows(path, new)  # one write per block, on disk before the next one
             made += len(new)
             print(
                 f"[answers] {row} {style}: batch {b // gen.batch_size + 1}, block {k + 1}: {made} new",

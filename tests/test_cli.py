@@ -669,7 +669,7 @@ EXISTING = {  # script: (a folder holding earlier work, argv into it, what the r
     "eval_nli": lambda tmp, run_dir, model: (
         fake_output(tmp, "answers.jsonl"),
         ["--model", model, "--data", TEST],
-        "re-score it with --answers",
+        "holds the work of an earlier run without its settings",
     ),
     "study": lambda tmp, run_dir, model: (
         fake_output(tmp, "settings.json", json.dumps(dict(steps=99))),
@@ -1006,6 +1006,8 @@ KILLER = textwrap.dedent('''
         kill_when(os, "replace", lambda src, dst: src.endswith("checkpoint.tmp"))
     elif at == "metrics-rewrite":           # a resume has written metrics.jsonl's new copy, not yet renamed it
         kill_when(os, "replace", lambda src, dst: dst.endswith("metrics.jsonl"))
+    elif at == "sft":                       # in the SFT warm start: nothing of it saved yet
+        kill_when(torch.nn.utils, "clip_grad_norm_", counting(1))
     elif at == "before-checkpoint":         # a step's row is in metrics.jsonl, its checkpoint is not written
         kill_when(om, "save_checkpoint", counting(1))
     elif at == "after-second-rename":       # both renames done: checkpoint and checkpoint.old are whole
@@ -1067,3 +1069,78 @@ def test_sigkill_at_any_point_then_resume_from_the_cli_gives_the_straight_run(
     clean = lambda rs: [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rs]
     assert [r["step"] for r in rows(crash)] == [1, 2, 3, 4, 5, 6]  # every step exactly once
     assert clean(rows(crash)) == clean(rows(tmp_path / "straight"))
+
+
+@pytest.mark.parametrize(
+    "kill_at, goes_on_from",
+    [
+        ("sft", "its start: it stopped during SFT, which was not saved and runs again"),
+        ("update:1", "GRPO step 0, from its saved SFT model"),
+    ],
+)
+def test_a_run_killed_before_its_first_checkpoint_resumes_and_gives_the_straight_run(
+    kill_at, goes_on_from, tiny_model_dir, tmp_path
+):
+    """A SIGKILL during SFT, or in GRPO step 1 (the first checkpoint comes at step 2): --resume goes on from what
+    is saved (nothing, or out/sft without training SFT again) and ends with the metrics of a straight run."""
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER.format(repo=REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    run = lambda argv, at="": subprocess.run(
+        [sys.executable, str(killer), *argv],
+        env=dict(env, KILL_AT=at),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    crash, straight = tmp_path / "crash", tmp_path / "straight"
+    assert (
+        run(tiny_argv(tiny_model_dir, straight, 2)).returncode == 0
+    )  # the same threads as the resume
+    assert run(tiny_argv(tiny_model_dir, crash, 2), kill_at).returncode == -signal.SIGKILL
+    assert not (crash / "checkpoint").exists() and (crash / "sft").is_dir() == (kill_at != "sft")
+    p = run(["--resume", str(crash)])
+    assert p.returncode == 0 and f"resuming {crash} at {goes_on_from}" in p.stdout, p.stderr[-2000:]
+    assert ("SFT:" in p.stderr) == (kill_at == "sft")  # SFT runs again only when it was not saved
+    rows = lambda d: [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+    clean = lambda rs: [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rs]
+    assert clean(rows(crash)) == clean(rows(straight))
+
+
+def test_an_out_inside_another_run_is_refused(run_dir, tiny_model_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = tree(run)
+    with pytest.raises(SystemExit) as e:
+        harness.cli.run_cli(om.main, tiny_argv(tiny_model_dir, run / "sft", 1, "--overwrite"))
+    assert f"--out {run / 'sft'}: inside the run in {run}" in str(e.value.code)
+    assert tree(run) == before
+
+
+@pytest.mark.parametrize(
+    "script", ["opgrpo_min", "opgrpo_min --resume", "eval_nli", "study", "curve"]
+)
+def test_every_script_that_writes_a_run_folder_locks_it(script, run_dir, tiny_model_dir, tmp_path):
+    """While another process holds a run folder (here this one, through the same lock), each script refuses it
+    with one line naming the folder and the PID, before it reads or writes anything there."""
+    from study import curve
+
+    folder = run_dir if script.endswith("--resume") else str(tmp_path / "out")
+    mains = dict(opgrpo_min=om.main, eval_nli=eval_nli.main, study=study.main, curve=curve.main)
+    argv = {
+        "opgrpo_min": tiny_argv(tiny_model_dir, folder, 1),
+        "opgrpo_min --resume": ["--resume", folder],
+        "eval_nli": ["--model", tiny_model_dir, "--data", TEST, "--out", folder],
+        "study": ["--smoke", "--model", tiny_model_dir, "--out", folder],
+        "curve": ["--smoke", "--model", tiny_model_dir, "--out", folder],
+    }[script]
+    with harness.runs.lock_run_folder(folder):
+        before = tree(folder)
+        with pytest.raises(SystemExit) as e:
+            harness.cli.run_cli(mains[script.split()[0]], argv)
+        assert tree(folder) == before
+    message = str(e.value.code)
+    assert f"{folder}: another process (PID {os.getpid()})" in message and "\n" not in message

@@ -25,11 +25,12 @@ from eval_nli import (
     split_sentences,
     summarize,
 )
-from extras.answers import load_answers
+from harness.answers import load_answers
 from harness.data import Perspective, Situation, load_situations
 from opgrpo_min import reference_answer
 
-TEST_DATA = os.path.join(os.path.dirname(eval_nli.__file__), "data", "test.jsonl")
+ROOT = os.path.dirname(eval_nli.__file__)
+TEST_DATA = os.path.join(ROOT, "data", "test.jsonl")
 
 
 def fake_entail(table):
@@ -376,3 +377,116 @@ def test_an_unavailable_nli_model_is_reported_and_coverage_is_still_computed(
     table = (tmp_path / "out" / "results.md").read_text()
     assert "not available here (offline), no NLI rows" in table
     assert "| m | implicit | coverage all-MiniLM-L6-v2 | 6 | 1.000 |" in table
+
+
+# ================================================================ a laptop's run: preset, progress, answers kept
+EVAL_KILLED = """
+import sys, time
+sys.path.insert(0, {root!r})
+import eval_nli, opgrpo_min
+slow = opgrpo_min.sample_groups
+def sample_groups(*a, **k):  # a batch takes a second, so the kill lands between or within batches
+    time.sleep(1)
+    return slow(*a, **k)
+eval_nli.sample_groups = sample_groups
+eval_nli.main({argv!r})
+"""
+
+
+def eval_argv(model, data, out, *extra):
+    argv = ["--model", model, "--data", data, "--nli", "none", "--max-new-tokens", "4"]
+    return argv + ["--batch-size", "2", "--out", str(out), *extra]
+
+
+def test_a_killed_evaluation_goes_on_and_writes_what_a_straight_run_writes(
+    tiny_model_dir, small_data, tmp_path
+):
+    """SIGKILL after the first saved batch, then the same command again: the answers file is byte for byte the one
+    a straight run writes (each batch has a seed of its own), and the rerun makes only the batches that are missing.
+    A rerun with another sampling setting is refused by name, and nothing changes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    eval_nli.main(eval_argv(tiny_model_dir, small_data, straight))
+    script = EVAL_KILLED.format(root=ROOT, argv=eval_argv(tiny_model_dir, small_data, killed))
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    path, deadline = killed / "answers.jsonl", time.time() + 300
+    lines = lambda: sum(1 for _ in open(path)) if path.exists() else 0
+    while lines() < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = lines()
+    assert 2 <= kept < 12, "the kill fell after the first batch (2 answers) and before the last"
+    calls, real = [], eval_nli.sample_groups
+    eval_nli.sample_groups = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        eval_nli.main(eval_argv(tiny_model_dir, small_data, killed))
+    finally:
+        eval_nli.sample_groups = real
+    assert (killed / "answers.jsonl").read_bytes() == (straight / "answers.jsonl").read_bytes()
+    assert len(calls) == 6 - kept // 2, "only the missing batches (6 of 2 answers in all) are made"
+    before = (killed / "answers.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=r"--temperature 0.8: the run in .* was made with 0.7"):
+        eval_nli.main(eval_argv(tiny_model_dir, small_data, killed, "--temperature", "0.8"))
+    assert (killed / "answers.jsonl").read_bytes() == before
+
+
+def test_on_the_cpu_the_answer_length_is_the_training_presets_and_progress_shows(
+    tiny_model_dir, small_data, tmp_path, capsys
+):
+    argv = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        small_data,
+        "--nli",
+        "none",
+        "--prompt",
+        "implicit",
+    ]
+    eval_nli.main(argv + ["--out", str(tmp_path / "a"), "--batch-size", "3"])
+    err = capsys.readouterr().err
+    assert f"{eval_nli.CPU_TOKENS} new tokens per answer, not the paper's 1200" in err
+    assert json.load(open(tmp_path / "a" / "config.json"))["max_new_tokens"] == eval_nli.CPU_TOKENS
+    assert "tokens_per_s=" in err and "6/6" in err  # tqdm: answers done, speed, time left
+    eval_nli.main(argv + ["--out", str(tmp_path / "b"), "--max-new-tokens", "3"])
+    assert "not the paper's" not in capsys.readouterr().err
+    assert json.load(open(tmp_path / "b" / "config.json"))["max_new_tokens"] == 3
+
+
+def test_saved_answers_to_a_situation_whose_text_changed_are_refused_by_name(
+    tiny_model_dir, small_data, tmp_path
+):
+    out = tmp_path / "run"
+    eval_nli.main(eval_argv(tiny_model_dir, small_data, out))
+    changed = tmp_path / "changed.jsonl"
+    rows = [json.loads(line) for line in open(small_data)]
+    rows[0]["situation"] += " (reworded)"
+    changed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(out / "config.json") as f:
+        config = json.load(f)
+    config["data"] = str(changed)
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=f"the saved answer to {rows[0]['id']!r} was made for another text"
+    ):
+        eval_nli.main(eval_argv(tiny_model_dir, str(changed), out))
+    with pytest.raises(
+        ValueError, match=f"the answer to {rows[0]['id']!r} was made for another text"
+    ):
+        eval_nli.main(
+            [
+                "--answers",
+                str(out / "answers.jsonl"),
+                "--data",
+                str(changed),
+                "--nli",
+                "none",
+                "--out",
+                str(tmp_path / "rescore"),
+            ]
+        )

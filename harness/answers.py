@@ -1,5 +1,6 @@
-"""Files of saved answers: eval_nli.py --answers FILE re-scores them without generating, every row checked against
-the test set; study/run.py and eval_judge.py append to theirs after a kill."""
+"""Files of answers (JSONL, one answer per row): appended as they are made, read back after a kill, checked against
+the test set. eval_nli.py and study/ write them, eval_nli.py --answers and eval_judge.py read them. A reader of the
+method may skip this file: it holds no rule of the paper."""
 
 import json
 import os
@@ -10,7 +11,7 @@ from harness.data import DataError, described, read_jsonl, text_id
 def load_answers(path, items):
     """{(model, prompt): answers in the order of `items`}, matched by id (never by row order). Every id must be in
     the test set, and every (model, prompt) must answer every test situation exactly once; a null answer is empty."""
-    known, groups = {s.id for s in items}, {}
+    known, groups, texts = {s.id for s in items}, {}, {s.id: s.situation for s in items}
     for n, row in read_jsonl(path, "answers"):
         missing = [k for k in ("id", "model", "prompt", "answer") if k not in row]
         if missing:
@@ -34,6 +35,11 @@ def load_answers(path, items):
         if sid in groups.setdefault(key, {}):
             raise ValueError(
                 f"{path}, line {n}: a second answer of model {key[0]!r}, prompt {key[1]!r} to {sid!r}"
+            )
+        if isinstance(row.get("situation"), str) and row["situation"] != texts[sid]:
+            raise ValueError(
+                f"{path}, line {n}: the answer to {sid!r} was made for another text of that situation than "
+                f"--data holds; pass the data file it was made with"
             )
         groups[key][sid] = row["answer"] or ""
     if not groups:
@@ -63,3 +69,33 @@ def drop_torn_tail(path):
             f.write(b"\n")
         except ValueError:
             f.truncate(cut)
+
+
+def append_rows(path, rows):
+    """Append rows (dicts) to a JSONL file in one write, on disk before this returns: a kill afterwards loses none of
+    them, a kill during it leaves a torn last line that saved_rows cuts away."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def saved_rows(path, key):
+    """{key(row): row} of an answers file that is being appended to (empty when there is none yet), after cutting
+    a torn last line (those answers are made again)."""
+    if not os.path.exists(path):
+        return {}
+    drop_torn_tail(path)
+    return {key(r): r for _, r in read_jsonl(path, "answers")}
+
+
+def check_texts(rows, items, path):
+    """Refuse, by id, a saved answer whose situation text is not the one `items` holds for that id now: it answered
+    another question than the one asked now (the data file changed since)."""
+    texts = {s.id: s.situation for s in items}
+    for r in rows:
+        if r["id"] in texts and r.get("situation") != texts[r["id"]]:
+            raise DataError(
+                f"{path}: the saved answer to {r['id']!r} was made for another text of that situation than the "
+                f"data file holds now; use another --out, or restore the data file"
+            )
