@@ -23,16 +23,19 @@ in part.
 import argparse
 import csv
 import dataclasses
+import decimal
 import hashlib
 import io
 import ipaddress
 import itertools
 import json
+import logging
 import os
 import re
 import socket
 import sys
 import time
+import traceback
 import urllib.parse
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -61,6 +64,7 @@ PAPER_MAX_TOKENS = (
 )
 OPENAI_URL = "https://api.openai.com/v1"
 MAX_TIMEOUT = 86400  # seconds for one reply; more is no timeout (and overflows the client's clock)
+MAX_CONCURRENCY = 1024  # requests in flight at once: a thread each
 DUMMY_KEY = "none"  # local servers started without a key accept any key, but the client needs one
 ANSWER_FIELDS = ("id", "model", "prompt", "answer", "situation")
 
@@ -213,7 +217,9 @@ def json_objects(reply):
     if start < 0 or end < start:
         raise ValueError("no JSON object in the reply")
     body, values, at = reply[start : end + 1], [], 0
-    decoder = json.JSONDecoder(object_pairs_hook=unique_keys)
+    decoder = json.JSONDecoder(
+        object_pairs_hook=unique_keys, parse_float=decimal.Decimal
+    )  # 4.99999999999999999 stays so
     while at >= 0:
         try:
             value, at = decoder.raw_decode(body, at)
@@ -243,7 +249,7 @@ def scores_of(data):
 
 def shown(value):
     """A value in an error line: its repr, cut at 40 characters."""
-    text = repr(value)
+    text = str(value) if isinstance(value, decimal.Decimal) else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -253,14 +259,25 @@ def aspect_score(aspect, data):
         raise ValueError(f"no {aspect!r} in the reply")
     entry = data[aspect]
     if isinstance(entry, dict):
-        if "score" not in entry:
+        keys = [
+            k for k in entry if k.strip().lower() == "score"
+        ]  # "Score" too, but never two of them
+        if not keys:
             raise ValueError(f"{aspect!r} has no 'score'")
-        entry = entry["score"]
-    if isinstance(entry, bool) or not isinstance(entry, (int, float, str)):
+        if len(keys) > 1:
+            raise ValueError(f"{aspect!r} has 'score' twice ({keys[0]!r} and {keys[1]!r})")
+        entry = entry[keys[0]]
+    if isinstance(entry, bool) or not isinstance(entry, (int, float, decimal.Decimal, str)):
         raise ValueError(f"{aspect}: score {shown(entry)} is not a number")
     if isinstance(entry, str) and WHOLE_NUMBER.fullmatch(entry):
         entry = int(entry)
-    if isinstance(entry, str) or (isinstance(entry, float) and not entry.is_integer()):
+    if isinstance(
+        entry, decimal.Decimal
+    ):  # a number with a point or exponent, exactly as written: 4.0, 1e400
+        whole = entry == entry.to_integral_value()
+    else:  # a string that is no whole number; NaN and Infinity (floats)
+        whole = not isinstance(entry, str) and (isinstance(entry, int) or entry.is_integer())
+    if not whole:
         raise ValueError(f"{aspect}: score {shown(entry)} is not a whole number")
     if not 1 <= entry <= 5:
         raise ValueError(f"{aspect}: score {shown(entry)} is outside 1-5")
@@ -283,13 +300,15 @@ def need_openai():
     return openai
 
 
-def resolve_base_url(flag):
-    """--base-url, else $OPENAI_BASE_URL (as the openai client would), else OpenAI's own API."""
+def resolve_base_url(flag, env_name):
+    """--base-url, else $OPENAI_BASE_URL (as the openai client would), else OpenAI's own API. A refused URL is
+    printed with the key (from $env_name) redacted: a user may have pasted it into the URL."""
     url = flag or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
+        shown_url = redact(url, os.environ.get(env_name, "").strip())
         raise ValueError(
-            f"--base-url {url}: expected http(s)://HOST[:PORT]/v1, e.g. http://localhost:8000/v1"
+            f"--base-url {shown_url}: expected http(s)://HOST[:PORT]/v1, e.g. http://localhost:8000/v1"
         )
     return url
 
@@ -391,9 +410,41 @@ def no_surrogates(text):
     return re.sub("[\ud800-\udfff]", "\ufffd", text)
 
 
+SECRETS = []  # the keys this process has been given: no log record shows them (hide_in_logs)
+
+
+def hide_in_logs(key):
+    """From now on every log record of this process is made with the key redacted: with OPENAI_LOG=debug the
+    openai client logs the server's headers, and a server may echo the key in one (x-request-id)."""
+    if not key or key == DUMMY_KEY or key in SECRETS:
+        return
+    if not SECRETS:  # the record factory is wrapped once; it reads SECRETS at each record
+        make = logging.getLogRecordFactory()
+
+        def record(*args, **kwargs):
+            r = make(*args, **kwargs)
+            try:
+                text = r.getMessage()
+            except (
+                Exception
+            ):  # arguments that do not fit the message: logging would report it later
+                text = f"{r.msg!r} % {r.args!r}"
+            if r.exc_info:  # a traceback's last line may hold the key too
+                text += "\n" + "".join(traceback.format_exception(*r.exc_info))
+                r.exc_info = r.exc_text = None
+            for secret in SECRETS:
+                text = redact(text, secret)
+            r.msg, r.args = text, ()
+            return r
+
+        logging.setLogRecordFactory(record)
+    SECRETS.append(key)
+
+
 def make_client(base_url, key, timeout, http_retries):
     """The openai client. Its own retries (http_retries) cover timeouts, lost connections, 408, 409, 429 and 5xx,
     with exponential backoff from 0.5 s (at most 8 s), or the server's Retry-After when it sends one up to 2 min."""
+    hide_in_logs(key)
     return need_openai().OpenAI(
         base_url=base_url, api_key=key, timeout=timeout, max_retries=http_retries
     )
@@ -1057,7 +1108,7 @@ def ask_yes_no(
     reply's first word is 'yes' in any case (markdown and punctuation before it ignored). Any other first word, and a
     request that failed after the client's retries, counts as No and is reported on stderr with an example.
     Example: replies ['Yes, same point.', '**No**', 'Maybe'] -> [True, False, False], one reply reported."""
-    base_url = resolve_base_url(base_url)
+    base_url = resolve_base_url(base_url, api_key_env)
     ask = make_ask(
         base_url,
         api_key_env,
@@ -1214,8 +1265,9 @@ def parse_args(argv=None):
         "characters / 4)",
     )
     args = p.parse_args(argv)
-    checks = [
-        (k, getattr(args, k) >= 1, ">= 1") for k in ("concurrency", "max_tokens", "fsync_every")
+    checks = [(k, getattr(args, k) >= 1, ">= 1") for k in ("max_tokens", "fsync_every")]
+    checks += [
+        ("concurrency", 1 <= args.concurrency <= MAX_CONCURRENCY, f"in [1, {MAX_CONCURRENCY}]")
     ]
     checks += [(k, getattr(args, k) >= 0, ">= 0") for k in ("http_retries", "max_retries")]
     checks += [
@@ -1263,10 +1315,10 @@ def main(argv=None):
     baseline = args.baseline or systems[0]
     if baseline not in systems:
         raise ValueError(
-            f"--baseline {baseline}: no such system in {args.answers}; the systems are "
+            f"--baseline {baseline!r}: no such system in {args.answers}; the systems are "
             f"{', '.join(map(repr, systems))}"
         )
-    base_url = resolve_base_url(args.base_url)
+    base_url = resolve_base_url(args.base_url, args.api_key_env)
     s = JudgeSettings(args.model, args.max_tokens, args.temperature, args.max_retries)
     fields, fingerprint = settings_fingerprint(s)
     if args.dry_run:

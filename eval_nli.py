@@ -219,8 +219,7 @@ def generate_answers(name, items, styles, args, path):
     from a seed of its own, so a rerun after a kill writes what a straight run writes."""
     from tqdm.auto import tqdm
 
-    key = lambda r: (r["model"], r["prompt"], r["id"])
-    have, label = saved_rows(path, key), name or "default"
+    have, label = saved_rows(path, ("model", "prompt", "id")), name or "default"
     check_texts([r for k, r in have.items() if k[0] == label], items, path)  # the same questions
     todo = [(s, style) for style in styles for s in items]
     batches = [todo[b : b + args.batch_size] for b in range(0, len(todo), args.batch_size)]

@@ -5,7 +5,7 @@ method may skip this file: it holds no rule of the paper."""
 import json
 import os
 
-from harness.data import DataError, described, read_jsonl, text_id
+from harness.data import DataError, described, json_line, read_jsonl, text_id
 
 
 def load_answers(path, items):
@@ -36,7 +36,9 @@ def load_answers(path, items):
             raise ValueError(
                 f"{path}, line {n}: a second answer of model {key[0]!r}, prompt {key[1]!r} to {sid!r}"
             )
-        if isinstance(row.get("situation"), str) and row["situation"] != texts[sid]:
+        if "situation" in row and not isinstance(row["situation"], str):
+            raise DataError(f"{where}: 'situation' must be text, not {described(row['situation'])}")
+        if "situation" in row and row["situation"] != texts[sid]:
             raise ValueError(
                 f"{path}, line {n}: the answer to {sid!r} was made for another text of that situation than "
                 f"--data holds; pass the data file it was made with"
@@ -56,7 +58,8 @@ def load_answers(path, items):
 
 def drop_torn_tail(path):
     """Before appending to a JSONL file: cut away a last line that a kill left half written, or end a whole last row
-    that lacks only its newline (study/run.py's answers, eval_judge.py's judgments)."""
+    that lacks only its newline (study/run.py's answers, eval_judge.py's judgments). "Whole" is what the readers
+    accept (json_line): a last line they would refuse (a key twice, nested too deep) is cut, not kept."""
     if not os.path.isfile(path):
         return
     with open(path, "rb+") as f:
@@ -65,9 +68,9 @@ def drop_torn_tail(path):
         if cut == len(data):
             return
         try:
-            json.loads(data[cut:])
+            json_line(path, 0, data[cut:].decode("utf-8"))
             f.write(b"\n")
-        except ValueError:
+        except ValueError:  # DataError, UnicodeDecodeError
             f.truncate(cut)
 
 
@@ -80,13 +83,25 @@ def append_rows(path, rows):
         os.fsync(f.fileno())
 
 
-def saved_rows(path, key):
-    """{key(row): row} of an answers file that is being appended to (empty when there is none yet), after cutting
-    a torn last line (those answers are made again)."""
+def saved_rows(path, fields):
+    """{(row[f] for f in fields): row} of an answers file that is being appended to (empty when there is none yet),
+    after cutting a torn last line (those answers are made again). Each key field must be there, as non-empty text
+    or a whole number: anything else is a DataError naming the line, not a KeyError later."""
     if not os.path.exists(path):
         return {}
     drop_torn_tail(path)
-    return {key(r): r for _, r in read_jsonl(path, "answers")}
+    rows = {}
+    for n, r in read_jsonl(path, "answers"):
+        where = f"{path}, line {n}"
+        for f in fields:
+            if f not in r:
+                raise DataError(f"{where}: missing field {f!r}; not a row this script writes")
+            if not isinstance(r[f], int) or isinstance(r[f], bool):
+                text_id(where, r, f)
+        if "situation" in r and not isinstance(r["situation"], str):
+            raise DataError(f"{where}: 'situation' must be text, not {described(r['situation'])}")
+        rows[tuple(r[f] for f in fields)] = r
+    return rows
 
 
 def check_texts(rows, items, path):

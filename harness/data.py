@@ -1,6 +1,7 @@
 """The data model and its checks: situations and perspectives, our JSONL files and their one-line errors. A reader
 of the method may skip this file: it holds no rule of the paper."""
 
+import difflib
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ PERSPECTIVE = (
     "kind",
     "paraphrase",
 )  # a perspective's fields, in Perspective's order
+SITUATION = ("id", "situation", "perspectives", "domain")  # a row's fields
 
 
 @dataclass
@@ -69,6 +71,7 @@ def situation_of(where, row):
     missing = next((k for k in ("id", "situation", "perspectives") if k not in row), None)
     if missing:
         raise DataError(f"{where}: missing field {missing!r}")
+    unknown_fields(where, row, SITUATION)
     sid = text_id(where, row)
     if not isinstance(row["situation"], str) or not row["situation"].strip():
         raise DataError(f"{where}: missing or empty 'situation'")
@@ -81,8 +84,13 @@ def situation_of(where, row):
             raise DataError(
                 f"{where}: each perspective needs a non-empty text 'name' and 'explanation'"
             )
+        unknown_fields(where, p, PERSPECTIVE, "a perspective")
         if any(p.get(k) is not None and not isinstance(p[k], str) for k in PERSPECTIVE[2:]):
             raise DataError(f"{where}: a perspective's 'kind' and 'paraphrase' must be text")
+        if p.get("paraphrase") is not None and not p["paraphrase"].strip():
+            raise DataError(
+                f"{where}: a perspective's 'paraphrase' is blank: write it, or leave it out"
+            )
         if p.get("kind") not in KINDS + (None,):
             raise DataError(f"{where}: perspective kind {p['kind']!r} is not one of {KINDS}")
     ps = [
@@ -92,7 +100,7 @@ def situation_of(where, row):
         for p in row["perspectives"]
     ]
     domain = row.get("domain")
-    if domain is not None and not isinstance(domain, str):
+    if domain is not None and (not isinstance(domain, str) or not domain.strip()):
         raise DataError(f"{where}: 'domain' must be text (or left out), not {described(domain)}")
     return Situation(sid, row["situation"].strip(), ps, domain, where)
 
@@ -108,7 +116,27 @@ def text_id(where, row, key="id"):
         raise DataError(
             f"{where}: {key!r} {value!r} has spaces at its ends; ids are matched exactly: remove them"
         )
+    if (
+        not value.isprintable()
+    ):  # a NUL, a zero-width space: "t-1\u200b" would be a second "t-1" nobody sees
+        raise DataError(
+            f"{where}: {key!r} {value!r} holds a character that does not print (a control character, a "
+            f"zero-width or non-breaking space); ids are matched exactly: remove it"
+        )
     return value
+
+
+def unknown_fields(where, row, known, what="a row"):
+    """A DataError naming a field our format does not have: a misspelt 'paraphase' would otherwise be dropped
+    silently and the perspective read as having no paraphrase."""
+    for k in row:
+        if k not in known:
+            close = difflib.get_close_matches(k, known, 1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise DataError(
+                f"{where}: {what} has the field {k!r}, which our format does not have (fields: "
+                f"{', '.join(known)}){hint}"
+            )
 
 
 def described(value):

@@ -245,7 +245,7 @@ def design(S, styles):
 def read_answers(path):
     """{(row, style, id, sample): answer row} of OUT/answers.jsonl. A kill mid-append can leave a torn last line;
     it is cut off here (those answers are made again), any other bad line is an error that names it."""
-    return saved_rows(path, lambda r: (r["row"], r["prompt"], r["id"], r["sample"]))
+    return saved_rows(path, ("row", "prompt", "id", "sample"))
 
 
 def block_seed(seed, row, style, batch, block):

@@ -10,6 +10,7 @@ import hashlib
 import html
 import http.server
 import json
+import logging
 import os
 import re
 import signal
@@ -144,6 +145,8 @@ class FakeJudge:
             return error(int(spec["status"]), "x" * int(spec["at"]) + key + " was not accepted")
         if mode == "401":
             return error(401, "invalid key")
+        if mode == "header-echo":  # the key in a header the openai client logs at OPENAI_LOG=debug
+            return 200, {"x-request-id": f"req-{key}"}, json.dumps(good)
         hostile = hostile_replies(good, dict(good, depth={"reason": "r", "score": 1}), key)
         if mode in hostile:
             return 200, {"Content-Type": "text/html"} if mode == "html" else {}, hostile[mode]
@@ -306,6 +309,8 @@ def test_parse_scores_takes_whole_numbers_1_to_5_from_json_anywhere_in_the_reply
     assert ej.parse_scores("Scores: " + json.dumps(good) + " -- done") == three
     assert ej.parse_scores(json.dumps({a.title(): {"score": " 3"} for a in ej.ASPECTS})) == three
     assert ej.parse_scores(json.dumps({a: 3.0 for a in ej.ASPECTS})) == three
+    assert ej.parse_scores(json.dumps({a: {"Score": 3} for a in ej.ASPECTS})) == three
+    assert ej.parse_scores(json.dumps(good).replace('"score": 3}}', '"score": 3.000e0}}')) == three
     refused = {
         "no JSON object": "I liked it.",
         "not JSON": '{"helpfulness": {"score": 4}',
@@ -314,6 +319,18 @@ def test_parse_scores_takes_whole_numbers_1_to_5_from_json_anywhere_in_the_reply
         "not a whole number": json.dumps(dict(good, clarity={"score": 4.5})),
         "4/5": json.dumps(dict(good, clarity={"score": "4/5"})),
         "True": json.dumps(dict(good, clarity={"score": True})),
+        # issue 34's outside probe: a float parser would read both as 5, and keep the first 'score'
+        "score 4.99999999999999999 is not a whole number": json.dumps(good).replace(
+            '"clarity": {"reason": "r", "score": 3}',
+            '"clarity": {"reason": "r", "score": 4.99999999999999999}',
+        ),
+        "score 5.0000000000000001 is not a whole number": json.dumps(good).replace(
+            '"score": 3}}', '"score": 5.0000000000000001}}'
+        ),
+        "score 1E+400 is outside 1-5": json.dumps(good).replace('"score": 3}}', '"score": 1e400}}'),
+        "'depth' has 'score' twice ('score' and 'Score')": json.dumps(
+            dict(good, depth={"score": 4, "Score": 1})
+        ),
     }
     for says, reply in refused.items():
         with pytest.raises(ValueError, match=re.escape(says)):
@@ -836,6 +853,52 @@ def test_the_key_echoed_in_a_400_404_422_500_or_a_200_reply_leaves_no_piece_in_a
     ]
     for text in [printed.out, printed.err, *lines, *written]:
         assert not leaked(text, LONG_KEY)
+
+
+def test_the_key_in_a_header_the_client_logs_at_debug_level_is_redacted(
+    fake, tmp_path, monkeypatch, caplog, capsys
+):
+    """OPENAI_LOG=debug makes the openai client log every reply's x-request-id: a server that puts the key there
+    must not get it printed (issue 34's outside probe)."""
+    monkeypatch.setenv("JUDGE_TEST_KEY", LONG_KEY)
+    caplog.set_level(logging.DEBUG)  # what OPENAI_LOG=debug turns on
+    rows = judge(fake, answers_file(tmp_path, [["id=h mode=header-echo"]]), tmp_path / "judge")
+    assert rows[0]["status"] == "ok" and "request_id: req-[API KEY]" in caplog.text
+    printed = capsys.readouterr()
+    for text in [caplog.text, printed.out, printed.err]:
+        assert not leaked(text, LONG_KEY)
+
+
+@pytest.mark.parametrize("where", ["--base-url", "OPENAI_BASE_URL"])
+def test_a_refused_base_url_that_holds_the_key_is_printed_without_it(tmp_path, monkeypatch, where):
+    monkeypatch.setenv("JUDGE_TEST_KEY", LONG_KEY)
+    path = answers_file(tmp_path, [["id=a"]])
+    argv = ["--answers", path, "--out", str(tmp_path / "j"), "--api-key-env", "JUDGE_TEST_KEY"]
+    for url in (f"htp://127.0.0.1:9/{LONG_KEY}/v1", f"http:///{LONG_KEY}/v1"):
+        if where == "OPENAI_BASE_URL":
+            monkeypatch.setenv("OPENAI_BASE_URL", url)
+        msg = cli_error(argv + (["--base-url", url] if where == "--base-url" else []))
+        assert "expected http(s)://HOST[:PORT]/v1" in msg and "[API KEY]" in msg
+        assert not leaked(msg, LONG_KEY)
+        msg = cli_error(
+            argv + ["--dry-run"] + (["--base-url", url] if where == "--base-url" else [])
+        )
+        assert not leaked(msg, LONG_KEY)
+
+
+def test_a_concurrency_past_its_limit_is_one_line_naming_the_flag_before_any_output(
+    tmp_path, capsys
+):
+    out = tmp_path / "j"
+    argv = ["--answers", answers_file(tmp_path, [["id=a"]]), "--out", str(out)]
+    with pytest.raises(SystemExit):
+        ej.main(argv + ["--concurrency", str(10**20)])
+    assert (
+        f"--concurrency {10**20}: must be in [1, {ej.MAX_CONCURRENCY}]" in capsys.readouterr().err
+    )
+    assert not out.exists()
+    msg = cli_error(argv + ["--baseline", "m / implicit "])
+    assert "--baseline 'm / implicit ': no such system" in msg
 
 
 # ================================================================ issue 34: any reply is a row, never a traceback

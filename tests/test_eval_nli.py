@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import eval_nli
+import harness.answers
+import harness.data
 import harness.models
 import reward
 from eval_nli import (
@@ -248,6 +250,66 @@ def test_an_answers_file_that_does_not_match_the_test_set_is_a_clear_error(tmp_p
             write_jsonl(tmp_path / "answers.jsonl", rows),
             [situation("a", "e"), situation("b", "e")],
         )
+
+
+@pytest.mark.parametrize("value, says", [(5, "the number 5"), (None, "null")])
+def test_a_saved_situation_that_is_not_text_is_refused_not_left_unchecked(tmp_path, value, says):
+    rows = [dict(id=i, model="m", prompt="p", answer="", situation=value) for i in ("a", "b")]
+    path = write_jsonl(tmp_path / "answers.jsonl", rows)
+    with pytest.raises(ValueError, match=f"line 1: 'situation' must be text, not {says}"):
+        load_answers(path, [situation("a", "e"), situation("b", "e")])
+
+
+@pytest.mark.parametrize(
+    "row, says",
+    [
+        (dict(id="a", prompt="p", answer=""), "line 2: missing field 'model'"),
+        (
+            dict(id="a", model=["m"], prompt="p", answer=""),
+            "line 2: 'model' must be non-empty text, not a list",
+        ),
+        (
+            dict(id=["a"], model="m", prompt="p", answer=""),
+            "line 2: 'id' must be non-empty text, not a list",
+        ),
+        (
+            dict(id="a", model="m", prompt="p", answer="", situation=5),
+            "line 2: 'situation' must be text",
+        ),
+    ],
+)
+def test_a_saved_row_an_evaluation_goes_on_from_is_checked_by_line(tmp_path, row, says):
+    """saved_rows (eval_nli's and the study's resume) names a bad row's line instead of a KeyError or TypeError."""
+    good = dict(id="b", model="m", prompt="p", answer="", situation="e")
+    path = write_jsonl(tmp_path / "answers.jsonl", [good, row])
+    with pytest.raises(harness.data.DataError, match=says):
+        harness.answers.saved_rows(path, ("model", "prompt", "id"))
+    assert list(
+        harness.answers.saved_rows(
+            write_jsonl(tmp_path / "ok.jsonl", [good]), ("model", "prompt", "id")
+        )
+    ) == [("m", "p", "b")]
+
+
+@pytest.mark.parametrize(
+    "tail, kept",
+    [
+        (
+            '{"id": "b", "id": "c"}',
+            False,
+        ),  # a key twice: the readers refuse it, so it is cut, not ended
+        ("[" * 100_000 + "]" * 100_000, False),  # too deep for Python
+        ('{"id": "b", "ans', False),  # torn
+        ('{"id": "b"}', True),  # whole, only its newline missing
+    ],
+)
+def test_a_last_line_without_its_newline_is_kept_only_when_the_readers_accept_it(
+    tmp_path, tail, kept
+):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"id": "a"}\n' + tail)
+    harness.answers.drop_torn_tail(str(path))
+    assert path.read_text() == '{"id": "a"}\n' + (tail + "\n" if kept else "")
 
 
 def write_jsonl(path, rows):

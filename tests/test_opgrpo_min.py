@@ -121,6 +121,38 @@ def test_the_scripts_read_our_jsonl_and_say_how_to_convert_the_rest(tmp_path):
             "missing field 'situation'",
         ),
         ("empty.jsonl", "", "holds no situations"),
+        # issue 34's outside probe: values that were accepted silently
+        (
+            "bad.jsonl",
+            '{"id": "t-1\\u200b", "situation": "x", "perspectives": [{"name": "a", "explanation": "b"}]}',
+            "line 1: 'id' 't-1\\u200b' holds a character that does not print",
+        ),
+        (
+            "bad.jsonl",
+            '{"id": "\\u0000", "situation": "x", "perspectives": [{"name": "a", "explanation": "b"}]}',
+            "holds a character that does not print",
+        ),
+        (
+            "bad.jsonl",
+            '{"id": "1", "situation": "x", "perspectives": [{"name": "a", "explanation": "b", "paraphrase": "   "}]}',
+            "line 1: a perspective's 'paraphrase' is blank",
+        ),
+        (
+            "bad.jsonl",
+            '{"id": "1", "situation": "x", "perspectives": [{"name": "a", "explanation": "b", "paraphase": "c"}]}',
+            "line 1: a perspective has the field 'paraphase', which our format does not have (fields: name, "
+            "explanation, kind, paraphrase); did you mean 'paraphrase'?",
+        ),
+        (
+            "bad.jsonl",
+            '{"id": "1", "domian": "law", "situation": "x", "perspectives": [{"name": "a", "explanation": "b"}]}',
+            "line 1: a row has the field 'domian'",
+        ),
+        (
+            "bad.jsonl",
+            '{"id": "1", "domain": "", "situation": "x", "perspectives": [{"name": "a", "explanation": "b"}]}',
+            "line 1: 'domain' must be text (or left out), not empty text",
+        ),
         ("bad.csv", "prompt,text\nx,y\n", "missing column(s) ['answer']"),
         ("bad.csv", "prompt,answer\nx,\n", "row 1: 'perspectives' must be a non-empty list"),
         ("bad.csv", "prompt,answer\nx,just some words\n", "row 1: answer line"),
