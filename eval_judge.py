@@ -201,6 +201,11 @@ def parse_scores(reply):
             problems.append(e)
     if not found:
         raise problems[0]
+    if problems:  # a second object that cannot be read may be the one meant
+        raise ValueError(
+            f"{len(found) + len(problems)} JSON objects, {len(problems)} of them unusable ({problems[0]}): "
+            f"which is meant is a guess"
+        )
     if any(f != found[0] for f in found[1:]):
         raise ValueError(
             f"{len(found)} JSON objects with different scores: which is meant is a guess"
@@ -304,8 +309,13 @@ def resolve_base_url(flag, env_name):
     """--base-url, else $OPENAI_BASE_URL (as the openai client would), else OpenAI's own API. A refused URL is
     printed with the key (from $env_name) redacted: a user may have pasted it into the URL."""
     url = flag or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (a port that is no number 0-65535 raises here)
+        well_formed = parts.scheme in ("http", "https") and parts.hostname
+    except ValueError:  # an unclosed "[", a port "abc" or 99999
+        well_formed = False
+    if not well_formed:
         shown_url = redact(url, os.environ.get(env_name, "").strip())
         raise ValueError(
             f"--base-url {shown_url}: expected http(s)://HOST[:PORT]/v1, e.g. http://localhost:8000/v1"
@@ -349,20 +359,22 @@ def api_key(base_url, env_name):
 
 
 KEY_PIECE = 8  # no run of this many characters of the key is ever stored or printed
-ESCAPE = re.compile(  # one character as a server may have escaped it: \u0073 (also \\u0073), \x73, %73, &#115;
-    r"\\+u([0-9a-fA-F]{4})|\\+x([0-9a-fA-F]{2})|%([0-9a-fA-F]{2})|&#[xX]([0-9a-fA-F]{1,6});"
-    r"|&#([0-9]{1,7});|\\+(.)",
+ESCAPE = re.compile(  # one character as a server may have escaped it: \u0073 (also \\u0073), \U00000073,
+    # %u0073, \x73, %73, &#115;, &#x73; or a separator it may have put between characters (spaces, newlines,
+    # zero-width and soft-hyphen characters), which a reader skips
+    r"\\+u([0-9a-fA-F]{4})|\\+U([0-9a-fA-F]{8})|%u([0-9a-fA-F]{4})|\\+x([0-9a-fA-F]{2})|%([0-9a-fA-F]{2})"
+    r"|&#[xX]([0-9a-fA-F]{1,6});|&#([0-9]{1,7});|\\+(.)|([\s\u00ad\u200b-\u200f\u2060-\u2064\ufeff])",
     re.S,
 )
 
 
 def unescaped(m):
-    """The character an ESCAPE match stands for."""
-    for group, base in ((1, 16), (2, 16), (3, 16), (4, 16), (5, 10)):
+    """The character an ESCAPE match stands for ("" for a separator)."""
+    for group, base in ((1, 16), (2, 16), (3, 16), (4, 16), (5, 16), (6, 16), (7, 10)):
         if m.group(group):
             n = int(m.group(group), base)
             return chr(n) if n <= 0x10FFFF else "\ufffd"
-    return m.group(6)
+    return m.group(8) or ""
 
 
 def redact(text, key):
@@ -375,18 +387,26 @@ def redact(text, key):
         return text
     k = min(KEY_PIECE, len(key))
     pieces = {key[i : i + k] for i in range(len(key) - k + 1)}
-    # the text as a reader sees it, escapes decoded, and where each of its characters starts in `text`
-    chars, starts, pos = [], [], 0
+    # the text as a reader sees it, escapes decoded and separators skipped, and where each of its characters
+    # starts and ends in `text`
+    chars, starts, ends, pos = [], [], [], 0
     for m in ESCAPE.finditer(text):
-        chars += [text[pos : m.start()], unescaped(m)]
-        starts += [*range(pos, m.start()), m.start()]
+        chars.append(text[pos : m.start()])
+        starts += range(pos, m.start())
+        ends += range(pos + 1, m.start() + 1)
+        c = unescaped(m)
+        if c:
+            chars.append(c)
+            starts.append(m.start())
+            ends.append(m.end())
         pos = m.end()
     chars.append(text[pos:])
-    starts += [*range(pos, len(text)), len(text)]
+    starts += range(pos, len(text))
+    ends += range(pos + 1, len(text) + 1)
     plain, spans = "".join(chars), []
     for i in range(len(plain) - k + 1):
         if plain[i : i + k] in pieces:
-            a, b = starts[i], starts[i + k]
+            a, b = starts[i], ends[i + k - 1]
             if spans and a <= spans[-1][1]:
                 spans[-1][1] = b
             else:
@@ -770,11 +790,16 @@ def judgment_problem(row):
         for k in ("prompt", "completion")
     ):
         return "'tokens' is not {'prompt': N, 'completion': N}"
+    if not row["id"].strip() or not row["id"].isprintable() or row["id"] != row["id"].strip():
+        return f"'id' {shown(row['id'])} is no id eval_judge.py writes"
     if row["status"] == "failed":
-        return None
+        return None if row.get("scores") is None else "a failed row that holds scores"
     scores = row.get("scores")
     if not isinstance(scores, dict):
         return f"an ok row whose 'scores' is {described(scores)}"
+    extra = [k for k in scores if k not in ASPECTS]
+    if extra:
+        return f"an ok row with a score for {shown(extra[0])}, which is no aspect"
     for aspect in ASPECTS:
         if aspect not in scores:
             return f"an ok row without a score for {aspect!r}"

@@ -262,13 +262,15 @@ def history(metrics, step):
             return math.inf
         return n if isinstance(n, int) and not isinstance(n, bool) else math.inf
 
-    return (  # bytes that are not UTF-8 become U+FFFD: the history then differs and is refused
+    # bytes that are not UTF-8 become U+FFFD: the history then differs and is refused; a missing file or a
+    # directory holds no history, which the checkpoint's fingerprint refuses
+    return (
         [
             line
             for line in open(metrics, encoding="utf-8", errors="replace")
             if row_step(line) <= step
         ]
-        if os.path.exists(metrics)
+        if os.path.isfile(metrics)
         else []
     )
 

@@ -85,20 +85,25 @@ def append_rows(path, rows):
 
 def saved_rows(path, fields):
     """{(row[f] for f in fields): row} of an answers file that is being appended to (empty when there is none yet),
-    after cutting a torn last line (those answers are made again). Each key field must be there, as non-empty text
-    or a whole number: anything else is a DataError naming the line, not a KeyError later."""
+    after cutting a torn last line (those answers are made again). Each key field must be there, as an id's text
+    (`sample`: a whole number >= 0), and the situation's text: anything else is a DataError naming the line."""
     if not os.path.exists(path):
         return {}
     drop_torn_tail(path)
     rows = {}
     for n, r in read_jsonl(path, "answers"):
         where = f"{path}, line {n}"
-        for f in fields:
+        for f in (*fields, "situation"):
             if f not in r:
                 raise DataError(f"{where}: missing field {f!r}; not a row this script writes")
-            if not isinstance(r[f], int) or isinstance(r[f], bool):
+        for f in fields:
+            if f != "sample":
                 text_id(where, r, f)
-        if "situation" in r and not isinstance(r["situation"], str):
+            elif not isinstance(r[f], int) or isinstance(r[f], bool) or r[f] < 0:
+                raise DataError(
+                    f"{where}: 'sample' must be a whole number >= 0, not {described(r[f])}"
+                )
+        if not isinstance(r["situation"], str):
             raise DataError(f"{where}: 'situation' must be text, not {described(r['situation'])}")
         rows[tuple(r[f] for f in fields)] = r
     return rows

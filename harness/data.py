@@ -73,13 +73,13 @@ def situation_of(where, row):
         raise DataError(f"{where}: missing field {missing!r}")
     unknown_fields(where, row, SITUATION)
     sid = text_id(where, row)
-    if not isinstance(row["situation"], str) or not row["situation"].strip():
+    if not isinstance(row["situation"], str) or not visible(row["situation"]):
         raise DataError(f"{where}: missing or empty 'situation'")
     if not isinstance(row["perspectives"], list) or not row["perspectives"]:
         raise DataError(f"{where}: 'perspectives' must be a non-empty list")
     for p in row["perspectives"]:
         if not isinstance(p, dict) or not all(
-            isinstance(p.get(k), str) and p[k].strip() for k in PERSPECTIVE[:2]
+            isinstance(p.get(k), str) and visible(p[k]) for k in PERSPECTIVE[:2]
         ):
             raise DataError(
                 f"{where}: each perspective needs a non-empty text 'name' and 'explanation'"
@@ -87,7 +87,7 @@ def situation_of(where, row):
         unknown_fields(where, p, PERSPECTIVE, "a perspective")
         if any(p.get(k) is not None and not isinstance(p[k], str) for k in PERSPECTIVE[2:]):
             raise DataError(f"{where}: a perspective's 'kind' and 'paraphrase' must be text")
-        if p.get("paraphrase") is not None and not p["paraphrase"].strip():
+        if p.get("paraphrase") is not None and not visible(p["paraphrase"]):
             raise DataError(
                 f"{where}: a perspective's 'paraphrase' is blank: write it, or leave it out"
             )
@@ -100,13 +100,13 @@ def situation_of(where, row):
         for p in row["perspectives"]
     ]
     domain = row.get("domain")
-    if domain is not None and (not isinstance(domain, str) or not domain.strip()):
+    if domain is not None and (not isinstance(domain, str) or not visible(domain)):
         raise DataError(f"{where}: 'domain' must be text (or left out), not {described(domain)}")
-    return Situation(sid, row["situation"].strip(), ps, domain, where)
+    return Situation(sid, row["situation"].strip(), ps, domain and domain.strip(), where)
 
 
 def text_id(where, row, key="id"):
-    """row[key] as an id: non-empty text without spaces at its ends. Anything else is a DataError naming `where`:
+    """row[key] as an id: non-empty text that prints, without spaces at its ends. Anything else is a DataError naming `where`:
     str() would make null "None", NaN "nan" and a dict its repr, ids that match nothing, or each other by accident."""
     value = row[key]
     if not isinstance(value, str) or not value.strip():
@@ -116,14 +116,25 @@ def text_id(where, row, key="id"):
         raise DataError(
             f"{where}: {key!r} {value!r} has spaces at its ends; ids are matched exactly: remove them"
         )
-    if (
-        not value.isprintable()
-    ):  # a NUL, a zero-width space: "t-1\u200b" would be a second "t-1" nobody sees
+    # a NUL, a zero-width space: "t-1\u200b" would be a second "t-1" that nobody sees
+    if not value.isprintable():
         raise DataError(
             f"{where}: {key!r} {value!r} holds a character that does not print (a control character, a "
             f"zero-width or non-breaking space); ids are matched exactly: remove it"
         )
+    # a situation's id is ASCII: "t-1\u0301", "cafe\u0301" and "caf\u00e9" would look like ids they are not
+    if key == "id" and not value.isascii():
+        raise DataError(
+            f"{where}: 'id' {value!r} is not ASCII; ids are matched exactly, and letters that look alike "
+            f"(an accent written two ways, a blank from another script) would make two ids of one: use "
+            f"ASCII letters, digits and punctuation"
+        )
     return value
+
+
+def visible(text):
+    """Whether `text` shows anything: a zero-width space or a soft hyphen alone is as blank as spaces."""
+    return any(c.isprintable() and not c.isspace() for c in text)
 
 
 def unknown_fields(where, row, known, what="a row"):

@@ -331,6 +331,12 @@ def test_parse_scores_takes_whole_numbers_1_to_5_from_json_anywhere_in_the_reply
         "'depth' has 'score' twice ('score' and 'Score')": json.dumps(
             dict(good, depth={"score": 4, "Score": 1})
         ),
+        # a second object that cannot be read may be the one meant (the re-probe)
+        "2 JSON objects, 1 of them unusable": json.dumps(good)
+        + '\nActually: {"depth": {"score": 1}}',
+        "2 JSON objects, 1 of them unusable ('depth' has 'score' twice": json.dumps(good)
+        + "\n"
+        + json.dumps(dict(good, depth={"score": 2, "Score": 1})),
     }
     for says, reply in refused.items():
         with pytest.raises(ValueError, match=re.escape(says)):
@@ -808,12 +814,27 @@ def test_redaction_leaves_no_12_character_piece_of_the_key_wherever_a_cut_falls_
         "url": lambda c: f"%{ord(c):02X}",
         "html": lambda c: f"&#{ord(c)};",
         "html hex": lambda c: f"&#x{ord(c):x};",
+        "python long": lambda c: f"\\U{ord(c):08x}",
+        "percent u": lambda c: f"%u{ord(c):04x}",
     }
     for name, escape in styles.items():
         for i in range(len(LONG_KEY)):  # one character escaped, at every place
             text = f"sent {LONG_KEY[:i]}{escape(LONG_KEY[i])}{LONG_KEY[i + 1 :]} back"
             assert not leaked(ej.redact(text, LONG_KEY), LONG_KEY), (name, i)
         assert not leaked(ej.redact("".join(map(escape, LONG_KEY)), LONG_KEY), LONG_KEY), name
+    for sep in (
+        " ",
+        "\n",
+        "\u200b",
+        "\u2060",
+        "\ufeff",
+        "\u00ad",
+    ):  # a reader skips these (the re-probe)
+        for every in (1, 4, 7):
+            split = sep.join(LONG_KEY[i : i + every] for i in range(0, len(LONG_KEY), every))
+            said = ej.redact(f"bad key {split} here", LONG_KEY)
+            assert not leaked(said.replace(sep, ""), LONG_KEY), (sep, every, said)
+            assert said.startswith("bad key [API KEY]") and said.endswith(" here"), said
     assert ej.redact(LONG_KEY[:7], LONG_KEY) == LONG_KEY[:7]  # 7 characters tell nothing: kept
     assert ej.redact("a " + LONG_KEY[9:17] + " b", LONG_KEY) == "a [API KEY] b"
 
@@ -874,7 +895,13 @@ def test_a_refused_base_url_that_holds_the_key_is_printed_without_it(tmp_path, m
     monkeypatch.setenv("JUDGE_TEST_KEY", LONG_KEY)
     path = answers_file(tmp_path, [["id=a"]])
     argv = ["--answers", path, "--out", str(tmp_path / "j"), "--api-key-env", "JUDGE_TEST_KEY"]
-    for url in (f"htp://127.0.0.1:9/{LONG_KEY}/v1", f"http:///{LONG_KEY}/v1"):
+    for url in (
+        f"htp://127.0.0.1:9/{LONG_KEY}/v1",
+        f"http:///{LONG_KEY}/v1",
+        f"http://127.0.0.1:abc/{LONG_KEY}/v1",  # an httpx traceback before (the re-probe)
+        f"http://[{LONG_KEY}/v1",  # "Invalid IPv6 URL", no flag named
+        f"http://127.0.0.1:99999/{LONG_KEY}/v1",
+    ):
         if where == "OPENAI_BASE_URL":
             monkeypatch.setenv("OPENAI_BASE_URL", url)
         msg = cli_error(argv + (["--base-url", url] if where == "--base-url" else []))
@@ -973,6 +1000,10 @@ def test_a_stored_row_that_eval_judge_did_not_write_is_named_by_its_line(fake, t
         "'id' is the number 2": dict(id=2),
         "'attempts' is null": dict(attempts=None),
         "'tokens' is not": dict(tokens=[1, 2]),
+        # the re-probe: rows the report would have read
+        "an ok row with a score for 'Depth', which is no aspect": dict(scores=dict(four, Depth=1)),
+        "'id' '' is no id eval_judge.py writes": dict(id=""),
+        "a failed row that holds scores": dict(status="failed", scores=dict(four, depth=9)),
     }
     for says, change in cases.items():
         rows = [judgment_row(), judgment_row(**dict(dict(id="s2"), **change))]

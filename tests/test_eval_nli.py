@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import random
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -261,34 +262,31 @@ def test_a_saved_situation_that_is_not_text_is_refused_not_left_unchecked(tmp_pa
 
 
 @pytest.mark.parametrize(
-    "row, says",
+    "change, says",
     [
-        (dict(id="a", prompt="p", answer=""), "line 2: missing field 'model'"),
-        (
-            dict(id="a", model=["m"], prompt="p", answer=""),
-            "line 2: 'model' must be non-empty text, not a list",
-        ),
-        (
-            dict(id=["a"], model="m", prompt="p", answer=""),
-            "line 2: 'id' must be non-empty text, not a list",
-        ),
-        (
-            dict(id="a", model="m", prompt="p", answer="", situation=5),
-            "line 2: 'situation' must be text",
-        ),
+        (dict(model=None), "line 2: missing field 'model'"),  # None: the field left out
+        (dict(model=["m"]), "line 2: 'model' must be non-empty text, not a list"),
+        (dict(id=["a"]), "line 2: 'id' must be non-empty text, not a list"),
+        (dict(id=7), "line 2: 'id' must be non-empty text, not the number 7"),  # the re-probe
+        (dict(situation=5), "line 2: 'situation' must be text, not the number 5"),
+        (dict(situation=None), "line 2: missing field 'situation'"),
+        (dict(sample=-1), "line 2: 'sample' must be a whole number >= 0, not the number -1"),
+        (dict(sample="0"), "line 2: 'sample' must be a whole number >= 0, not '0'"),
+        (dict(sample=1.0), "line 2: 'sample' must be a whole number >= 0, not the number 1.0"),
     ],
 )
-def test_a_saved_row_an_evaluation_goes_on_from_is_checked_by_line(tmp_path, row, says):
+def test_a_saved_row_an_evaluation_goes_on_from_is_checked_by_line(tmp_path, change, says):
     """saved_rows (eval_nli's and the study's resume) names a bad row's line instead of a KeyError or TypeError."""
-    good = dict(id="b", model="m", prompt="p", answer="", situation="e")
-    path = write_jsonl(tmp_path / "answers.jsonl", [good, row])
-    with pytest.raises(harness.data.DataError, match=says):
-        harness.answers.saved_rows(path, ("model", "prompt", "id"))
-    assert list(
-        harness.answers.saved_rows(
-            write_jsonl(tmp_path / "ok.jsonl", [good]), ("model", "prompt", "id")
-        )
-    ) == [("m", "p", "b")]
+    study = "sample" in change  # the study's rows: (row, prompt, id, sample)
+    fields = ("row", "prompt", "id", "sample") if study else ("model", "prompt", "id")
+    good = dict(id="b", prompt="p", answer="", situation="e")
+    good = dict(good, row="sft", sample=0) if study else dict(good, model="m")
+    bad = {k: v for k, v in (good | {"id": "a"} | change).items() if v is not None}
+    path = write_jsonl(tmp_path / "answers.jsonl", [good, bad])
+    with pytest.raises(harness.data.DataError, match=re.escape(says)):
+        harness.answers.saved_rows(path, fields)
+    ok = write_jsonl(tmp_path / "ok.jsonl", [good])
+    assert list(harness.answers.saved_rows(ok, fields)) == [tuple(good[f] for f in fields)]
 
 
 @pytest.mark.parametrize(

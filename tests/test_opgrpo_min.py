@@ -148,6 +148,32 @@ def test_the_scripts_read_our_jsonl_and_say_how_to_convert_the_rest(tmp_path):
             '{"id": "1", "domian": "law", "situation": "x", "perspectives": [{"name": "a", "explanation": "b"}]}',
             "line 1: a row has the field 'domian'",
         ),
+        # the re-probe: ids that look like others, texts that show nothing
+        (
+            "bad.jsonl",
+            '{"id": "t-1\\u0301", "situation": "x", "perspectives": [{"name": "a", "explanation": "b"}]}',
+            "line 1: 'id' 't-1\u0301' is not ASCII",
+        ),
+        (
+            "bad.jsonl",
+            '{"id": "t-1\\u3164", "situation": "x", "perspectives": [{"name": "a", "explanation": "b"}]}',
+            "is not ASCII",
+        ),
+        (
+            "bad.jsonl",
+            '{"id": "1", "situation": "\\u200b", "perspectives": [{"name": "a", "explanation": "b"}]}',
+            "line 1: missing or empty 'situation'",
+        ),
+        (
+            "bad.jsonl",
+            '{"id": "1", "situation": "x", "perspectives": [{"name": "\\u200b", "explanation": "b"}]}',
+            "line 1: each perspective needs a non-empty text 'name' and 'explanation'",
+        ),
+        (
+            "bad.jsonl",
+            '{"id": "1", "domain": "\\u00ad", "situation": "x", "perspectives": [{"name": "a", "explanation": "b"}]}',
+            "line 1: 'domain' must be text (or left out)",
+        ),
         (
             "bad.jsonl",
             '{"id": "1", "domain": "", "situation": "x", "perspectives": [{"name": "a", "explanation": "b"}]}',
