@@ -379,7 +379,8 @@ def unescaped(m):
 
 def redact(text, key):
     """`text` with every piece of the key that is KEY_PIECE (8) characters or longer replaced by [API KEY], also where
-    the server escaped some of its characters (\\u0073, \\x73, %73, &#115;). So no cut, before or after, can leave
+    the server escaped some of its characters (\\u0073, \\x73, %73, &#115;) or put separators between them (spaces,
+    newlines, zero-width characters: see ESCAPE). So no cut, before or after, can leave
     more than 7 characters of the key in a message, a stored reply or a printed line. A key of fewer than 8
     characters is replaced only whole; the dummy key is not secret.
     Example, key 'sk-abcdefghijk': 'x s\\u006b-abcdefgh[cut]' -> 'x [API KEY][cut]', but 'sk-abcd' stays."""
