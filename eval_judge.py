@@ -222,9 +222,8 @@ def json_objects(reply):
     if start < 0 or end < start:
         raise ValueError("no JSON object in the reply")
     body, values, at = reply[start : end + 1], [], 0
-    decoder = json.JSONDecoder(
-        object_pairs_hook=unique_keys, parse_float=decimal.Decimal
-    )  # 4.99999999999999999 stays so
+    # numbers as written (decimal): a float would read 4.99999999999999999 as 5
+    decoder = json.JSONDecoder(object_pairs_hook=unique_keys, parse_float=decimal.Decimal)
     while at >= 0:
         try:
             value, at = decoder.raw_decode(body, at)
@@ -264,9 +263,7 @@ def aspect_score(aspect, data):
         raise ValueError(f"no {aspect!r} in the reply")
     entry = data[aspect]
     if isinstance(entry, dict):
-        keys = [
-            k for k in entry if k.strip().lower() == "score"
-        ]  # "Score" too, but never two of them
+        keys = [k for k in entry if k.strip().lower() == "score"]  # "Score" too, never two
         if not keys:
             raise ValueError(f"{aspect!r} has no 'score'")
         if len(keys) > 1:
@@ -276,9 +273,7 @@ def aspect_score(aspect, data):
         raise ValueError(f"{aspect}: score {shown(entry)} is not a number")
     if isinstance(entry, str) and WHOLE_NUMBER.fullmatch(entry):
         entry = int(entry)
-    if isinstance(
-        entry, decimal.Decimal
-    ):  # a number with a point or exponent, exactly as written: 4.0, 1e400
+    if isinstance(entry, decimal.Decimal):  # a number with a point or an exponent: 4.0, 1e400
         whole = entry == entry.to_integral_value()
     else:  # a string that is no whole number; NaN and Infinity (floats)
         whole = not isinstance(entry, str) and (isinstance(entry, int) or entry.is_integer())
@@ -446,9 +441,7 @@ def hide_in_logs(key):
             r = make(*args, **kwargs)
             try:
                 text = r.getMessage()
-            except (
-                Exception
-            ):  # arguments that do not fit the message: logging would report it later
+            except Exception:  # arguments that do not fit: logging itself reports it later
                 text = f"{r.msg!r} % {r.args!r}"
             if r.exc_info:  # a traceback's last line may hold the key too
                 text += "\n" + "".join(traceback.format_exception(*r.exc_info))
